@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 _EMBEDDING_BAG_MODES = {"sum": 0, "mean": 1, "max": 2}
+_DATA_GET = Tensor.data.__get__
 
 # Tensor methods whose name ends in "_" but that do not write values.
 _NOT_WRITES = frozenset(
@@ -156,6 +157,54 @@ def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any = None) -> A
     return args[i] if len(args) > i else kwargs.get(name, default)
 
 
+def _target(args: tuple, kwargs: dict) -> Any:
+    """The tensor an op works on (and, for an in-place op, writes to)."""
+    return args[0] if args else kwargs.get("tensor", kwargs.get("input", kwargs.get("self")))
+
+
+def _run_plain(func, args: tuple, kwargs: dict) -> Any:
+    """Run ``func`` on plain tensors; results that alias a constrained weight come back as
+    :class:`_PinnedView`, so that writes through them cannot reach the pinned rows."""
+    with torch._C.DisableTorchFunctionSubclass():
+        if func == Tensor.__repr__:  # print as the plain tensor it stands for
+            return Tensor.__repr__(args[0].as_subclass(Tensor), **kwargs)
+        out = func(*args, **kwargs)
+    guarded = [a for a in (*args, *kwargs.values()) if isinstance(a, (_PinnedWeight, _PinnedView))]
+    ptrs = {_storage_ptr(a) for a in guarded}
+
+    def guard(t: Any) -> Any:
+        if isinstance(t, Tensor) and not any(t is a for a in guarded) and _storage_ptr(t) in ptrs:
+            return t.as_subclass(_PinnedView)
+        return t
+
+    if isinstance(out, (tuple, list)):
+        return type(out)(guard(t) for t in out)
+    return guard(out)
+
+
+def _storage_ptr(t: Tensor) -> int | None:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # sparse, nested, meta ...
+        return None
+
+
+class _PinnedView(Tensor):
+    """A view of a constrained weight (``weight[2:5]``, ``weight.t()``...): reads as a plain
+    tensor; in-place writes are refused, since they would bypass the pinned-row check."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if (isinstance(_target(args, kwargs), cls) and _is_write(func)) or isinstance(kwargs.get("out"), cls):
+            raise RuntimeError(
+                f"in-place {getattr(func, '__name__', func)} on a view of a constrained embedding's weight "
+                "is not supported; write through the weight itself under torch.no_grad() "
+                "(e.g. emb.weight[rows] = values), or release() the embedding first"
+            )
+        return _run_plain(func, args, kwargs)
+
+
 class _PinnedWeight(Tensor):
     """The merged ``(V, D)`` weight of a constrained embedding.
 
@@ -174,15 +223,18 @@ class _PinnedWeight(Tensor):
             return _embedding(*args, **kwargs)
         if func is F.embedding_bag and isinstance(_arg(args, kwargs, 1, "weight"), cls):
             return _embedding_bag(*args, **kwargs)
-        if args and isinstance(args[0], cls):
-            if func is Tensor.detach or func is Tensor.data.__get__:
+        out = kwargs.get("out")
+        if isinstance(out, (cls, _PinnedView)):
+            return out._pin._write(func, args, kwargs) if isinstance(out, cls) else _PinnedView.__torch_function__(
+                func, types, args, kwargs)
+        target = _target(args, kwargs)
+        if isinstance(target, cls):
+            if func in (Tensor.detach, _DATA_GET):  # `in` compares by ==, as method-wrappers need
                 with torch._C.DisableTorchFunctionSubclass():
-                    out = func(*args, **kwargs)
-                return args[0]._pin._wrap(out, args[0]._free, args[0]._table)
-            if _is_write(func) or isinstance(kwargs.get("out"), cls):
-                return args[0]._pin._write(func, args, kwargs)
-        with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **kwargs)
+                    return target._pin._wrap(func(*args, **kwargs), target._free, target._table)
+            if _is_write(func):
+                return target._pin._write(func, args, kwargs)
+        return _run_plain(func, args, kwargs)
 
 
 def _embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
@@ -394,19 +446,30 @@ class PinnedRows(nn.Module):
     def _write(self, func, args, kwargs) -> Tensor:
         """An in-place op on the merged weight: applied to a scratch copy, then only the free
         rows are written back, and only if the pinned rows are left unchanged."""
-        target = args[0]
+        name = getattr(func, "__name__", str(func))
+        if "out" in kwargs and isinstance(kwargs["out"], _PinnedWeight):
+            target, slot = kwargs["out"], "out"
+        elif args:
+            target, slot = args[0], 0
+        else:
+            slot = "tensor" if "tensor" in kwargs else "input"
+            target = kwargs[slot]
         if torch.is_grad_enabled() and target.requires_grad:
             raise RuntimeError(
-                f"in-place {getattr(func, '__name__', func)} on the weight of a constrained embedding "
-                "needs torch.no_grad(); writes may only change the free rows"
+                f"in-place {name} on the weight of a constrained embedding needs torch.no_grad(); "
+                "writes may only change the free rows"
             )
         free = target._free
         scratch = self.to_user_order(self._sync(free)).clone()
+        if slot == 0:
+            args = (scratch, *args[1:])
+        else:
+            kwargs = {**kwargs, slot: scratch}
         with torch._C.DisableTorchFunctionSubclass():
-            func(scratch, *args[1:], **kwargs)
-        self._check_pinned(scratch, f"in-place {getattr(func, '__name__', func)}")
+            func(*args, **kwargs)
+        self._check_pinned(scratch, f"in-place {name}")
         self._sync(free)[self.num_pinned:] = self.user_to_layout(scratch)[self.num_pinned:]
-        if self._table is not free and not self._aliased(free):
+        if not self._aliased(free):  # the copy path: free rows live apart from the table
             free.copy_(self._table[self.num_pinned:])
         return target
 

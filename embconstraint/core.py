@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -13,9 +13,9 @@ from ._pinned import PinnedRows, TiedTo, _plain
 
 __all__ = ["constrain", "release", "is_constrained"]
 
-Embedding = Union[nn.Embedding, nn.EmbeddingBag]
-Reference = Union[nn.Embedding, nn.EmbeddingBag, Tensor]
-Indices = Union[Tensor, Sequence[int], None]
+Embedding = nn.Embedding | nn.EmbeddingBag
+Reference = nn.Embedding | nn.EmbeddingBag | Tensor
+Indices = Tensor | Sequence[int] | None
 
 _HOOKS = "_embconstraint_hooks"
 _ON_MISMATCH = ("error", "checkpoint")
