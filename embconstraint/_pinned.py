@@ -34,6 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
 _EMBEDDING_BAG_MODES = {"sum": 0, "mean": 1, "max": 2}
 _DATA_GET = Tensor.data.__get__
@@ -64,26 +65,18 @@ def _is_write(func: Any) -> bool:
 
 
 class _Merge(torch.autograd.Function):
-    """``weight = rows ∪ free`` for uses other than a lookup.
-
-    Forward returns the table itself (prefix layout, no copy) or the table in
-    user order (scattered layout, one gather). Backward keeps the free rows of
-    the dense ``(V, D)`` gradient that such uses produce.
-    """
+    """The table, as a tensor whose gradient reaches the free rows: an alias of the table in
+    forward, the free block of the dense ``(V, D)`` gradient in backward. Only uses of
+    ``weight`` other than a lookup produce such a gradient."""
 
     @staticmethod
-    def forward(ctx, free: Tensor, table: Tensor, pos: Tensor | None, free_rows: Tensor | None):
+    def forward(ctx, free: Tensor, table: Tensor) -> Tensor:
         ctx.num_pinned = table.shape[0] - free.shape[0]
-        ctx.free_rows = free_rows
-        if pos is None:
-            return table.view_as(table)
-        return table.index_select(0, pos)
+        return table.view_as(table)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        if ctx.free_rows is None:
-            return grad[ctx.num_pinned:], None, None, None
-        return grad.index_select(0, ctx.free_rows), None, None, None
+        return grad[ctx.num_pinned:], None
 
 
 def _free_index(lidx: Tensor, num_pinned: int, num_free: int, lpad: int) -> Tensor:
@@ -140,10 +133,17 @@ class _Bag(torch.autograd.Function):
             ridx = _free_index(lidx, n, k, ctx.lpad)
             rmax = _free_index(max_indices, n, k, -1) if ctx.mode == 2 else max_indices
             rows = k if ctx.sparse else k + 1
+            # scale_grad_by_freq is applied here, not by the kernel: torch 2.13's CPU kernel divides
+            # by the wrong count (pytorch/pytorch#190063); this is the documented semantics.
+            scale = ctx.sgbf and not ctx.sparse
             g_free = torch.ops.aten._embedding_bag_backward(
                 grad, ridx, offsets, offset2bag, bag_size, rmax, rows,
-                ctx.sgbf, ctx.mode, ctx.sparse, psw, k,
+                ctx.sgbf and not scale, ctx.mode, ctx.sparse, psw, k,
             )
+            if scale:
+                counts = torch.zeros(k + 1, dtype=g_free.dtype, device=g_free.device)
+                counts.index_add_(0, ridx, torch.ones_like(ridx, dtype=g_free.dtype))
+                g_free = g_free / counts.clamp_min(1).unsqueeze(1)
             if not ctx.sparse:
                 g_free = g_free[:k]
         if ctx.needs_input_grad[2]:
@@ -163,19 +163,36 @@ def _target(args: tuple, kwargs: dict) -> Any:
 
 
 def _run_plain(func, args: tuple, kwargs: dict) -> Any:
-    """Run ``func`` on plain tensors; results that alias a constrained weight come back as
-    :class:`_PinnedView`, so that writes through them cannot reach the pinned rows."""
+    """Run ``func`` on the plain tensors that constrained weights stand for (in user order);
+    results that alias one come back as :class:`_PinnedView`, so that writes through them
+    cannot bypass the pinned-row check."""
+    originals: dict[int, Tensor] = {}  # id(plain stand-in) -> the guarded argument
+    ptrs: set[int | None] = set()
+
+    def plain(a: Any) -> Any:
+        if not isinstance(a, (_PinnedWeight, _PinnedView)):
+            return a
+        with torch._C.DisableTorchFunctionSubclass():
+            t = a.as_subclass(Tensor)
+            ptrs.add(_storage_ptr(t))
+            if isinstance(a, _PinnedWeight):  # the table is in layout order
+                t = a._pin.to_user_order(t)
+                ptrs.add(_storage_ptr(t))
+        originals[id(t)] = a
+        return t
+
+    args, kwargs = tree_map(plain, (args, kwargs))
     with torch._C.DisableTorchFunctionSubclass():
         if func == Tensor.__repr__:  # print as the plain tensor it stands for
-            return Tensor.__repr__(args[0].as_subclass(Tensor), **kwargs)
+            return func(*args, **kwargs)
         out = func(*args, **kwargs)
-    guarded = [a for a in (*args, *kwargs.values()) if isinstance(a, (_PinnedWeight, _PinnedView))]
-    ptrs = {_storage_ptr(a) for a in guarded}
 
     def guard(t: Any) -> Any:
-        if isinstance(t, Tensor) and not any(t is a for a in guarded) and _storage_ptr(t) in ptrs:
-            return t.as_subclass(_PinnedView)
-        return t
+        if not isinstance(t, Tensor):
+            return t
+        if id(t) in originals:
+            return originals[id(t)]
+        return t.as_subclass(_PinnedView) if _storage_ptr(t) in ptrs else t
 
     if isinstance(out, (tuple, list)):
         return type(out)(guard(t) for t in out)
@@ -194,6 +211,7 @@ class _PinnedView(Tensor):
     tensor; in-place writes are refused, since they would bypass the pinned-row check."""
 
     @classmethod
+    @torch.compiler.disable
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if (isinstance(_target(args, kwargs), cls) and _is_write(func)) or isinstance(kwargs.get("out"), cls):
@@ -208,8 +226,9 @@ class _PinnedView(Tensor):
 class _PinnedWeight(Tensor):
     """The merged ``(V, D)`` weight of a constrained embedding.
 
-    Behaves as a plain tensor everywhere, except that embedding lookups take the
-    fast path, and in-place writes are checked against the pinned rows.
+    Its storage is the table itself (no copy). It behaves as the plain merged tensor in user
+    order everywhere, except that embedding lookups take the fast path (with no gather even
+    for the scattered layout) and in-place writes are checked against the pinned rows.
     """
 
     _pin: PinnedRows
@@ -217,6 +236,7 @@ class _PinnedWeight(Tensor):
     _table: Tensor
 
     @classmethod
+    @torch.compiler.disable
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.embedding and isinstance(_arg(args, kwargs, 1, "weight"), cls):
@@ -320,7 +340,7 @@ class PinnedRows(nn.Module):
         self._rows = rows
         self._pos = None if rows is None else torch.empty_like(rows).index_copy_(
             0, rows, torch.arange(num_rows))
-        self._device_index: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        self._device_pos: dict[torch.device, Tensor] = {}
         self.path = "aliased"
 
     # -- layout helpers -------------------------------------------------------------------
@@ -340,12 +360,11 @@ class PinnedRows(nn.Module):
             return torch.arange(self.num_pinned, self.num_rows)
         return self._rows[self.num_pinned:]
 
-    def _indices_on(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        cached = self._device_index.get(device)
-        if cached is None:
-            cached = (self._pos.to(device), self._rows[self.num_pinned:].to(device))
-            self._device_index[device] = cached
-        return cached
+    def _pos_on(self, device: torch.device) -> Tensor:
+        pos = self._device_pos.get(device)
+        if pos is None:
+            pos = self._device_pos[device] = self._pos.to(device)
+        return pos
 
     def _layout_index(self, input: Tensor, padding_idx: int | None) -> tuple[Tensor, int]:
         lpad = -1
@@ -355,13 +374,13 @@ class PinnedRows(nn.Module):
                 lpad = int(self._pos[lpad])
         if self._pos is None:
             return input, lpad
-        return self._indices_on(input.device)[0][input], lpad
+        return self._pos_on(input.device)[input], lpad
 
     def to_user_order(self, table: Tensor) -> Tensor:
         """The table's rows in user order (a view for the prefix layout, a gather otherwise)."""
         if self._pos is None:
             return table
-        return table.index_select(0, self._indices_on(table.device)[0])
+        return table.index_select(0, self._pos_on(table.device))
 
     def user_to_layout(self, weight: Tensor) -> Tensor:
         if self._rows is None:
@@ -400,11 +419,10 @@ class PinnedRows(nn.Module):
             self.path = "copy"
         return table
 
+    @torch.compiler.disable
     def forward(self, free: Tensor) -> Tensor:
         table = self._sync(free)
-        pos, free_rows = (None, None) if self._pos is None else self._indices_on(table.device)
-        merged = _Merge.apply(free, table.detach(), pos, free_rows)
-        return self._wrap(merged, free, table)
+        return self._wrap(_Merge.apply(free, table.detach()), free, table)
 
     def _wrap(self, t: Tensor, free: Tensor, table: Tensor) -> _PinnedWeight:
         w = t.as_subclass(_PinnedWeight)
@@ -506,6 +524,9 @@ class TiedTo(nn.Module):
 
     def right_inverse(self, value: Tensor) -> Tensor:
         emb_weight = self.embedding.weight
-        if value is not emb_weight and not torch.equal(_plain(value), _plain(emb_weight)):
+        original = self.embedding.parametrizations.weight.original
+        # At registration ``value`` is the shared Parameter, which constrain() already turned
+        # into the embedding's free rows (``original``): accept it as the tie itself.
+        if value is not original and value is not emb_weight and not torch.equal(_plain(value), _plain(emb_weight)):
             raise RuntimeError("a weight tied to a constrained embedding can only be set through the embedding")
         return self.embedding.parametrizations.weight.original

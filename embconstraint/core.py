@@ -226,8 +226,13 @@ def release(module: nn.Module) -> nn.Module:
     if not pinned and not tied:
         raise ValueError(f"release: {type(module).__name__} holds no constrained embedding")
     for m in pinned:
+        pin, free = _pinned_rows(m), m.parametrizations.weight.original
+        with torch.no_grad():
+            merged = pin.to_user_order(pin._sync(free))  # the table itself for the prefix layout
         _remove_hooks(m)
-        parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+        parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
+        with torch.no_grad():
+            free.set_(merged)  # same Parameter object, now (V, D): optimizers keep their reference
     for m, name in tied:
         _remove_hooks(m)
         parametrize.remove_parametrizations(m, name, leave_parametrized=False)
