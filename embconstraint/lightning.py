@@ -1,0 +1,330 @@
+"""Lightning callback: keep rows of a LightningModule's embedding pinned during fit/validate/test/predict.
+
+The callback is glue around :func:`embconstraint.constrain`: it installs the constraint in
+``setup`` (before ``configure_optimizers``, so an optimizer built from ``self.parameters()``
+holds only the trainable rows) and removes it in ``teardown`` or ``on_exception``, leaving the
+merged weight as a plain ``nn.Parameter``. Checkpoints hold the plain ``(V, D)`` weight, so they
+load into the module without the callback.
+
+One class serves both Lightning packages: :class:`EmbeddingConstraint` subclasses
+``pytorch_lightning.Callback`` and, when the ``lightning`` package is installed,
+``lightning.pytorch.Callback`` too.
+
+>>> import torch
+>>> from embconstraint.lightning import EmbeddingConstraint
+>>> old = torch.nn.Embedding(3, 4)
+>>> EmbeddingConstraint("encoder.tok_emb", old)
+EmbeddingConstraint(embedding='encoder.tok_emb', pinned=3, on_mismatch='error')
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from .core import (
+    _check_reference,
+    _constrain_tied,
+    _layout_rows,
+    _pinned_rows,
+    _reference_tensor,
+    _tied_to,
+    is_constrained,
+    release,
+)
+
+__all__ = ["EmbeddingConstraint"]
+
+LOG_KEY = "constraint/max_abs_deviation"
+
+# Strategies that shard or flatten parameters: the free rows would no longer be the embedding's
+# own Parameter, which the constraint relies on.
+_UNSUPPORTED_STRATEGIES = frozenset({"FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy",
+                                     "XLAFSDPStrategy"})
+# Precisions that cast the whole module (the pinned rows too) to another dtype after setup.
+_TRUE_PRECISION_DTYPES = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}
+
+
+def _callback_bases() -> tuple[type, ...]:
+    bases = []
+    for name in ("pytorch_lightning", "lightning.pytorch"):
+        try:
+            bases.append(importlib.import_module(name).Callback)
+        except ImportError:
+            pass
+    if not bases:
+        raise ImportError(
+            "embconstraint.lightning needs pytorch-lightning or lightning: pip install pytorch-lightning"
+        )
+    return tuple(bases)
+
+
+def _check_indices(indices: Any, num_pinned: int) -> None:
+    """What can be checked of ``indices`` before the embedding's size is known."""
+    if indices is None:
+        return
+    bound = num_pinned
+    try:
+        idx = indices.detach().cpu() if isinstance(indices, Tensor) else torch.as_tensor(list(indices))
+        if idx.numel() and idx.dtype not in (torch.bool,) and not idx.is_floating_point():
+            if int(idx.min()) < 0:
+                raise ValueError(f"indices must be non-negative row numbers, got min {int(idx.min())}")
+            bound = max(bound, int(idx.max()) + 1)
+    except (TypeError, RuntimeError):
+        pass  # _layout_rows names the problem
+    _layout_rows(indices, num_pinned, bound)
+
+
+class EmbeddingConstraint(*_callback_bases()):
+    """Pin rows of a LightningModule's embedding to ``reference`` while the Trainer runs.
+
+    Reference row ``i`` is pinned at row ``indices[i]`` (default: the first ``n`` rows), exactly,
+    from the sanity-check validation on; only the other rows are trained. The callback installs
+    :func:`embconstraint.constrain` in ``setup`` (so ``configure_optimizers`` sees only the
+    trainable rows) and removes it in ``teardown``, or in ``on_exception`` when the run fails,
+    leaving the merged weight as a plain ``nn.Parameter`` in the module. A weight tied to the
+    embedding (an output head sharing its Parameter) computes with the constrained weight, and
+    shares one plain Parameter with it again afterwards. Each train/validation/test epoch logs
+    ``constraint/max_abs_deviation`` (largest ``|weight - reference|`` over the pinned rows; 0.0).
+
+    Args:
+        embedding: the ``nn.Embedding``/``nn.EmbeddingBag``, or its dotted path on the
+            LightningModule (``"encoder.tok_emb"``), resolved in ``setup``.
+        reference: an ``nn.Embedding``/``nn.EmbeddingBag`` or a ``(n, D)`` tensor; its values are
+            read when the constraint is installed (at each ``fit``/``validate``/... call).
+        indices: ``n`` distinct rows of ``embedding`` to pin (1-D integer tensor or sequence).
+        on_mismatch: when a checkpoint (``ckpt_path=``) holds pinned rows that differ from
+            ``reference``: ``"error"`` (default) or ``"checkpoint"`` (take the rows from it).
+        log_key: metric name for the deviation, or ``None`` not to log it.
+
+    >>> import torch, pytorch_lightning as pl
+    >>> from torch.utils.data import DataLoader, TensorDataset
+    >>> class LM(pl.LightningModule):
+    ...     def __init__(self, vocab_dim, embedding_dim):
+    ...         super().__init__()
+    ...         self.embedding = torch.nn.Embedding(vocab_dim, embedding_dim)
+    ...     def training_step(self, batch, batch_idx):
+    ...         return self.embedding(batch[0]).pow(2).sum()
+    ...     def configure_optimizers(self):
+    ...         return torch.optim.SGD(self.parameters(), lr=0.1)
+    >>> model, model_2 = LM(3, 2), LM(5, 2)
+    >>> constraint = EmbeddingConstraint(model_2.embedding, model.embedding)
+    >>> trainer_2 = pl.Trainer(callbacks=[constraint], max_steps=2, logger=False, enable_progress_bar=False,
+    ...                        enable_checkpointing=False, enable_model_summary=False, accelerator="cpu")
+    >>> data = DataLoader(TensorDataset(torch.arange(5)), batch_size=5)
+    >>> trainer_2.fit(model_2, data)
+    >>> torch.equal(model_2.embedding.weight[:3], model.embedding.weight)   # old rows kept exactly
+    True
+    >>> type(model_2.embedding.weight).__name__, trainer_2.callback_metrics["constraint/max_abs_deviation"].item()
+    ('Parameter', 0.0)
+    """
+
+    def __init__(
+        self,
+        embedding: nn.Module | str,
+        reference: nn.Module | Tensor,
+        *,
+        indices: Tensor | Sequence[int] | None = None,
+        on_mismatch: Literal["error", "checkpoint"] = "error",
+        log_key: str | None = LOG_KEY,
+    ) -> None:
+        super().__init__()
+        if isinstance(embedding, str):
+            if not embedding or not all(part.isidentifier() for part in embedding.split(".")):
+                raise ValueError(
+                    f"embedding path must be a dotted attribute path such as 'encoder.tok_emb', got {embedding!r}"
+                )
+        elif not isinstance(embedding, (nn.Embedding, nn.EmbeddingBag)):
+            raise TypeError(
+                "embedding must be an nn.Embedding, an nn.EmbeddingBag or a dotted path on the LightningModule "
+                f"(str), got {type(embedding).__name__}"
+            )
+        if on_mismatch not in ("error", "checkpoint"):
+            raise ValueError(f"on_mismatch must be 'error' or 'checkpoint', got {on_mismatch!r}")
+        if log_key is not None and (not isinstance(log_key, str) or not log_key):
+            raise TypeError(f"log_key must be a non-empty str or None, got {log_key!r}")
+        ref = _reference_tensor(reference)
+        if isinstance(embedding, nn.Module):
+            self._check_embedding(embedding, ref, indices)
+        else:
+            _check_indices(indices, ref.shape[0])
+        self.embedding = embedding
+        self.reference = reference
+        self.indices = indices
+        self.on_mismatch = on_mismatch
+        self.log_key = log_key
+        self._installed: nn.Module | None = None  # the embedding while constrained by this callback
+        self._root: nn.Module | None = None  # the LightningModule it was installed in
+        self._target: Tensor | None = None  # pinned rows taken from a checkpoint (on_mismatch="checkpoint")
+
+    # -- identity -----------------------------------------------------------------------------
+    def _name(self) -> str:
+        if isinstance(self.embedding, str):
+            return self.embedding
+        return f"{type(self.embedding).__name__}@{id(self.embedding):x}"
+
+    @property
+    def state_key(self) -> str:
+        # Unique per constrained embedding, so that several constraints can share a Trainer.
+        return self._generate_state_key(embedding=self._name())
+
+    def __repr__(self) -> str:
+        pinned = _reference_tensor(self.reference).shape[0]
+        return (f"{type(self).__name__}(embedding={self._name()!r}, pinned={pinned}, "
+                f"on_mismatch={self.on_mismatch!r})")
+
+    # -- checks ---------------------------------------------------------------------------------
+    def _check_embedding(self, embedding: nn.Module, ref: Tensor, indices: Any) -> None:
+        """Everything constrain() would refuse, checked without changing anything."""
+        if not isinstance(embedding, (nn.Embedding, nn.EmbeddingBag)):
+            raise TypeError(f"embedding must be an nn.Embedding or nn.EmbeddingBag, got {type(embedding).__name__}")
+        if is_constrained(embedding):
+            raise ValueError("embedding is already constrained; EmbeddingConstraint installs the constraint itself")
+        if embedding.max_norm is not None:
+            raise ValueError("embedding.max_norm would move pinned rows; constrained embeddings need max_norm=None")
+        weight = embedding.weight
+        meta = torch.empty(weight.shape, dtype=weight.dtype, device="meta")
+        _check_reference(ref, meta)
+        _layout_rows(indices, ref.shape[0], weight.shape[0])
+
+    def _resolve(self, pl_module: nn.Module) -> nn.Module:
+        if not isinstance(self.embedding, str):
+            if not any(m is self.embedding for m in pl_module.modules()):
+                raise ValueError(
+                    f"EmbeddingConstraint: the embedding is not a submodule of {type(pl_module).__name__}; "
+                    "pass the embedding of the model given to the Trainer (or its dotted path)"
+                )
+            return self.embedding
+        try:
+            module = pl_module.get_submodule(self.embedding)
+        except AttributeError as err:
+            raise ValueError(
+                f"EmbeddingConstraint: {type(pl_module).__name__} has no submodule {self.embedding!r} ({err}); "
+                "the embedding must exist when the Trainer calls setup (before LightningModule.configure_model)"
+            ) from None
+        if not isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            raise TypeError(
+                f"EmbeddingConstraint: {type(pl_module).__name__}.{self.embedding} must be an nn.Embedding or "
+                f"nn.EmbeddingBag, got {type(module).__name__}"
+            )
+        return module
+
+    def _check_trainer(self, trainer: Any, embedding: nn.Module) -> None:
+        names = {cls.__name__ for cls in type(trainer.strategy).__mro__}
+        refused = sorted(names & _UNSUPPORTED_STRATEGIES)
+        if refused:
+            raise ValueError(
+                f"EmbeddingConstraint does not support {refused[0]}: it shards or flattens parameters, and the "
+                "constrained embedding's trainable rows must stay its own Parameter. Use strategy='ddp' "
+                "(the pinned rows are not buffers, so DDP never broadcasts them)."
+            )
+        dtype = _TRUE_PRECISION_DTYPES.get(str(getattr(trainer, "precision", "")))
+        if dtype is not None:
+            meta = torch.empty(embedding.weight.shape, dtype=dtype, device="meta")
+            try:
+                _check_reference(_reference_tensor(self.reference), meta)
+            except ValueError as err:
+                raise ValueError(f"EmbeddingConstraint with precision={trainer.precision!r}: {err}") from None
+
+    # -- install / remove -----------------------------------------------------------------------
+    def setup(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
+        """Install the constraint (runs before ``configure_optimizers`` and checkpoint restore)."""
+        if self._installed is not None and is_constrained(self._installed):
+            return
+        embedding = self._resolve(pl_module)
+        self._check_trainer(trainer, embedding)
+        try:
+            _constrain_tied(pl_module, embedding, self.reference, indices=self.indices,
+                            on_mismatch=self.on_mismatch)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"EmbeddingConstraint({self._name()!r}): {err}") from None
+        self._installed, self._root, self._target = embedding, pl_module, None
+
+    def teardown(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
+        """Remove the constraint; the module keeps the merged weight as a plain Parameter."""
+        self._remove()
+
+    def on_exception(self, trainer: Any, pl_module: nn.Module, exception: BaseException) -> None:
+        """Remove the constraint when the run fails, so that the module is left usable."""
+        self._remove()
+        if isinstance(exception, RuntimeError) and "would change pinned rows" in str(exception) \
+                and hasattr(exception, "add_note"):
+            exception.add_note(
+                "EmbeddingConstraint: the checkpoint's pinned rows differ from the reference; pass "
+                "EmbeddingConstraint(..., on_mismatch='checkpoint') to take them from the checkpoint."
+            )
+
+    def _remove(self) -> None:
+        embedding, self._installed, self._target = self._installed, None, None
+        if embedding is None:
+            return
+        root, self._root = self._root, None
+        tied = [m for m in root.modules() if m is not embedding
+                and any((t := _tied_to(m, n)) is not None and t.embedding is embedding
+                        for n in getattr(m, "parametrizations", {}))]
+        if is_constrained(embedding):
+            release(embedding)
+        for module in tied:
+            release(module)
+
+    # -- the deviation metric --------------------------------------------------------------------
+    @torch.no_grad()
+    def max_abs_deviation(self) -> Tensor:
+        """Largest ``|weight - reference|`` over the pinned rows (0-dim tensor on the weight's device).
+
+        With ``on_mismatch="checkpoint"`` the pinned rows are compared with the values they held when
+        the run started (after a checkpoint was restored) instead of the reference.
+        """
+        embedding = self._installed
+        if embedding is None:
+            raise RuntimeError("EmbeddingConstraint.max_abs_deviation: the constraint is not installed")
+        rows = self._pinned_values(embedding)
+        target = self._target if self._target is not None else _reference_tensor(self.reference)
+        if rows.numel() == 0:
+            return rows.new_zeros(())
+        return (rows - target.to(device=rows.device, dtype=rows.dtype)).abs().max()
+
+    @staticmethod
+    def _pinned_values(embedding: nn.Module) -> Tensor:
+        pin = _pinned_rows(embedding)
+        weight = embedding.weight.as_subclass(Tensor)
+        if pin.layout == "prefix":
+            return weight[: pin.num_pinned]
+        return weight.index_select(0, pin.pinned_rows().to(weight.device))
+
+    def _capture_target(self) -> None:
+        # With on_mismatch="checkpoint" the pinned rows may come from a checkpoint restored after
+        # setup: they, not the reference, are what the run must keep.
+        if self.on_mismatch == "checkpoint" and self._installed is not None and self._target is None:
+            self._target = self._pinned_values(self._installed).detach().clone()
+
+    def on_fit_start(self, trainer: Any, pl_module: nn.Module) -> None:
+        self._capture_target()
+
+    def on_validation_start(self, trainer: Any, pl_module: nn.Module) -> None:
+        self._capture_target()
+
+    def on_test_start(self, trainer: Any, pl_module: nn.Module) -> None:
+        self._capture_target()
+
+    def on_predict_start(self, trainer: Any, pl_module: nn.Module) -> None:
+        self._capture_target()
+
+    def _log(self, trainer: Any, pl_module: Any) -> None:
+        if self.log_key is None or self._installed is None:
+            return
+        pl_module.log(self.log_key, self.max_abs_deviation().float(), on_step=False, on_epoch=True,
+                      sync_dist=trainer.world_size > 1, reduce_fx="max", batch_size=1)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: nn.Module) -> None:
+        self._log(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: Any, pl_module: nn.Module) -> None:
+        self._log(trainer, pl_module)
+
+    def on_test_epoch_end(self, trainer: Any, pl_module: nn.Module) -> None:
+        self._log(trainer, pl_module)

@@ -1,0 +1,101 @@
+"""Tiny LightningModules and data for the Lightning tests (importable read-only by other tests).
+
+``PLTinyLM`` subclasses ``pytorch_lightning.LightningModule`` and ``LTinyLM`` subclasses
+``lightning.pytorch.LightningModule``; both are the same model: an embedding of ``vocab``
+rows, a linear output head (optionally tied to the embedding) and a next-token loss.
+Everything is deterministic: the data is generated from fixed seeds, loaders do not shuffle,
+the model has no dropout, so two runs of the same steps give bitwise equal weights.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as lpt
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+VOCAB_OLD, VOCAB_NEW, DIM = 6, 10, 4
+BATCH, BATCHES_PER_EPOCH = 8, 4
+
+
+def _define(base: type, name: str) -> type:
+    class TinyLM(base):
+        """Embedding -> (tied) head -> cross entropy on (token, next token) pairs."""
+
+        def __init__(self, vocab_dim: int = VOCAB_NEW, embedding_dim: int = DIM, tie: bool = False,
+                     lr: float = 0.05, nested: bool = False) -> None:
+            super().__init__()
+            self.save_hyperparameters()
+            embedding = nn.Embedding(vocab_dim, embedding_dim)
+            if nested:  # reachable as "encoder.tok_emb", for dotted-path tests
+                self.encoder = nn.Module()
+                self.encoder.tok_emb = embedding
+            else:
+                self.embedding = embedding
+            self.head = nn.Linear(embedding_dim, vocab_dim, bias=False)
+            if tie:
+                self.head.weight = embedding.weight
+            self.proj = nn.Linear(embedding_dim, embedding_dim)
+
+        @property
+        def emb(self) -> nn.Embedding:
+            return self.encoder.tok_emb if self.hparams.nested else self.embedding
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.tanh(self.proj(self.emb(x))))
+
+        def _loss(self, batch) -> torch.Tensor:
+            x, y = batch
+            return nn.functional.cross_entropy(self(x), y)
+
+        def training_step(self, batch, batch_idx):
+            loss = self._loss(batch)
+            self.log("train_loss", loss, batch_size=len(batch[0]))
+            return loss
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val_loss", self._loss(batch), batch_size=len(batch[0]))
+
+        def test_step(self, batch, batch_idx):
+            self.log("test_loss", self._loss(batch), batch_size=len(batch[0]))
+
+        def predict_step(self, batch, batch_idx):
+            return self(batch[0])
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+
+    TinyLM.__name__ = TinyLM.__qualname__ = name
+    return TinyLM
+
+
+PLTinyLM = _define(pl.LightningModule, "PLTinyLM")
+LTinyLM = _define(lpt.LightningModule, "LTinyLM")
+PACKAGES = {"pytorch_lightning": (pl, PLTinyLM), "lightning.pytorch": (lpt, LTinyLM)}
+
+
+def reference(vocab: int = VOCAB_OLD, dim: int = DIM, seed: int = 1) -> nn.Embedding:
+    """The "model 1" embedding whose rows the new model must keep."""
+    torch.manual_seed(seed)
+    return nn.Embedding(vocab, dim)
+
+
+def loader(vocab: int = VOCAB_NEW, batches: int = BATCHES_PER_EPOCH, seed: int = 0) -> DataLoader:
+    """Fixed (token, next token) pairs; tokens of both the old and the new vocabulary."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, vocab, (batches * BATCH,), generator=g)
+    return DataLoader(TensorDataset(x, (x * 3 + 1) % vocab), batch_size=BATCH, shuffle=False)
+
+
+def trainer_kwargs(tmp_path=None, **overrides) -> dict:
+    """Quiet, fast Trainer arguments for tests."""
+    kw = dict(
+        accelerator="cpu", devices=1, max_steps=3, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=1,
+        limit_val_batches=1, deterministic=True,
+    )
+    if tmp_path is not None:
+        kw["default_root_dir"] = str(tmp_path)
+    kw.update(overrides)
+    return kw
