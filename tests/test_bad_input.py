@@ -1,0 +1,393 @@
+"""Every input the public API refuses: the exception type, its message, and that nothing changed.
+
+``CASES`` is the single source of the README's "Errors you may meet" table: print it with
+``python tests/test_bad_input.py`` and paste it under that heading; ``test_readme_table_is_the_tested_table``
+fails when the README's table and this one drift apart. In a message, ``…`` stands for any text.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from embconstraint import constrain, is_constrained, merged_state_dict, release
+
+V, D, N = 6, 3, 3
+README = Path(__file__).resolve().parents[1] / "README.md"
+HEADING = "Errors you may meet"
+
+
+def _plain() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Embedding(V, D)
+
+
+def _constrained() -> nn.Module:
+    torch.manual_seed(0)
+    return constrain(nn.Embedding(V, D), torch.randn(N, D))
+
+
+def _ref(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(*shape or (N, D), generator=torch.Generator().manual_seed(1)).to(dtype)
+
+
+class _Identity(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _other_parametrization() -> nn.Module:
+    emb = _plain()
+    parametrize.register_parametrization(emb, "weight", _Identity())
+    return emb
+
+
+def _tensor_weight() -> nn.Module:
+    emb = _plain()
+    weight = emb.weight.detach()
+    del emb._parameters["weight"]
+    emb.weight = weight  # a plain tensor attribute
+    return emb
+
+
+def _integer_weight() -> nn.Module:
+    emb = _plain()
+    emb.weight = nn.Parameter(torch.arange(V * D).reshape(V, D), requires_grad=False)
+    return emb
+
+
+def _set_weight(emb: nn.Module, value: torch.Tensor) -> None:
+    emb.weight = value
+
+
+def _write(op: Callable[[torch.Tensor], Any], grad: bool = False) -> Callable[[nn.Module], Any]:
+    def call(emb: nn.Module) -> Any:
+        with torch.set_grad_enabled(grad):
+            return op(emb.weight)
+    return call
+
+
+def _pinned_changed_checkpoint(emb: nn.Module) -> None:
+    sd = emb.state_dict()
+    sd["weight"] = sd["weight"].clone()
+    sd["weight"][0] += 1.0
+    emb.load_state_dict(sd)
+
+
+@dataclass(frozen=True)
+class Case:
+    input: str  # the README "input" column (Markdown)
+    call: Callable[[nn.Module], Any] = field(repr=False)
+    error: type[Exception]
+    message: str  # a fragment of the message; "…" stands for any text
+    target: Callable[[], nn.Module] = field(default=_plain, repr=False)  # the module `call` gets
+
+
+CASES: list[Case] = [
+    # -- constrain: the embedding -----------------------------------------------------------
+    Case("`constrain(embedding, …)`: `embedding` is not an `nn.Embedding`/`nn.EmbeddingBag` (e.g. `nn.Linear`)",
+         lambda m: constrain(m, _ref(N, 4)), TypeError,
+         "embedding must be an nn.Embedding or nn.EmbeddingBag, got Linear", lambda: nn.Linear(4, V)),
+    Case("`constrain(embedding, …)`: `embedding` is a tensor",
+         lambda m: constrain(m.weight, _ref()), TypeError,
+         "embedding must be an nn.Embedding or nn.EmbeddingBag, got Parameter"),
+    Case("`constrain` on an embedding that is already constrained",
+         lambda m: constrain(m, _ref()), ValueError,
+         "embedding is already constrained; call release() first", _constrained),
+    Case("`constrain` on an embedding whose `weight` has another parametrization",
+         lambda m: constrain(m, _ref()), ValueError,
+         "embedding.weight already has a parametrization; embconstraint must be the only one",
+         _other_parametrization),
+    Case("`constrain` on an embedding whose `weight` is not an `nn.Parameter`",
+         lambda m: constrain(m, _ref()), TypeError, "embedding.weight must be an nn.Parameter", _tensor_weight),
+    Case("`constrain` on an embedding with an integer `weight`",
+         lambda m: constrain(m, _ref()), TypeError,
+         "embedding.weight must be floating point, got torch.int64", _integer_weight),
+    Case("`constrain` on an embedding with `max_norm` set",
+         lambda m: constrain(m, _ref()), ValueError,
+         "embedding.max_norm renormalizes rows in place and would move pinned rows; "
+         "constrained embeddings need max_norm=None", lambda: nn.Embedding(V, D, max_norm=1.0)),
+    Case("`constrain(…, on_mismatch=…)` other than `\"error\"`/`\"checkpoint\"`",
+         lambda m: constrain(m, _ref(), on_mismatch="ignore"), ValueError,
+         "on_mismatch must be one of ('error', 'checkpoint'), got 'ignore'"),
+    # -- constrain: the reference -----------------------------------------------------------
+    Case("`reference` is not a tensor or an embedding (a list)",
+         lambda m: constrain(m, _ref().tolist()), TypeError,
+         "reference must be an nn.Embedding, nn.EmbeddingBag, Tensor or Parameter of shape (n, D), got list"),
+    Case("`reference` is a NumPy array",
+         lambda m: constrain(m, _ref().numpy()), TypeError,
+         "reference must be an nn.Embedding, nn.EmbeddingBag, Tensor or Parameter of shape (n, D), got ndarray"),
+    Case("`reference` is a module other than an embedding",
+         lambda m: constrain(m, nn.Linear(D, N)), TypeError,
+         "reference must be an nn.Embedding, nn.EmbeddingBag, Tensor or Parameter of shape (n, D), got Linear"),
+    Case("`reference` is 1-D",
+         lambda m: constrain(m, _ref(D)), ValueError, "reference must have shape (n, D), got shape (3,)"),
+    Case("`reference` is 3-D",
+         lambda m: constrain(m, _ref(1, N, D)), ValueError, "reference must have shape (n, D), got shape (1, 3, 3)"),
+    Case("`reference` has integer values",
+         lambda m: constrain(m, torch.zeros(N, D, dtype=torch.long)), TypeError,
+         "reference must be a floating-point tensor, got dtype torch.int64"),
+    Case("`reference` is complex",
+         lambda m: constrain(m, torch.zeros(N, D, dtype=torch.complex64)), TypeError,
+         "reference must be a floating-point tensor, got dtype torch.complex64"),
+    Case("`reference` has another embedding dimension `D`",
+         lambda m: constrain(m, _ref(N, D + 1)), ValueError,
+         "reference has embedding dimension 4 but the embedding has 3 "
+         "(reference shape (3, 4), embedding weight shape (6, 3))"),
+    Case("`reference` is an embedding with another `D`",
+         lambda m: constrain(m, nn.Embedding(N, D + 1)), ValueError,
+         "reference has embedding dimension 4 but the embedding has 3"),
+    Case("`reference` has more rows than the embedding",
+         lambda m: constrain(m, _ref(V + 1, D)), ValueError,
+         "reference has 7 rows but the embedding only has 6"),
+    Case("`reference` holds `nan`",
+         lambda m: constrain(m, _ref().index_fill(0, torch.tensor([1]), float("nan"))), ValueError,
+         "reference holds non-finite values (nan or inf); pinned rows must be finite"),
+    Case("`reference` holds `inf`",
+         lambda m: constrain(m, _ref().index_fill(0, torch.tensor([2]), float("-inf"))), ValueError,
+         "reference holds non-finite values (nan or inf)"),
+    Case("`reference` is float64 with values a float32 embedding cannot hold exactly",
+         lambda m: constrain(m, _ref(dtype=torch.float64) / 3), ValueError,
+         "reference dtype torch.float64 cannot be cast exactly to the embedding's dtype torch.float32; "
+         "cast the embedding (or the reference) first"),
+    Case("`reference` is float32 and the embedding bfloat16",
+         lambda m: constrain(m, _ref()), ValueError,
+         "reference dtype torch.float32 cannot be cast exactly to the embedding's dtype torch.bfloat16",
+         lambda: _plain().bfloat16()),
+    Case("`reference` is float32 with values beyond float16's range, embedding float16",
+         lambda m: constrain(m, torch.full((N, D), 1e5)), ValueError,
+         "reference dtype torch.float32 cannot be cast exactly to the embedding's dtype torch.float16",
+         lambda: _plain().half()),
+    # -- constrain: the indices -------------------------------------------------------------
+    Case("`indices` with a row `>= V`",
+         lambda m: constrain(m, _ref(), indices=[0, 1, V]), ValueError,
+         "indices must lie in [0, 6) for an embedding of 6 rows, got min 0, max 6"),
+    Case("`indices` with a negative row",
+         lambda m: constrain(m, _ref(), indices=torch.tensor([-1, 0, 1])), ValueError,
+         "indices must lie in [0, 6) for an embedding of 6 rows, got min -1, max 1"),
+    Case("`indices` with a repeated row",
+         lambda m: constrain(m, _ref(), indices=[4, 1, 4]), ValueError,
+         "indices must be distinct: a row cannot be pinned twice"),
+    Case("`indices` of another length than `reference`",
+         lambda m: constrain(m, _ref(), indices=[0, 1]), ValueError,
+         "indices has 2 entries but reference has 3 rows"),
+    Case("`indices` given but `reference` has more rows than `V`",
+         lambda m: constrain(m, _ref(V + 1, D), indices=list(range(V + 1))), ValueError,
+         "reference has 7 rows but the embedding only has 6"),
+    Case("`indices` is a float tensor",
+         lambda m: constrain(m, _ref(), indices=torch.tensor([0.0, 1.0, 2.0])), TypeError,
+         "indices must hold integers, got dtype torch.float32"),
+    Case("`indices` is a bool tensor (a mask)",
+         lambda m: constrain(m, _ref(), indices=torch.tensor([True, False, True])), TypeError,
+         "indices must hold integers, got dtype torch.bool"),
+    Case("`indices` is a list of floats",
+         lambda m: constrain(m, _ref(), indices=[0.0, 1.0, 2.0]), TypeError,
+         "indices must be a 1-D integer tensor or a sequence of ints"),
+    Case("`indices` is a list of bools",
+         lambda m: constrain(m, _ref(), indices=[True, False, True]), TypeError,
+         "indices must be a 1-D integer tensor or a sequence of ints"),
+    Case("`indices` is a nested list",
+         lambda m: constrain(m, _ref(), indices=[[0, 1, 2]]), TypeError,
+         "indices must be a 1-D integer tensor or a sequence of ints"),
+    Case("`indices` is a 2-D tensor",
+         lambda m: constrain(m, _ref(), indices=torch.tensor([[0, 1, 2]])), ValueError,
+         "indices must be 1-D, got shape (1, 3)"),
+    Case("`indices` is neither a tensor nor a sequence (a set)",
+         lambda m: constrain(m, _ref(), indices={0, 1, 2}), TypeError,
+         "indices must be a 1-D integer tensor or a sequence of ints, got set"),
+    Case("`indices` is a string",
+         lambda m: constrain(m, _ref(), indices="012"), TypeError,
+         "indices must be a 1-D integer tensor or a sequence of ints, got str"),
+    Case("`indices` is a NumPy array (pass `torch.as_tensor(a)`)",
+         lambda m: constrain(m, _ref(), indices=np.array([0, 1, 2])), TypeError,
+         "indices must be a 1-D integer tensor or a sequence of ints, got ndarray"),
+    # -- release / merged_state_dict --------------------------------------------------------
+    Case("`release(x)`: `x` is not a module",
+         lambda m: release(m.weight), TypeError, "module must be an nn.Module, got Parameter"),
+    Case("`release` of a module holding no constrained embedding",
+         release, ValueError, "release: Embedding holds no constrained embedding"),
+    Case("`release` of a model holding no constrained embedding",
+         release, ValueError, "release: Sequential holds no constrained embedding",
+         lambda: nn.Sequential(_plain(), nn.Linear(D, 2))),
+    Case("`merged_state_dict(x)`: `x` is not a module",
+         lambda m: merged_state_dict(m.state_dict()), TypeError, "module must be an nn.Module, got OrderedDict",
+         _constrained),
+    # -- using a constrained embedding ------------------------------------------------------
+    Case("`load_state_dict` with a `weight` of another shape",
+         lambda m: m.load_state_dict({"weight": torch.zeros(V + 1, D)}), RuntimeError,
+         "size mismatch for weight: copying a param with shape (7, 3) from checkpoint, "
+         "the shape in current model is (6, 3) (a constrained embedding).", _constrained),
+    Case("`load_state_dict` with a `weight` that is not a tensor",
+         lambda m: m.load_state_dict({"weight": [0.0] * D}), RuntimeError,
+         "size mismatch for weight: copying a param with shape list from checkpoint", _constrained),
+    Case("`load_state_dict` with other values in the pinned rows (`on_mismatch=\"error\"`)",
+         _pinned_changed_checkpoint, RuntimeError,
+         "weight would change pinned rows of a constrained embedding (max … = 1); pinned rows only change "
+         "through release() or on_mismatch='checkpoint'. Pass on_mismatch='checkpoint' to constrain() "
+         "to take them from the checkpoint", _constrained),
+    Case("in-place write to `weight` outside `torch.no_grad()`",
+         _write(lambda w: w.mul_(2.0), grad=True), RuntimeError,
+         "in-place mul_ on the weight of a constrained embedding needs torch.no_grad(); "
+         "writes may only change the free rows", _constrained),
+    Case("in-place write (`torch.no_grad()`, `weight.data`, `nn.init.*_`) that changes pinned rows",
+         _write(lambda w: nn.init.normal_(w)), RuntimeError,
+         "in-place normal_ would change pinned rows of a constrained embedding (max … = …); "
+         "pinned rows only change through release() or on_mismatch='checkpoint'", _constrained),
+    Case("in-place write that changes the shape (`weight.data.resize_`)",
+         _write(lambda w: w.data.resize_(2, 2)), ValueError,
+         "in-place resize_ must have shape (6, 3), got (2, 2)", _constrained),
+    Case("`weight.data = value` with other pinned rows",
+         _write(lambda w: setattr(w, "data", torch.zeros(V, D)), grad=True), RuntimeError,
+         "in-place .data assignment would change pinned rows of a constrained embedding", _constrained),
+    Case("in-place write through a view of `weight` (`weight[2:].zero_()`, `weight.data.t().copy_(…)`)",
+         _write(lambda w: w[N:].zero_()), RuntimeError,
+         "in-place zero_ on a view of a constrained embedding's weight is not supported; write through the "
+         "weight itself under torch.no_grad() (e.g. emb.weight[rows] = values), or release() the embedding first",
+         _constrained),
+    Case("writing into `weight.detach().numpy()`",
+         _write(lambda w: w.detach().numpy().__setitem__(N, 0.0)), ValueError,
+         "assignment destination is read-only", _constrained),
+    Case("`embedding.weight = value` with other pinned rows",
+         lambda m: _set_weight(m, torch.zeros(V, D)), RuntimeError,
+         "weight would change pinned rows of a constrained embedding", _constrained),
+    Case("`embedding.weight = value` of another shape",
+         lambda m: _set_weight(m, torch.zeros(V - 1, D)), ValueError,
+         "weight must have shape (6, 3), got (5, 3)", _constrained),
+    Case("`F.embedding(…, max_norm=…)` on a constrained weight",
+         lambda m: F.embedding(torch.tensor([0, 4]), m.weight, max_norm=1.0), RuntimeError,
+         "max_norm renormalizes looked-up rows in place, which would change pinned rows; "
+         "it is not supported on a constrained embedding (set max_norm=None)", _constrained),
+    Case("`F.embedding_bag(…, max_norm=…)` on a constrained weight",
+         lambda m: F.embedding_bag(torch.tensor([[0, 4]]), m.weight, max_norm=1.0), RuntimeError,
+         "max_norm renormalizes looked-up rows in place", _constrained),
+]
+
+
+def _pattern(message: str) -> str:
+    return ".*?".join(re.escape(part) for part in message.split("…"))
+
+
+def _snapshot(module: nn.Module) -> dict[str, Any]:
+    """Everything a refused call must leave as it was."""
+    return {
+        "type": type(module),
+        "constrained": is_constrained(module),
+        "parametrized": parametrize.is_parametrized(module),
+        "params": [(name, id(p), p.shape, p.dtype) for name, p in module.named_parameters()],
+        "state": {k: v.detach().clone() for k, v in module.state_dict().items()},
+        "hooks": (len(module._state_dict_hooks), len(module._load_state_dict_pre_hooks)),
+        "attrs": sorted(vars(module)),
+    }
+
+
+def _assert_same(before: dict[str, Any], after: dict[str, Any]) -> None:
+    assert after["type"] is before["type"]
+    for key in ("constrained", "parametrized", "params", "hooks", "attrs"):
+        assert after[key] == before[key], key
+    assert list(after["state"]) == list(before["state"])
+    for key, value in before["state"].items():
+        assert after["state"][key].dtype == value.dtype
+        assert torch.equal(after["state"][key], value), key  # bitwise, free rows included
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.input for c in CASES])
+def test_refused_input(case: Case) -> None:
+    module = case.target()
+    before = _snapshot(module)
+    with pytest.raises(case.error, match=re.compile(_pattern(case.message), re.DOTALL)):
+        case.call(module)
+    _assert_same(before, _snapshot(module))
+
+
+def test_refused_inputs_leave_the_embedding_usable() -> None:
+    """After a refused constrain, the same embedding can still be constrained correctly."""
+    emb = _plain()
+    with pytest.raises(ValueError):
+        constrain(emb, _ref(), indices=[0, 0, 1])
+    ref = _ref()
+    constrain(emb, ref, indices=[5, 0, 2])
+    assert torch.equal(emb.weight[[5, 0, 2]], ref)
+
+
+@pytest.mark.parametrize(
+    ("reference", "dtype"),
+    [
+        (torch.tensor([[0.5, -2.0, 3.0]], dtype=torch.float64), torch.float32),
+        (torch.tensor([[0.5, -2.0, 1024.0]]), torch.bfloat16),
+        (torch.tensor([[0.5, -2.0, 1.0 / 1024]], dtype=torch.float16), torch.float32),
+        (torch.tensor([[1.0 / 3]]).expand(1, 3).double().float(), torch.float64),
+    ],
+    ids=["float64->float32", "float32->bfloat16", "float16->float32", "float32->float64"],
+)
+def test_exactly_castable_references_are_accepted(reference, dtype) -> None:
+    """The cast check refuses only lossy casts: exactly representable values pass."""
+    emb = constrain(nn.Embedding(V, D).to(dtype), reference)
+    assert emb.weight.dtype == dtype
+    assert torch.equal(emb.weight[:1].double(), reference.double())
+
+
+def test_is_constrained_answers_false_for_anything_else() -> None:
+    for thing in (None, 3, torch.zeros(2), nn.Linear(2, 2), _plain(), nn.Sequential(_constrained())):
+        assert is_constrained(thing) is False
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def markdown_table() -> str:
+    """The README "Errors you may meet" table, generated from ``CASES``."""
+    lines = ["| input | error | message |", "| --- | --- | --- |"]
+    lines += [f"| {_cell(c.input)} | `{c.error.__name__}` | `{_cell(c.message)}` |" for c in CASES]
+    return "\n".join(lines) + "\n"
+
+
+def _readme_rows() -> list[str] | None:
+    """The table rows under the README heading, or None when the heading is absent."""
+    if not README.exists():
+        return None
+    lines = README.read_text(encoding="utf-8").splitlines()
+    starts = [i for i, line in enumerate(lines) if re.fullmatch(rf"#+\s+{re.escape(HEADING)}\s*", line.strip())]
+    if not starts:
+        return None
+    rows, in_table = [], False
+    for line in lines[starts[0] + 1:]:
+        if line.startswith("#"):
+            break
+        if line.strip().startswith("|"):
+            in_table = True
+            rows.append(line.strip())
+        elif in_table:
+            break
+    return rows
+
+
+def test_readme_table_is_the_tested_table() -> None:
+    rows = _readme_rows()
+    if rows is None:
+        pytest.skip(f"README.md has no '{HEADING}' heading yet")
+    expected = markdown_table().splitlines()
+    untested = [r for r in rows if r not in expected]
+    missing = [r for r in expected if r not in rows]
+    assert not untested, f"README rows without a test (regenerate with python tests/test_bad_input.py): {untested}"
+    assert not missing, f"tested errors missing from the README (python tests/test_bad_input.py): {missing}"
+
+
+def test_markdown_table_has_one_row_per_case() -> None:
+    table = markdown_table().splitlines()
+    assert len(table) == len(CASES) + 2
+    assert len({c.input for c in CASES}) == len(CASES)  # inputs are unique (they are the test ids)
+
+
+if __name__ == "__main__":
+    print(markdown_table(), end="")
