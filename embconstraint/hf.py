@@ -1,0 +1,177 @@
+"""Hugging Face ``transformers`` integration: constrain a model's input embeddings.
+
+:func:`constrain_input_embeddings` pins rows of ``model.get_input_embeddings()`` and keeps
+an output head that shares the embedding's Parameter (``tie_word_embeddings=True``) tied:
+the head computes with the constrained (merged) weight, so pinned rows stay exact on both
+sides. :func:`embconstraint.release` undoes it and re-ties the head to one plain Parameter,
+after which ``save_pretrained`` / ``from_pretrained`` behave as for any model.
+
+This module does not import ``transformers``: it only calls the model's own methods.
+
+>>> import torch
+>>> from transformers import GPT2Config, GPT2LMHeadModel
+>>> from embconstraint import release
+>>> model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=10,
+...                                    bos_token_id=0, eos_token_id=0))
+>>> old = model.get_input_embeddings().weight.detach().clone()
+>>> _ = model.resize_token_embeddings(12)          # two new tokens
+>>> emb = constrain_input_embeddings(model, 10)    # rows 0..9 pinned to their current values
+>>> [tuple(p.shape) for p in emb.parameters()]     # only the new rows are trainable
+[(2, 8)]
+>>> torch.equal(model.lm_head.weight[:10], old)   # the tied head computes with the merged weight
+True
+>>> _ = release(model)
+>>> model.lm_head.weight is model.get_input_embeddings().weight
+True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor, nn
+
+from .core import Indices, Reference, _constrain_tied, _tied_to, is_constrained
+
+if TYPE_CHECKING:  # pragma: no cover - typing only; transformers is an optional extra
+    from transformers import PreTrainedModel
+
+__all__ = ["constrain_input_embeddings"]
+
+
+def constrain_input_embeddings(
+    model: PreTrainedModel | nn.Module,
+    reference: Reference | int,
+    *,
+    indices: Indices = None,
+) -> nn.Embedding:
+    """Pin rows of ``model.get_input_embeddings()``; a tied output head stays tied.
+
+    Same semantics as :func:`embconstraint.constrain` (the embedding is constrained in place
+    and returned; only its free rows remain trainable), plus: every module of ``model`` that
+    shares the embedding's Parameter (the output head of a model with
+    ``tie_word_embeddings=True``) is re-parametrized to compute with the merged weight, and
+    ``model.tie_weights()`` / ``model.resize_token_embeddings()`` are guarded while the
+    constraint is on (``tie_weights`` only checks that the ties still hold; resizing raises).
+    :func:`embconstraint.release` (on ``model``) removes the constraint and re-ties the head.
+
+    Args:
+        model: a ``transformers`` model, or any ``nn.Module`` with ``get_input_embeddings()``
+            returning an ``nn.Embedding``.
+        reference: the pinned rows' values, an ``(n, D)`` tensor or an embedding; or an ``int``
+            ``n``: pin the first ``n`` rows to their current values (after
+            ``resize_token_embeddings``, those are the old vocabulary's rows, copied exactly).
+        indices: ``n`` distinct rows at which to pin the reference rows (default: the first
+            ``n``). Only with a tensor/embedding ``reference``.
+
+    Returns:
+        The constrained input embedding.
+
+    >>> import torch
+    >>> from transformers import GPT2Config, GPT2LMHeadModel
+    >>> model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=12,
+    ...                                    bos_token_id=0, eos_token_id=0))
+    >>> ref = torch.zeros(2, 8)
+    >>> emb = constrain_input_embeddings(model, ref, indices=[3, 7])
+    >>> bool((model.lm_head.weight[[3, 7]] == 0).all())
+    True
+    """
+    if not callable(getattr(model, "get_input_embeddings", None)):
+        raise TypeError(
+            "model must have a get_input_embeddings() method (a transformers PreTrainedModel), "
+            f"got {type(model).__name__}"
+        )
+    try:
+        embedding = model.get_input_embeddings()
+    except NotImplementedError as err:
+        raise TypeError(f"model {type(model).__name__} does not expose its input embeddings: {err}") from err
+    if not isinstance(embedding, nn.Embedding):
+        raise TypeError(
+            "model.get_input_embeddings() must return an nn.Embedding, "
+            f"got {type(embedding).__name__}"
+        )
+    if isinstance(reference, bool) or not isinstance(reference, (int, Tensor, nn.Embedding, nn.EmbeddingBag)):
+        raise TypeError(
+            "reference must be an int (number of leading rows to pin at their current values), "
+            f"an (n, D) tensor or an nn.Embedding, got {type(reference).__name__}"
+        )
+    if isinstance(reference, int):
+        num_rows = embedding.num_embeddings
+        if indices is not None:
+            raise ValueError(
+                "reference=int pins the first n rows; to pin other rows pass their values, "
+                "e.g. reference=embedding.weight[indices].detach(), with indices=indices"
+            )
+        if not 0 <= reference <= num_rows:
+            raise ValueError(f"reference (number of pinned rows) must lie in [0, {num_rows}], got {reference}")
+        reference = embedding.weight.detach()[:reference]
+    _constrain_tied(model, embedding, reference, indices=indices)
+    _guard(model, "tie_weights", _tie_weights_while_constrained)
+    _guard(model, "resize_token_embeddings", _resize_while_constrained)
+    return embedding
+
+
+def _constrained(model: nn.Module) -> bool:
+    return any(is_constrained(m) for m in model.modules())
+
+
+class _WhileConstrained:
+    """Stands in for a model method (an instance attribute) while an embedding of the model is
+    constrained; once nothing is constrained it removes itself and calls the method."""
+
+    def __init__(self, model: nn.Module, name: str, action: Callable[..., Any]) -> None:
+        self.model, self.name, self.action = model, name, action
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        model = self.model
+        if _constrained(model):
+            return self.action(model, *args, **kwargs)
+        if model.__dict__.get(self.name) is self:
+            del model.__dict__[self.name]
+        return getattr(model, self.name)(*args, **kwargs)
+
+
+def _guard(model: nn.Module, name: str, action: Callable[..., Any]) -> None:
+    if callable(getattr(type(model), name, None)) and not isinstance(model.__dict__.get(name), _WhileConstrained):
+        model.__dict__[name] = _WhileConstrained(model, name, action)
+
+
+def _split(name: str) -> tuple[str, str]:
+    path, _, attr = name.rpartition(".")
+    return path, attr
+
+
+def _tie_weights_while_constrained(model: nn.Module, *args: Any, **kwargs: Any) -> None:
+    """``model.tie_weights()`` while constrained: a check that every tie holds, since a tie to a
+    constrained embedding is a parametrization and cannot be re-made by assignment."""
+    expand = getattr(model, "get_expanded_tied_weights_keys", None)
+    hint = ("call embconstraint.release(model) first, tie (or resize), then constrain the input "
+            "embeddings again")
+    if not callable(expand):
+        raise RuntimeError(f"model.tie_weights() is not supported while an embedding is constrained; {hint}")
+    for target, source in expand(all_submodels=True).items():
+        (tpath, tattr), (spath, sattr) = _split(target), _split(source)
+        try:
+            tmod, smod = model.get_submodule(tpath), model.get_submodule(spath)
+        except AttributeError as err:
+            raise RuntimeError(f"model.tie_weights(): cannot resolve {target} -> {source} ({err}); {hint}") from err
+        if is_constrained(smod) and sattr == "weight":
+            tie = _tied_to(tmod, tattr)
+            if tie is not None and tie.embedding is smod:
+                continue  # the head already computes with the constrained weight
+            problem = f"{target} does not compute with the constrained {source}"
+        elif is_constrained(tmod) and tattr == "weight":
+            problem = f"tying would replace the constrained {target}"
+        elif getattr(tmod, tattr, None) is getattr(smod, sattr, object()):
+            continue  # a tie unrelated to the constraint, which holds
+        else:
+            problem = f"{target} is not tied to {source}"
+        raise RuntimeError(f"model.tie_weights() while an embedding is constrained: {problem}; {hint}")
+
+
+def _resize_while_constrained(model: nn.Module, *args: Any, **kwargs: Any) -> None:
+    raise RuntimeError(
+        "model.resize_token_embeddings() would replace the weight of a constrained embedding; "
+        "call embconstraint.release(model) first, resize, then constrain the input embeddings again"
+    )
