@@ -20,6 +20,8 @@ EmbeddingConstraint(embedding='encoder.tok_emb', pinned=3, on_mismatch='error')
 from __future__ import annotations
 
 import importlib
+import os
+import zipfile
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -38,6 +40,10 @@ from .core import (
 )
 
 __all__ = ["EmbeddingConstraint"]
+
+
+class _CheckpointError(RuntimeError):
+    """A ``ckpt_path`` that cannot be trusted."""
 
 LOG_KEY = "constraint/max_abs_deviation"
 
@@ -68,15 +74,44 @@ def _check_indices(indices: Any, num_pinned: int) -> None:
     if indices is None:
         return
     bound = num_pinned
-    try:
-        idx = indices.detach().cpu() if isinstance(indices, Tensor) else torch.as_tensor(list(indices))
-        if idx.numel() and idx.dtype not in (torch.bool,) and not idx.is_floating_point():
+    if isinstance(indices, Tensor) or (isinstance(indices, Sequence) and not isinstance(indices, (str, bytes))):
+        try:
+            idx = indices.detach().cpu() if isinstance(indices, Tensor) else torch.as_tensor(list(indices))
+        except (TypeError, ValueError, RuntimeError):
+            idx = None  # _layout_rows names the problem
+        if idx is not None and idx.dim() == 1 and idx.numel() and not (
+                idx.dtype == torch.bool or idx.is_floating_point() or idx.is_complex()):
             if int(idx.min()) < 0:
                 raise ValueError(f"indices must be non-negative row numbers, got min {int(idx.min())}")
             bound = max(bound, int(idx.max()) + 1)
-    except (TypeError, RuntimeError):
-        pass  # _layout_rows names the problem
     _layout_rows(indices, num_pinned, bound)
+
+
+def _checkpoint_problem(path: Any) -> str | None:
+    """Why the local checkpoint file ``path`` cannot be trusted (truncated or corrupted), else None.
+
+    ``torch.save`` writes a zip archive with a CRC-32 per entry; ``torch.load`` does not check
+    them, so flipped bits load silently and a truncated file fails with a bare ``OSError``.
+    """
+    try:
+        path = os.fspath(path)
+    except TypeError:
+        return None
+    if not isinstance(path, str) or not os.path.isfile(path):
+        return None  # remote or missing: Lightning's own error stands
+    if os.path.getsize(path) == 0:
+        return "the file is empty"
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            return None  # not torch's zip format (a legacy pickle): torch.load decides
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except Exception as err:  # BadZipFile, EOFError, UnicodeDecodeError ... from a damaged archive
+        return f"it is not a complete zip archive ({type(err).__name__}: {err}): the file is truncated or corrupted"
+    if bad is not None:
+        return f"the CRC-32 of its entry {bad!r} does not match its data: the file is corrupted"
+    return None
 
 
 class EmbeddingConstraint(*_callback_bases()):
@@ -249,13 +284,33 @@ class EmbeddingConstraint(*_callback_bases()):
         self._remove()
 
     def on_exception(self, trainer: Any, pl_module: nn.Module, exception: BaseException) -> None:
-        """Remove the constraint when the run fails, so that the module is left usable."""
+        """Remove the constraint when the run fails, so that the module is left usable.
+
+        When the failure came from an unreadable ``ckpt_path`` or from pinned rows that differ
+        from the reference, a note saying so is added to the exception.
+        """
         self._remove()
-        if isinstance(exception, RuntimeError) and "would change pinned rows" in str(exception) \
-                and hasattr(exception, "add_note"):
+        if not hasattr(exception, "add_note"):  # Python < 3.11
+            return
+        if "would change pinned rows" in str(exception):
             exception.add_note(
                 "EmbeddingConstraint: the checkpoint's pinned rows differ from the reference; pass "
                 "EmbeddingConstraint(..., on_mismatch='checkpoint') to take them from the checkpoint."
+            )
+        elif not isinstance(exception, _CheckpointError):
+            path = getattr(trainer, "ckpt_path", None)
+            problem = _checkpoint_problem(path) if path else None
+            if problem is not None:
+                exception.add_note(f"EmbeddingConstraint: cannot resume from checkpoint {path!r}: {problem}.")
+
+    def on_load_checkpoint(self, trainer: Any, pl_module: nn.Module, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint file that loaded but fails its CRC check (silently flipped bits)."""
+        path = getattr(trainer, "ckpt_path", None)
+        problem = _checkpoint_problem(path) if path else None
+        if problem is not None:
+            raise _CheckpointError(
+                f"EmbeddingConstraint: cannot resume from checkpoint {path!r}: {problem}. "
+                "Resume from another checkpoint; the module's weights now hold the damaged values."
             )
 
     def _remove(self) -> None:
@@ -291,7 +346,7 @@ class EmbeddingConstraint(*_callback_bases()):
     @staticmethod
     def _pinned_values(embedding: nn.Module) -> Tensor:
         pin = _pinned_rows(embedding)
-        weight = embedding.weight.as_subclass(Tensor)
+        weight = embedding.weight  # user order through its __torch_function__ (not as_subclass: the table)
         if pin.layout == "prefix":
             return weight[: pin.num_pinned]
         return weight.index_select(0, pin.pinned_rows().to(weight.device))

@@ -24,7 +24,7 @@ def _define(base: type, name: str) -> type:
         """Embedding -> (tied) head -> cross entropy on (token, next token) pairs."""
 
         def __init__(self, vocab_dim: int = VOCAB_NEW, embedding_dim: int = DIM, tie: bool = False,
-                     lr: float = 0.05, nested: bool = False) -> None:
+                     lr: float = 0.05, nested: bool = False, step_data: bool = False) -> None:
             super().__init__()
             self.save_hyperparameters()
             embedding = nn.Embedding(vocab_dim, embedding_dim)
@@ -50,6 +50,8 @@ def _define(base: type, name: str) -> type:
             return nn.functional.cross_entropy(self(x), y)
 
         def training_step(self, batch, batch_idx):
+            if self.hparams.step_data:  # the batch of step s depends on s only (see step_batch)
+                batch = step_batch(self.global_step, self.hparams.vocab_dim)
             loss = self._loss(batch)
             self.log("train_loss", loss, batch_size=len(batch[0]))
             return loss
@@ -86,6 +88,56 @@ def loader(vocab: int = VOCAB_NEW, batches: int = BATCHES_PER_EPOCH, seed: int =
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, vocab, (batches * BATCH,), generator=g)
     return DataLoader(TensorDataset(x, (x * 3 + 1) % vocab), batch_size=BATCH, shuffle=False)
+
+
+def step_batch(step: int, vocab: int = VOCAB_NEW) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch of optimizer step ``step`` for ``step_data=True`` models.
+
+    Lightning restarts a plain DataLoader's epoch when it resumes from a mid-epoch checkpoint;
+    keying the data on the step makes a resumed run see the same data as an uninterrupted one.
+    """
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randint(0, vocab, (BATCH,), generator=g)
+    return x, (x * 3 + 1) % vocab
+
+
+def probe(pkg: str, reference_rows: torch.Tensor):
+    """A callback (for Lightning package ``pkg``) recording, at each stage of a run, whether the
+    embedding is constrained and its pinned rows (the first ``len(reference_rows)``) are exact."""
+    from embconstraint import is_constrained
+
+    base = PACKAGES[pkg][0].Callback
+
+    class Probe(base):
+        def __init__(self) -> None:
+            self.seen: list[tuple[str, bool, bool]] = []  # (event, constrained, pinned rows exact)
+            self.optimizer_shapes: list[tuple[int, ...]] = []
+            self.weights: list[torch.Tensor] = []  # merged embedding weight after each step
+
+        def _record(self, event: str, pl_module) -> None:
+            w = pl_module.emb.weight.detach()
+            exact = torch.equal(w[: len(reference_rows)], reference_rows)
+            self.seen.append((event, is_constrained(pl_module.emb), exact))
+
+        def on_train_start(self, trainer, pl_module):
+            self.optimizer_shapes = [tuple(p.shape) for g in trainer.optimizers[0].param_groups
+                                     for p in g["params"]]
+            self._record("train_start", pl_module)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self._record("train_batch", pl_module)
+            self.weights.append(pl_module.emb.weight.detach().clone())
+
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            self._record("sanity" if trainer.sanity_checking else "validation", pl_module)
+
+        def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            self._record("test", pl_module)
+
+        def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            self._record("predict", pl_module)
+
+    return Probe()
 
 
 def trainer_kwargs(tmp_path=None, **overrides) -> dict:
