@@ -195,6 +195,7 @@ class EmbeddingConstraint(*_callback_bases()):
         self._installed: nn.Module | None = None  # the embedding while constrained by this callback
         self._root: nn.Module | None = None  # the LightningModule it was installed in
         self._target: Tensor | None = None  # pinned rows taken from a checkpoint (on_mismatch="checkpoint")
+        self._loaded: dict[str, Any] | None = None  # a checkpoint being restored, until on_fit_start
 
     # -- identity -----------------------------------------------------------------------------
     def _name(self) -> str:
@@ -290,31 +291,48 @@ class EmbeddingConstraint(*_callback_bases()):
         from the reference, a note saying so is added to the exception.
         """
         self._remove()
-        if not hasattr(exception, "add_note"):  # Python < 3.11
+        if not hasattr(exception, "add_note") or isinstance(exception, _CheckpointError):  # add_note: 3.11+
             return
-        if "would change pinned rows" in str(exception):
+        path = getattr(trainer, "ckpt_path", None)
+        problem = _checkpoint_problem(path) if path else None
+        if problem is not None:  # whatever failed, a damaged checkpoint is the news
+            exception.add_note(f"EmbeddingConstraint: cannot resume from checkpoint {os.fspath(path)!r}: {problem}.")
+        elif "would change pinned rows" in str(exception):
             exception.add_note(
                 "EmbeddingConstraint: the checkpoint's pinned rows differ from the reference; pass "
                 "EmbeddingConstraint(..., on_mismatch='checkpoint') to take them from the checkpoint."
             )
-        elif not isinstance(exception, _CheckpointError):
-            path = getattr(trainer, "ckpt_path", None)
-            problem = _checkpoint_problem(path) if path else None
-            if problem is not None:
-                exception.add_note(f"EmbeddingConstraint: cannot resume from checkpoint {path!r}: {problem}.")
 
     def on_load_checkpoint(self, trainer: Any, pl_module: nn.Module, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint file that loaded but fails its CRC check (silently flipped bits)."""
+        """Refuse a checkpoint file that loaded but fails its CRC check (silently flipped bits);
+        keep the checkpoint until ``on_fit_start`` checks its optimizer states."""
         path = getattr(trainer, "ckpt_path", None)
         problem = _checkpoint_problem(path) if path else None
         if problem is not None:
             raise _CheckpointError(
-                f"EmbeddingConstraint: cannot resume from checkpoint {path!r}: {problem}. "
+                f"EmbeddingConstraint: cannot resume from checkpoint {os.fspath(path)!r}: {problem}. "
                 "Resume from another checkpoint; the module's weights now hold the damaged values."
             )
+        self._loaded = checkpoint
+
+    def _check_optimizer_states(self, trainer: Any, checkpoint: dict[str, Any]) -> None:
+        """Optimizer state saved for a (V, D) embedding cannot drive its (V - n, D) free rows."""
+        free = self._installed.parametrizations.weight.original
+        for optimizer, saved in zip(trainer.optimizers, checkpoint.get("optimizer_states", ()), strict=False):
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            index = next((i for i, p in enumerate(params) if p is free), None)
+            state = saved.get("state", {}).get(index, {}) if index is not None else {}
+            for name, value in state.items():
+                if isinstance(value, Tensor) and value.dim() == free.dim() and value.shape != free.shape:
+                    raise ValueError(
+                        f"EmbeddingConstraint: the checkpoint's optimizer state {name!r} for the embedding has "
+                        f"shape {tuple(value.shape)}, but its trainable rows have shape {tuple(free.shape)}: the "
+                        "checkpoint was written without this constraint. To start from its weights, load them "
+                        "(MyModule.load_from_checkpoint(path)) and fit without ckpt_path."
+                    )
 
     def _remove(self) -> None:
-        embedding, self._installed, self._target = self._installed, None, None
+        embedding, self._installed, self._target, self._loaded = self._installed, None, None, None
         if embedding is None:
             return
         root, self._root = self._root, None
@@ -358,7 +376,11 @@ class EmbeddingConstraint(*_callback_bases()):
             self._target = self._pinned_values(self._installed).detach().clone()
 
     def on_fit_start(self, trainer: Any, pl_module: nn.Module) -> None:
+        # Runs after the optimizers are built and before Lightning loads their checkpointed state.
         self._capture_target()
+        checkpoint, self._loaded = self._loaded, None
+        if checkpoint is not None and self._installed is not None:
+            self._check_optimizer_states(trainer, checkpoint)
 
     def on_validation_start(self, trainer: Any, pl_module: nn.Module) -> None:
         self._capture_target()

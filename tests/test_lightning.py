@@ -339,3 +339,37 @@ def test_checkpoint_loads_into_a_plain_module(tmp_path):
     state = torch.load(tmp_path / "ckpt" / "step=3.ckpt", weights_only=False)["state_dict"]
     assert tuple(state["embedding.weight"].shape) == (VOCAB_NEW, DIM)
     assert not any("parametrizations" in k for k in state)
+
+
+@pytest.mark.parametrize(("step_data", "stop"), [(False, 4), (True, 2)], ids=["epoch-end", "mid-epoch"])
+def test_resume_from_checkpoint_is_bit_exact(tmp_path, step_data, stop):
+    """Stopped at step ``stop`` and resumed with ckpt_path: pinned rows, free rows and optimizer
+    state end bitwise equal to an uninterrupted run. Mid-epoch, the data is keyed on the step
+    (a plain DataLoader restarts its epoch on resume); the model/optimizer state is what is tested."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    ref, steps = reference(), 8
+    torch.manual_seed(0)
+    full = PLTinyLM(step_data=step_data)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=2, save_top_k=-1)
+    trainer_full = _fit("pytorch_lightning", full, [EmbeddingConstraint("embedding", ref), ckpt], tmp_path,
+                        enable_checkpointing=True, max_steps=steps)
+
+    torch.manual_seed(123)  # a different initialization: everything must come from the checkpoint
+    resumed = PLTinyLM(step_data=step_data)
+    seen = probe("pytorch_lightning", ref.weight.detach())
+    pl = PACKAGES["pytorch_lightning"][0]
+    trainer = pl.Trainer(callbacks=[EmbeddingConstraint("embedding", ref), seen],
+                         **trainer_kwargs(tmp_path, max_steps=steps))
+    trainer.fit(resumed, loader(), loader(batches=1, seed=5), ckpt_path=tmp_path / "ckpt" / f"step={stop}.ckpt")
+
+    assert len(seen.weights) == steps - stop and all(c and e for _, c, e in seen.seen)
+    assert trainer.global_step == trainer_full.global_step == steps
+    for key, value in full.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+    state_full = trainer_full.optimizers[0].state_dict()["state"]
+    state_resumed = trainer.optimizers[0].state_dict()["state"]
+    assert tuple(state_full[0]["exp_avg"].shape) == (VOCAB_NEW - VOCAB_OLD, DIM)  # free rows only
+    for i, s in state_full.items():
+        for name in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(state_resumed[i][name], s[name]), (i, name)
