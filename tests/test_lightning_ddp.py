@@ -1,0 +1,48 @@
+"""EmbeddingConstraint under Trainer(strategy="ddp", accelerator="cpu", devices=2), gloo, in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from _lightning_helpers import DIM, VOCAB_NEW, VOCAB_OLD
+
+SCRIPT = Path(__file__).resolve().parent / "_lightning_ddp_script.py"
+
+
+def test_ddp_two_cpu_processes_keep_pinned_rows_exact_and_agree(tmp_path):
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "PYTHONWARNINGS": "ignore"}
+    env.pop("LOCAL_RANK", None)
+    run = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], capture_output=True, text=True,
+                         timeout=240, env=env)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["world_size"] == 2 for r in ranks)
+
+    for r in ranks:
+        # constrained from the sanity check on, pinned rows exact at every step, on every rank
+        assert [e for e, _, _ in r["seen"]].count("train_batch") == 4 and r["seen"][0][0] == "sanity"
+        assert all(constrained and exact for _, constrained, exact in r["seen"])
+        assert r["metric"] == 0.0
+        # DDP holds (and all-reduces) the free rows only; the pinned table is not a buffer, so
+        # broadcast_buffers has nothing to send
+        assert r["wrapper"] == "DistributedDataParallel" and r["broadcast_buffers"]
+        assert r["buffers"] == []
+        assert ("module.embedding.parametrizations.weight.original", (VOCAB_NEW - VOCAB_OLD, DIM)) in r["params"]
+        assert all(shape != (VOCAB_NEW, DIM) for _, shape in r["params"])  # tied head: no second copy
+        assert sum(torch.Size(s).numel() for _, s in r["params"]) == (VOCAB_NEW - VOCAB_OLD) * DIM + DIM * DIM + DIM
+        # released after fit, tie restored, old rows kept
+        assert r["weight_type"] == "Parameter" and r["tied"]
+        assert torch.equal(r["state"]["embedding.weight"][:VOCAB_OLD], r["reference"])
+
+    # the ranks saw different data, yet agree bitwise at every step and at the end; the free rows trained
+    assert not torch.equal(torch.cat(ranks[0]["batches"]), torch.cat(ranks[1]["batches"]))
+    assert len(ranks[0]["weights"]) == len(ranks[1]["weights"]) == 4
+    for w0, w1 in zip(ranks[0]["weights"], ranks[1]["weights"], strict=True):
+        assert torch.equal(w0, w1)
+    for key, value in ranks[0]["state"].items():
+        assert torch.equal(ranks[1]["state"][key], value), key
+    assert not torch.equal(ranks[0]["weights"][0][VOCAB_OLD:], ranks[0]["weights"][-1][VOCAB_OLD:])
