@@ -250,7 +250,7 @@ class EmbeddingConstraint(*_callback_bases()):
         return module
 
     def _check_trainer(self, trainer: Any, embedding: nn.Module) -> None:
-        names = {cls.__name__ for cls in type(trainer.strategy).__mro__}
+        names = {cls.__name__ for cls in type(getattr(trainer, "strategy", None)).__mro__}
         refused = sorted(names & _UNSUPPORTED_STRATEGIES)
         if refused:
             raise ValueError(
@@ -350,7 +350,19 @@ class EmbeddingConstraint(*_callback_bases()):
         """Largest ``|weight - reference|`` over the pinned rows (0-dim tensor on the weight's device).
 
         With ``on_mismatch="checkpoint"`` the pinned rows are compared with the values they held when
-        the run started (after a checkpoint was restored) instead of the reference.
+        the run started (after a checkpoint was restored) instead of the reference. The hooks can be
+        called by hand, outside a Trainer:
+
+        >>> import torch
+        >>> emb = torch.nn.Embedding(5, 2)
+        >>> model = torch.nn.Sequential(emb)
+        >>> constraint = EmbeddingConstraint(emb, torch.zeros(3, 2))
+        >>> constraint.setup(None, model, "fit")
+        >>> constraint.max_abs_deviation().item(), tuple(emb.weight.shape)
+        (0.0, (5, 2))
+        >>> constraint.teardown(None, model, "fit")
+        >>> type(emb.weight).__name__, torch.equal(emb.weight[:3], torch.zeros(3, 2))
+        ('Parameter', True)
         """
         embedding = self._installed
         if embedding is None:
@@ -392,8 +404,8 @@ class EmbeddingConstraint(*_callback_bases()):
         self._capture_target()
 
     def _log(self, trainer: Any, pl_module: Any) -> None:
-        if self.log_key is None or self._installed is None:
-            return
+        if self.log_key is None or self._installed is None or getattr(trainer, "barebones", False):
+            return  # barebones Trainers refuse self.log
         pl_module.log(self.log_key, self.max_abs_deviation().float(), on_step=False, on_epoch=True,
                       sync_dist=trainer.world_size > 1, reduce_fx="max", batch_size=1)
 

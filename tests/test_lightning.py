@@ -237,7 +237,7 @@ def test_deviation_reports_a_pinned_row_that_moved():
     emb = nn.Embedding(5, DIM)
     root = nn.Sequential(emb)
     constraint = EmbeddingConstraint(emb, ref)
-    constraint.setup(types.SimpleNamespace(strategy=object(), precision="32-true"), root, "fit")
+    constraint.setup(None, root, "fit")  # the hooks work outside a Trainer too
     assert constraint.max_abs_deviation().item() == 0.0
     ref[1, 2] = 0.5  # the reference tensor the constraint was asked to hold changes
     assert constraint.max_abs_deviation().item() == 0.5
@@ -373,3 +373,15 @@ def test_resume_from_checkpoint_is_bit_exact(tmp_path, step_data, stop):
     for i, s in state_full.items():
         for name in ("step", "exp_avg", "exp_avg_sq"):
             assert torch.equal(state_resumed[i][name], s[name]), (i, name)
+
+
+def test_barebones_trainer_runs_constrained_without_logging(tmp_path):
+    ref = reference()
+    torch.manual_seed(0)
+    model = PLTinyLM()
+    seen = probe("pytorch_lightning", ref.weight.detach())
+    trainer = _fit("pytorch_lightning", model, [EmbeddingConstraint("embedding", ref), seen], tmp_path,
+                   barebones=True, num_sanity_val_steps=0)
+    assert len(seen.weights) == 3 and all(c and e for _, c, e in seen.seen)
+    assert KEY not in trainer.callback_metrics
+    assert torch.equal(model.embedding.weight[:VOCAB_OLD], ref.weight)
