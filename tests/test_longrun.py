@@ -1,0 +1,158 @@
+"""Long runs: many steps keep the pinned rows bitwise, and nothing accumulates across steps
+(no autograd graph, tensor, storage, cache entry or hook outlives the step that made it)."""
+
+from __future__ import annotations
+
+import gc
+import os
+import weakref
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from embconstraint import constrain, is_constrained, release
+
+V, D, N = 50, 8, 30
+
+
+def _pin(emb: nn.Module):
+    return emb.parametrizations.weight[0]
+
+
+def _free(emb: nn.Module) -> torch.Tensor:
+    return emb.parametrizations.weight.original
+
+
+def _batches(count: int = 64) -> torch.Tensor:
+    return torch.randint(0, V, (count, 4, 8), generator=torch.Generator().manual_seed(0))
+
+
+def _live_tensors() -> int:
+    gc.collect()
+    return sum(1 for obj in gc.get_objects() if isinstance(obj, torch.Tensor))
+
+
+def _rss_mib() -> float | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny ops: one intra-op thread avoids thread hand-offs that dominate (and vary wildly on a
+    busy machine) at this size. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_ten_thousand_adamw_steps_keep_pinned_rows_bitwise():
+    torch.manual_seed(0)
+    reference = torch.randn(N, D)
+    emb = constrain(nn.Embedding(V, D), reference)
+    storage = _free(emb).untyped_storage().data_ptr()
+    opt = torch.optim.AdamW(emb.parameters(), lr=1e-2, weight_decay=0.1)
+    start = emb.weight.detach().clone()
+    xs = _batches()
+    for step in range(10_000):
+        loss = emb(xs[step % len(xs)]).sub(1.0).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 2500 == 0:
+            assert torch.equal(emb.weight[:N], reference), step
+    weight = emb.weight.detach()
+    assert torch.equal(weight[:N], reference)
+    assert torch.isfinite(weight).all()
+    assert (weight[N:] - start[N:]).abs().min() > 0  # every free row trained (all are looked up)
+    # the free rows are still the same storage as the merged weight: no re-allocation happened
+    assert _free(emb).untyped_storage().data_ptr() == storage
+    assert "path=aliased" in repr(emb)
+
+
+@pytest.mark.parametrize(
+    ("module_cls", "kwargs", "scattered"),
+    [(nn.Embedding, {}, False), (nn.EmbeddingBag, {"mode": "mean"}, True), (nn.Embedding, {"sparse": True}, True)],
+    ids=["embedding-prefix", "bag-scattered", "sparse-scattered"],
+)
+def test_nothing_accumulates_across_steps(module_cls, kwargs, scattered):
+    torch.manual_seed(0)
+    indices = torch.randperm(V)[:N] if scattered else None
+    reference = torch.randn(N, D)
+    emb = constrain(module_cls(V, D, **kwargs), reference, indices=indices)
+    pinned = list(range(N)) if indices is None else indices.tolist()
+    pin = _pin(emb)
+    opt = (torch.optim.SparseAdam(list(emb.parameters()), lr=1e-2) if kwargs.get("sparse")
+           else torch.optim.AdamW(emb.parameters(), lr=1e-2, weight_decay=0.1))
+    merged_weights: list[weakref.ref] = []  # every merged weight the parametrization returns
+    handle = pin.register_forward_hook(lambda m, args, out: merged_weights.append(weakref.ref(out)))
+    graphs: list[weakref.ref] = []
+    xs = _batches()
+
+    def run(steps: int) -> None:
+        for step in range(steps):
+            out = emb(xs[step % len(xs)])
+            graphs.append(weakref.ref(out.grad_fn))
+            loss = out.pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step % 100 == 0:  # state_dict() and no-grad reads build merged tensors too
+                emb.state_dict()
+                with torch.no_grad():
+                    emb(xs[0])
+
+    run(200)  # warm up: optimizer state, per-device index cache, allocator
+    tensors, rss = _live_tensors(), _rss_mib()
+    run(1000)
+    tensors_mid, rss_mid = _live_tensors(), _rss_mib()
+    run(1000)
+    tensors_end, rss_end = _live_tensors(), _rss_mib()
+    handle.remove()
+
+    assert tensors == tensors_mid == tensors_end
+    gc.collect()
+    assert len(graphs) == 2200 and sum(ref() is not None for ref in graphs) == 0
+    assert len(merged_weights) >= 2200 and sum(ref() is not None for ref in merged_weights) == 0
+    assert len(pin._device_pos) == (1 if scattered else 0)
+    assert len(opt.state) == 1
+    if rss is not None:  # a coarse check; the counts above are the exact ones
+        assert rss_end - rss_mid < 4.0, (rss, rss_mid, rss_end)
+    assert torch.equal(emb.weight[pinned], reference)
+
+
+def test_constrain_release_cycles_leave_nothing_behind():
+    torch.manual_seed(0)
+    emb = nn.Embedding(V, D)
+    hooks = (len(emb._state_dict_hooks), len(emb._load_state_dict_pre_hooks))
+    attrs = sorted(vars(emb))
+    reference = torch.randn(N, D)
+    opt = None
+
+    def cycle(i: int) -> None:
+        nonlocal opt
+        constrain(emb, reference, indices=None if i % 2 else torch.arange(N).flip(0))
+        opt = torch.optim.SGD(emb.parameters(), lr=0.1)
+        emb(torch.arange(V)).sum().backward()
+        opt.step()
+        emb.state_dict()
+        release(emb)
+
+    for i in range(10):
+        cycle(i)
+    tensors = _live_tensors()
+    for i in range(200):
+        cycle(i)
+    assert _live_tensors() == tensors
+    assert type(emb) is nn.Embedding and not is_constrained(emb)
+    assert not parametrize.is_parametrized(emb)
+    assert (len(emb._state_dict_hooks), len(emb._load_state_dict_pre_hooks)) == hooks
+    assert sorted(vars(emb)) == attrs
+    assert type(emb.weight) is nn.Parameter and emb.weight.shape == (V, D)
+    assert torch.equal(emb.weight[:N], reference)  # the last cycle (i = 199) pinned the prefix layout
