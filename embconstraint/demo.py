@@ -1,0 +1,434 @@
+"""The vocabulary-growth demo (``embconstraint demo``), as functions usable from Python.
+
+The task: predict a produce item from a short context sentence ("we bought some sour citrus
+zest at the market" -> lemon). Context words reveal the item's category (fruits go in desserts,
+vegetables in soups) and some of its attributes, shared between a few items. Model 1 learns
+12 items (6 fruits, 6 vegetables). Then 4 new items join; model 2 starts from model 1 (old
+rows copied, new rows fresh) and is trained on all 16 items twice: without a constraint, and
+with :class:`~embconstraint.EmbeddingConstraint` pinning the 12 old item rows to model 1's.
+
+Everything is generated in code (no download) and runs in seconds on a CPU.
+
+>>> data = make_data(seed=0)
+>>> len(data.items), len(data.old_items), data.describe(0)   # doctest: +ELLIPSIS
+(16, 12, '... -> ...')
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "DemoData",
+    "DemoResult",
+    "ProduceModel",
+    "RunResult",
+    "accuracy",
+    "format_table",
+    "grow",
+    "make_data",
+    "plot_embeddings",
+    "run_demo",
+    "train",
+]
+
+DEFAULT_EPOCHS = 12
+_INIT_STD = 0.1
+
+# name, category, attribute words (clues shared by a few items)
+_OLD_ITEMS = [
+    ("apple", "fruit", ["red", "crunchy", "shiny", "orchard"]),
+    ("banana", "fruit", ["yellow", "long", "peeled", "bunch"]),
+    ("cherry", "fruit", ["small", "round", "dark", "pit"]),
+    ("grape", "fruit", ["green", "small", "bunch", "vine"]),
+    ("lemon", "fruit", ["yellow", "sour", "zest", "citrus"]),
+    ("orange", "fruit", ["orange", "round", "peeled", "citrus"]),
+    ("carrot", "vegetable", ["orange", "long", "crunchy", "root"]),
+    ("potato", "vegetable", ["yellow", "round", "starchy", "mashed"]),
+    ("onion", "vegetable", ["layers", "round", "peeled", "bulb"]),
+    ("spinach", "vegetable", ["green", "leafy", "dark", "wilted"]),
+    ("broccoli", "vegetable", ["green", "florets", "steamed", "stem"]),
+    ("pepper", "vegetable", ["red", "crunchy", "shiny", "stuffed"]),
+]
+_NEW_ITEMS = [
+    ("mango", "fruit", ["orange", "tropical", "pit", "juicy"]),
+    ("pear", "fruit", ["green", "orchard", "stem", "juicy"]),
+    ("pumpkin", "vegetable", ["orange", "round", "seeds", "carved"]),
+    ("cucumber", "vegetable", ["green", "long", "crunchy", "juicy"]),
+]
+_CATEGORY_WORDS = {
+    "fruit": ["sweet", "dessert", "smoothie", "snack", "jam", "tart"],
+    "vegetable": ["roast", "soup", "stew", "savory", "side", "stirfry"],
+}
+_FILLER = ["the", "a", "we", "i", "bought", "ate", "some", "fresh", "at", "market", "today", "for", "lunch"]
+_CONTEXT_LEN = 6  # 1 category word, 2 attribute words, 3 fillers
+_TRAIN_PER_ITEM, _TEST_PER_ITEM = 80, 40
+_VAGUE = 0.3  # share of training sentences that only reveal the category
+_OFF_CATEGORY = 0.05  # share of sentences whose category word belongs to the other category
+
+
+@dataclass
+class DemoData:
+    """Generated sentences: ``contexts`` are ``(N, 6)`` word ids, ``targets`` item ids.
+
+    Items ``0..11`` are the old vocabulary, ``12..15`` the new items.
+    """
+
+    items: list[str]
+    categories: list[str]
+    words: list[str]
+    train_contexts: Tensor
+    train_targets: Tensor
+    test_contexts: Tensor
+    test_targets: Tensor
+
+    @property
+    def old_items(self) -> list[str]:
+        return self.items[: len(_OLD_ITEMS)]
+
+    @property
+    def num_old(self) -> int:
+        return len(_OLD_ITEMS)
+
+    def subset(self, split: str, num_items: int) -> tuple[Tensor, Tensor]:
+        """``(contexts, targets)`` of ``split`` ("train"/"test") whose target is below ``num_items``."""
+        contexts, targets = getattr(self, f"{split}_contexts"), getattr(self, f"{split}_targets")
+        keep = targets < num_items
+        return contexts[keep], targets[keep]
+
+    def describe(self, i: int, split: str = "train") -> str:
+        """Test sentence ``i`` as text, e.g. ``'we bought some sour citrus zest -> lemon'``."""
+        contexts, targets = getattr(self, f"{split}_contexts"), getattr(self, f"{split}_targets")
+        return " ".join(self.words[w] for w in contexts[i].tolist()) + f" -> {self.items[int(targets[i])]}"
+
+
+def make_data(seed: int = 0) -> DemoData:
+    """Generate the demo's sentences (deterministic for a given ``seed``)."""
+    catalog = _OLD_ITEMS + _NEW_ITEMS
+    words = list(_FILLER)
+    for ws in _CATEGORY_WORDS.values():
+        words += ws
+    for _, _, attrs in catalog:
+        words += [a for a in attrs if a not in words]
+    word_id = {w: i for i, w in enumerate(words)}
+    g = torch.Generator().manual_seed(seed)
+
+    def pick(seq: list[str], k: int) -> list[str]:
+        return [seq[i] for i in torch.randperm(len(seq), generator=g)[:k].tolist()]
+
+    def sentences(per_item: int, vague: float) -> tuple[Tensor, Tensor]:
+        contexts, targets = [], []
+        for item, (_, category, attrs) in enumerate(catalog):
+            for _ in range(per_item):
+                if float(torch.rand((), generator=g)) < _OFF_CATEGORY:
+                    category = "vegetable" if category == "fruit" else "fruit"
+                if float(torch.rand((), generator=g)) < vague:
+                    ws = pick(_CATEGORY_WORDS[category], 2) + pick(_FILLER, 4)
+                else:
+                    ws = pick(_CATEGORY_WORDS[category], 1) + pick(attrs, 2) + pick(_FILLER, 3)
+                order = torch.randperm(len(ws), generator=g).tolist()
+                contexts.append([word_id[ws[i]] for i in order])
+                targets.append(item)
+                category = catalog[item][1]
+        return torch.tensor(contexts), torch.tensor(targets)
+
+    train_x, train_y = sentences(_TRAIN_PER_ITEM, _VAGUE)
+    test_x, test_y = sentences(_TEST_PER_ITEM, 0.0)
+    return DemoData([n for n, _, _ in catalog], [c for _, c, _ in catalog], words,
+                    train_x, train_y, test_x, test_y)
+
+
+class ProduceModel(pl.LightningModule):
+    """Context words (mean of an ``nn.EmbeddingBag``) -> linear map -> dot product with every
+    row of ``items`` (an ``nn.Embedding``: the vocabulary that grows)."""
+
+    def __init__(self, num_items: int, num_words: int, dim: int = 16, lr: float = 0.03) -> None:
+        super().__init__()
+        self.context = nn.EmbeddingBag(num_words, dim, mode="mean")
+        self.proj = nn.Linear(dim, dim)
+        self.items = nn.Embedding(num_items, dim)
+        nn.init.normal_(self.items.weight, std=_INIT_STD)
+        self.lr = lr
+
+    def forward(self, contexts: Tensor) -> Tensor:
+        return self.proj(self.context(contexts)) @ self.items.weight.T
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        contexts, targets = batch
+        loss = nn.functional.cross_entropy(self(contexts), targets)
+        self.log("loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+def grow(model: ProduceModel, num_items: int, seed: int = 0) -> ProduceModel:
+    """A copy of ``model`` with ``num_items`` item rows: old rows and the context encoder
+    copied, the new rows freshly initialized."""
+    torch.manual_seed(seed)
+    new = ProduceModel(num_items, model.context.num_embeddings, model.items.embedding_dim, model.lr)
+    old_rows = model.items.num_embeddings
+    with torch.no_grad():
+        new.context.load_state_dict(model.context.state_dict())
+        new.proj.load_state_dict(model.proj.state_dict())
+        new.items.weight[:old_rows] = model.items.weight.detach().cpu()
+    return new
+
+
+@contextlib.contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Silence Lightning's info lines (GPU available..., tips) and the num_workers hint."""
+    # Both packages may be loaded (the callback subclasses both); each routes its info lines
+    # through its own loggers.
+    loggers = [logging.getLogger(name) for pkg in ("pytorch_lightning", "lightning.pytorch")
+               for name in (pkg, f"{pkg}.utilities.rank_zero")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*does not have many workers.*")
+            warnings.filterwarnings("ignore", ".*isinstance.treespec, LeafSpec.*")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def train(model: ProduceModel, contexts: Tensor, targets: Tensor, *, epochs: int = DEFAULT_EPOCHS,
+          seed: int = 0, accelerator: str = "cpu", callbacks: list | None = None,
+          progress_bar: bool = True, checkpoint: str | Path | None = None) -> float:
+    """Fit ``model`` with a Lightning ``Trainer``; returns the wall time of ``fit`` in seconds.
+
+    ``checkpoint``: if given, the trained model is saved there (``Trainer.save_checkpoint``).
+    """
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(contexts, targets), batch_size=64, shuffle=True,
+        generator=torch.Generator().manual_seed(seed))
+    with _quiet_lightning():
+        trainer = pl.Trainer(
+            max_epochs=epochs, accelerator=accelerator, devices=1, logger=False,
+            enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress_bar,
+            callbacks=callbacks or [],
+        )
+        start = time.perf_counter()
+        trainer.fit(model, loader)
+        seconds = time.perf_counter() - start
+        if checkpoint is not None:
+            trainer.save_checkpoint(checkpoint, weights_only=True)
+    model.cpu()
+    return seconds
+
+
+@torch.no_grad()
+def accuracy(model: ProduceModel, contexts: Tensor, targets: Tensor) -> float:
+    """Share of ``targets`` that ``model`` ranks first (nan when there are none)."""
+    if targets.numel() == 0:
+        return math.nan
+    model.eval()
+    hits = model.cpu()(contexts).argmax(dim=1) == targets
+    return float(hits.float().mean())
+
+
+@dataclass
+class RunResult:
+    """One row of the demo table."""
+
+    name: str
+    num_items: int
+    seconds: float
+    acc_old: float
+    acc_new: float = math.nan
+    max_dev: float | None = None  # max |Δ| of the old rows w.r.t. model 1 (None for model 1)
+    weights: Tensor = field(default=None, repr=False)  # the (V, D) item embedding after training
+
+
+@dataclass
+class DemoResult:
+    """What :func:`run_demo` produced."""
+
+    runs: list[RunResult]
+    out: Path
+    png: Path | None
+    checkpoints: dict[str, Path]
+    data: DemoData = field(repr=False)
+
+    def table(self) -> str:
+        return format_table(self.runs)
+
+
+def _percent(x: float) -> str:
+    return "—" if math.isnan(x) else f"{100 * x:.1f}%"
+
+
+def format_table(runs: list[RunResult]) -> str:
+    """The demo's result table (max |Δ| printed with ``repr`` precision)."""
+    header = ("model", "items", "max |Δ| old rows", "acc. old items", "acc. new items", "train time")
+    rows = [header] + [
+        (r.name, str(r.num_items), "—" if r.max_dev is None else repr(r.max_dev),
+         _percent(r.acc_old), _percent(r.acc_new), f"{r.seconds:.1f} s")
+        for r in runs
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def plot_embeddings(runs: list[RunResult], data: DemoData, path: str | Path) -> Path | None:
+    """Plot the item embeddings of ``runs`` side by side, projected on the first two principal
+    axes of the first run's (model 1's) rows, the same projection in every panel. Returns
+    ``path``, or None (with a message) when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping the plot (pip install 'embconstraint[demo]')")
+        return None
+    ref = runs[0].weights.double()
+    mean = ref.mean(dim=0)
+    _, _, v = torch.linalg.svd(ref - mean, full_matrices=False)
+    axes2 = v[:2].T  # (D, 2)
+
+    def project(w: Tensor) -> Tensor:
+        return (w.double() - mean) @ axes2
+
+    ref_xy = project(ref)
+    all_xy = torch.cat([project(r.weights) for r in runs])
+    lo, hi = all_xy.min(dim=0).values, all_xy.max(dim=0).values
+    pad = 0.12 * (hi - lo)
+    colors = {"fruit": "#e07b00", "vegetable": "#2a8a2a"}
+    fig, axs = plt.subplots(1, len(runs), figsize=(5.2 * len(runs), 5.0), sharex=True, sharey=True,
+                            squeeze=False)
+    axs = axs[0]
+    for ax, run in zip(axs, runs, strict=True):
+        xy = project(run.weights)
+        for i in range(run.num_items):
+            old = i < data.num_old
+            x, y = xy[i].tolist()
+            if old and run is not runs[0]:
+                x0, y0 = ref_xy[i].tolist()
+                ax.plot([x0, x], [y0, y], color="#999999", lw=0.8, zorder=1)
+                ax.scatter([x0], [y0], s=30, facecolors="none", edgecolors="#999999", zorder=1)
+            ax.scatter([x], [y], s=70 if old else 150, marker="o" if old else "*",
+                       color=colors[data.categories[i]], edgecolors="black", linewidths=0.5, zorder=2)
+            ax.annotate(data.items[i] + ("" if old else " (new)"), (x, y), textcoords="offset points",
+                        xytext=(5, 4), fontsize=8, fontweight="normal" if old else "bold")
+        dev = "" if run.max_dev is None else f"\nmax |Δ| old rows = {run.max_dev!r}"
+        ax.set_title(f"{run.name} ({run.num_items} items){dev}", fontsize=10)
+        ax.set_xlim(lo[0] - pad[0], hi[0] + pad[0])
+        ax.set_ylim(lo[1] - pad[1], hi[1] + pad[1])
+        ax.set_xlabel("PC 1 of model 1's item embeddings")
+        ax.grid(alpha=0.3)
+    axs[0].set_ylabel("PC 2 of model 1's item embeddings")
+    handles = [
+        plt.Line2D([], [], marker="o", ls="", color=colors["fruit"], label="fruit"),
+        plt.Line2D([], [], marker="o", ls="", color=colors["vegetable"], label="vegetable"),
+        plt.Line2D([], [], marker="o", ls="", color="white", markeredgecolor="black", label="old item"),
+        plt.Line2D([], [], marker="*", ls="", color="white", markeredgecolor="black", markersize=12,
+                   label="new item"),
+        plt.Line2D([], [], marker="o", ls="-", color="#999999", markerfacecolor="none",
+                   label="old item in model 1"),
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
+    fig.suptitle("Item embeddings before and after the vocabulary grew (same 2-D projection in every panel)")
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _default_out() -> Path:
+    base = Path.cwd() / f"embconstraint-demo-{datetime.now():%Y%m%d-%H%M%S}"
+    out, n = base, 1
+    while out.exists():
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return out
+
+
+def _check_accelerator(accelerator: str) -> None:
+    if accelerator not in ("cpu", "gpu", "auto"):
+        raise ValueError(f"accelerator must be 'cpu', 'gpu' or 'auto', got {accelerator!r}")
+    if accelerator == "gpu" and not (torch.cuda.is_available() or torch.backends.mps.is_available()):
+        raise ValueError("accelerator 'gpu' was requested but no GPU is available "
+                         "(torch.cuda.is_available() is False); use --accelerator cpu")
+
+
+def run_demo(epochs: int | None = None, seed: int = 0, out: str | Path | None = None,
+             accelerator: str = "cpu", progress_bar: bool = True, verbose: bool = True) -> DemoResult:
+    """Run the whole demo; prints the table and writes ``embeddings.png`` and the three models'
+    checkpoints (``model1.ckpt``, ``model2_unconstrained.ckpt``, ``model2_constrained.ckpt``)
+    into ``out`` (default: a new ``./embconstraint-demo-YYYYmmdd-HHMMSS`` folder)."""
+    from .export import verify
+    from .lightning import EmbeddingConstraint
+
+    epochs = DEFAULT_EPOCHS if epochs is None else epochs
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    _check_accelerator(accelerator)
+    out = _default_out() if out is None else Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out {str(out)!r} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    say = print if verbose else (lambda *a, **k: None)
+
+    data = make_data(seed)
+    n_old, n_all = data.num_old, len(data.items)
+    say(f"embconstraint demo: predict a produce item from its context ({n_old} items, then "
+        f"{n_all - n_old} new ones join)")
+    for i in (0, len(data.train_targets) - 1):
+        say(f"  e.g. '{data.describe(i)}'")
+    test_old = data.subset("test", n_old)
+    keep_new = data.test_targets >= n_old
+    test_new = (data.test_contexts[keep_new], data.test_targets[keep_new])
+    ckpts = {name: out / f"{name}.ckpt" for name in ("model1", "model2_unconstrained", "model2_constrained")}
+
+    say(f"\n[1/3] model 1: {n_old} items")
+    torch.manual_seed(seed)
+    model1 = ProduceModel(n_old, len(data.words))
+    t1 = train(model1, *data.subset("train", n_old), epochs=epochs, seed=seed, accelerator=accelerator,
+               progress_bar=progress_bar, checkpoint=ckpts["model1"])
+    ref = model1.items.weight.detach().clone()
+    runs = [RunResult("model 1", n_old, t1, accuracy(model1, *test_old), weights=ref)]
+
+    grown_train = data.subset("train", n_all)
+    for step, constrained in ((2, False), (3, True)):
+        name = "model 2, EmbeddingConstraint" if constrained else "model 2, no constraint"
+        say(f"\n[{step}/3] {name}: {n_all} items, starting from model 1")
+        model2 = grow(model1, n_all, seed=seed + 1)
+        callbacks = [EmbeddingConstraint(model2.items, ref)] if constrained else []
+        key = "model2_constrained" if constrained else "model2_unconstrained"
+        seconds = train(model2, *grown_train, epochs=epochs, seed=seed, accelerator=accelerator,
+                        callbacks=callbacks, progress_bar=progress_bar, checkpoint=ckpts[key])
+        weights = model2.items.weight.detach().clone()
+        check = verify({"items.weight": weights}, ref)
+        runs.append(RunResult(name, n_all, seconds, accuracy(model2, *test_old), accuracy(model2, *test_new),
+                              max_dev=check.max_deviation, weights=weights))
+
+    png = plot_embeddings(runs, data, out / "embeddings.png")
+    say("\n" + format_table(runs))
+    say(f"\nwrote {png if png else '(no plot)'} and the checkpoints {', '.join(p.name for p in ckpts.values())} "
+        f"to {out}")
+    say("check them with:\n"
+        f"  embconstraint verify {ckpts['model2_constrained']} --reference {ckpts['model1']} --key items.weight\n"
+        f"  embconstraint verify {ckpts['model2_unconstrained']} --reference {ckpts['model1']} --key items.weight")
+    return DemoResult(runs, out, png, ckpts, data)
+
