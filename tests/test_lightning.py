@@ -24,7 +24,10 @@ import embconstraint
 from embconstraint import constrain, is_constrained
 from embconstraint.lightning import EmbeddingConstraint
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # Lightning's num_workers/logging hints
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning"),  # Lightning's num_workers/logging hints
+    pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning"),  # Lightning's own use of torch pytree
+]
 KEY = "constraint/max_abs_deviation"
 
 

@@ -16,7 +16,10 @@ from torch import nn
 from embconstraint import is_constrained
 from embconstraint.lightning import EmbeddingConstraint
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning"),  # Lightning's num_workers/logging hints
+    pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning"),  # Lightning's own use of torch pytree
+]
 pl = PACKAGES["pytorch_lightning"][0]
 HERE = Path(__file__).resolve().parent
 KEY = "constraint/max_abs_deviation"
