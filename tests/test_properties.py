@@ -10,10 +10,13 @@ optimizer (same hyper-parameters, weight decay included) updates that parameter 
 from __future__ import annotations
 
 import copy
+import io
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -213,15 +216,34 @@ def _run(p: Problem) -> None:
             if torch.is_tensor(value) and value.dim() == 2:
                 assert tuple(value.shape) == (len(p.free), p.dim)
 
-    # every way out gives the same (V, D) tensor, bitwise
+    # every way out gives the same (V, D) tensor in user order, bitwise
     merged = emb.weight.detach().clone()
-    for out_weight in (merged_state_dict(emb)["weight"], emb.state_dict()["weight"]):
+    assert type(merged) is torch.Tensor
+    for out_weight in _ways_out(emb):
         assert out_weight.dtype == p.dtype and torch.equal(out_weight, merged)
-    twin = copy.deepcopy(emb)
-    assert torch.equal(twin.weight, merged)
     released = release(emb).weight
     assert type(released) is nn.Parameter and released.dtype == p.dtype
     assert torch.equal(released, merged)
+
+
+def _ways_out(emb: nn.Module) -> list[torch.Tensor]:
+    buf = io.BytesIO()
+    torch.save(emb.weight.detach(), buf)
+    buf.seek(0)
+    ways = [
+        merged_state_dict(emb)["weight"],
+        emb.state_dict()["weight"],
+        copy.deepcopy(emb).weight.detach(),
+        copy.deepcopy(emb.weight.detach()),
+        torch.load(buf),
+        # through raw memory: data_ptr() (safetensors) and NumPy
+        safetensors.torch.load(safetensors.torch.save({"w": emb.weight.detach()}))["w"],
+        emb.weight.detach().to(torch.float64).to(emb.weight.dtype),
+        emb.weight[torch.arange(emb.weight.shape[0])].detach(),
+    ]
+    if emb.weight.dtype != torch.bfloat16:  # NumPy has no bfloat16
+        ways.append(torch.from_numpy(np.array(emb.weight.detach())))
+    return ways
 
 
 @SETTINGS
@@ -264,3 +286,23 @@ def test_plain_checkpoints_load_free_rows_and_check_pinned_rows(shape, dtype, se
                       on_mismatch="checkpoint")
     adopt.load_state_dict({"weight": bad})
     assert torch.equal(adopt.weight, bad)
+
+
+@settings(max_examples=30, deadline=None, database=None)
+@given(st.integers(1, 10).flatmap(lambda v: st.tuples(st.just(v), st.integers(1, 4), _pinned_rows(v))),
+       st.integers(0, 3), st.sampled_from(["module", "weight"]), st.integers(0, 2**16))
+def test_a_constrained_embedding_is_a_reference_in_user_order(shape, extra, form, seed) -> None:
+    """A constrained embedding (any layout) used as the reference of a bigger one, or loaded as a
+    live weight, stands for its merged weight in user order."""
+    num_rows, dim, (pinned, indices) = shape
+    torch.manual_seed(seed)
+    old = constrain(nn.Embedding(num_rows, dim), torch.randn(len(pinned), dim), indices=indices)
+    merged = old.weight.detach().clone()
+    new = constrain(nn.Embedding(num_rows + extra, dim), old if form == "module" else old.weight)
+    assert torch.equal(new.weight[:num_rows], merged)
+    twin = constrain(nn.Embedding(num_rows, dim), merged[pinned], indices=indices)
+    twin.load_state_dict({"weight": old.weight})  # a live (merged) weight as the checkpoint value
+    assert torch.equal(twin.weight, merged)
+    plain = nn.Embedding(num_rows, dim)
+    plain.load_state_dict({"weight": old.weight})
+    assert torch.equal(plain.weight, merged)
