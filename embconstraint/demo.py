@@ -115,7 +115,12 @@ class DemoData:
 
 
 def make_data(seed: int = 0) -> DemoData:
-    """Generate the demo's sentences (deterministic for a given ``seed``)."""
+    """Generate the demo's sentences (deterministic for a given ``seed``).
+
+    >>> data = make_data(seed=0)
+    >>> data.items[:3], data.items[12:], tuple(data.test_contexts.shape)
+    (['apple', 'banana', 'cherry'], ['mango', 'pear', 'pumpkin', 'cucumber'], (640, 6))
+    """
     catalog = _OLD_ITEMS + _NEW_ITEMS
     words = list(_FILLER)
     for ws in _CATEGORY_WORDS.values():
@@ -177,7 +182,13 @@ class ProduceModel(pl.LightningModule):
 
 def grow(model: ProduceModel, num_items: int, seed: int = 0) -> ProduceModel:
     """A copy of ``model`` with ``num_items`` item rows: old rows and the context encoder
-    copied, the new rows freshly initialized."""
+    copied, the new rows freshly initialized.
+
+    >>> old = ProduceModel(12, 40)
+    >>> new = grow(old, 16)
+    >>> new.items.weight.shape[0], torch.equal(new.items.weight[:12], old.items.weight)
+    (16, True)
+    """
     torch.manual_seed(seed)
     new = ProduceModel(num_items, model.context.num_embeddings, model.items.embedding_dim, model.lr)
     old_rows = model.items.num_embeddings
@@ -214,6 +225,12 @@ def train(model: ProduceModel, contexts: Tensor, targets: Tensor, *, epochs: int
     """Fit ``model`` with a Lightning ``Trainer``; returns the wall time of ``fit`` in seconds.
 
     ``checkpoint``: if given, the trained model is saved there (``Trainer.save_checkpoint``).
+
+    >>> data = make_data(seed=0)
+    >>> model = ProduceModel(12, len(data.words))
+    >>> seconds = train(model, *data.subset("train", 12), epochs=1, progress_bar=False)
+    >>> accuracy(model, *data.subset("test", 12)) > 1 / 12       # better than chance after one epoch
+    True
     """
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(contexts, targets), batch_size=64, shuffle=True,
@@ -235,7 +252,12 @@ def train(model: ProduceModel, contexts: Tensor, targets: Tensor, *, epochs: int
 
 @torch.no_grad()
 def accuracy(model: ProduceModel, contexts: Tensor, targets: Tensor) -> float:
-    """Share of ``targets`` that ``model`` ranks first (nan when there are none)."""
+    """Share of ``targets`` that ``model`` ranks first (nan when there are none).
+
+    >>> model = ProduceModel(3, 5)
+    >>> accuracy(model, torch.tensor([[0, 1]]), model(torch.tensor([[0, 1]])).argmax(dim=1))
+    1.0
+    """
     if targets.numel() == 0:
         return math.nan
     model.eval()
@@ -275,7 +297,14 @@ def _percent(x: float) -> str:
 
 
 def format_table(runs: list[RunResult]) -> str:
-    """The demo's result table (max |Δ| printed with ``repr`` precision)."""
+    """The demo's result table (max |Δ| printed with ``repr`` precision).
+
+    >>> print(format_table([RunResult("model 1", 12, 1.25, 0.9), RunResult("model 2", 16, 2.0, 0.8, 0.5, 0.0)]))
+    model    items  max |Δ| old rows  acc. old items  acc. new items  train time
+    -------  -----  ----------------  --------------  --------------  ----------
+    model 1     12                 —           90.0%               —       1.2 s
+    model 2     16               0.0           80.0%           50.0%       2.0 s
+    """
     header = ("model", "items", "max |Δ| old rows", "acc. old items", "acc. new items", "train time")
     rows = [header] + [
         (r.name, str(r.num_items), "—" if r.max_dev is None else repr(r.max_dev),
@@ -292,7 +321,16 @@ def format_table(runs: list[RunResult]) -> str:
 def plot_embeddings(runs: list[RunResult], data: DemoData, path: str | Path) -> Path | None:
     """Plot the item embeddings of ``runs`` side by side, projected on the first two principal
     axes of the first run's (model 1's) rows, the same projection in every panel. Returns
-    ``path``, or None (with a message) when matplotlib is not installed."""
+    ``path``, or None (with a message) when matplotlib is not installed.
+
+    >>> import os, tempfile
+    >>> w1 = torch.randn(12, 4)
+    >>> runs = [RunResult("model 1", 12, 0.0, 1.0, weights=w1),
+    ...         RunResult("model 2", 16, 0.0, 1.0, 1.0, max_dev=0.0, weights=torch.cat([w1, torch.randn(4, 4)]))]
+    >>> path = plot_embeddings(runs, make_data(), os.path.join(tempfile.mkdtemp(), "emb.png"))
+    >>> path.stat().st_size > 10_000
+    True
+    """
     try:
         import matplotlib
 
@@ -376,7 +414,12 @@ def run_demo(epochs: int | None = None, seed: int = 0, out: str | Path | None = 
              accelerator: str = "cpu", progress_bar: bool = True, verbose: bool = True) -> DemoResult:
     """Run the whole demo; prints the table and writes ``embeddings.png`` and the three models'
     checkpoints (``model1.ckpt``, ``model2_unconstrained.ckpt``, ``model2_constrained.ckpt``)
-    into ``out`` (default: a new ``./embconstraint-demo-YYYYmmdd-HHMMSS`` folder)."""
+    into ``out`` (default: a new ``./embconstraint-demo-YYYYmmdd-HHMMSS`` folder).
+
+    >>> result = run_demo(epochs=2, out="demo-out")            # doctest: +SKIP
+    >>> [run.max_dev for run in result.runs[1:]]                # doctest: +SKIP
+    [0.61..., 0.0]
+    """
     from .export import verify
     from .lightning import EmbeddingConstraint
 
