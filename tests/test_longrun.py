@@ -31,7 +31,7 @@ def _batches(count: int = 64) -> torch.Tensor:
 
 def _live_tensors() -> int:
     gc.collect()
-    return sum(1 for obj in gc.get_objects() if isinstance(obj, torch.Tensor))
+    return sum(1 for obj in gc.get_objects() if issubclass(type(obj), torch.Tensor))
 
 
 def _rss_mib() -> float | None:
