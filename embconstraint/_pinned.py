@@ -29,6 +29,7 @@ tensor metadata only, and index remapping is element-wise.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -38,6 +39,10 @@ from torch.utils._pytree import tree_map
 
 _EMBEDDING_BAG_MODES = {"sum": 0, "mean": 1, "max": 2}
 _DATA_GET = Tensor.data.__get__
+_DATA_SET = Tensor.data.__set__  # ``weight.data = value``: a write like ``weight.data.copy_(value)``
+# Results that hold a raw address but no reference: for the scattered layout the user-order
+# gather they point into is kept alive on the weight (safetensors reads through data_ptr()).
+_RAW_ADDRESSES = (Tensor.data_ptr, Tensor.__cuda_array_interface__.__get__)
 
 # Tensor methods whose name ends in "_" but that do not write values.
 _NOT_WRITES = frozenset(
@@ -53,7 +58,12 @@ _INPLACE_DUNDERS = frozenset(
 
 
 def _plain(t: Tensor) -> Tensor:
-    """``t`` seen as a plain ``torch.Tensor`` (same storage and autograd history)."""
+    """``t`` seen as a plain ``torch.Tensor`` (same storage and autograd history). A merged
+    weight comes back in user order: its storage is the table, in layout order (a gather for
+    the scattered layout)."""
+    if isinstance(t, _PinnedWeight):
+        with torch._C.DisableTorchFunctionSubclass():
+            return t._pin.to_user_order(t.as_subclass(Tensor))
     return t.as_subclass(Tensor) if type(t) is not Tensor and not isinstance(t, nn.Parameter) else t
 
 
@@ -178,6 +188,8 @@ def _run_plain(func, args: tuple, kwargs: dict) -> Any:
             if isinstance(a, _PinnedWeight):  # the table is in layout order
                 t = a._pin.to_user_order(t)
                 ptrs.add(_storage_ptr(t))
+                if func in _RAW_ADDRESSES:
+                    a._gathered = t
         originals[id(t)] = a
         return t
 
@@ -188,6 +200,9 @@ def _run_plain(func, args: tuple, kwargs: dict) -> Any:
         out = func(*args, **kwargs)
 
     def guard(t: Any) -> Any:
+        np = sys.modules.get("numpy")
+        if np is not None and isinstance(t, np.ndarray):  # .numpy(), __array__: may alias the table
+            t.flags.writeable = False
         if not isinstance(t, Tensor):
             return t
         if id(t) in originals:
@@ -252,7 +267,7 @@ class _PinnedWeight(Tensor):
             if func in (Tensor.detach, _DATA_GET):  # `in` compares by ==, as method-wrappers need
                 with torch._C.DisableTorchFunctionSubclass():
                     return target._pin._wrap(func(*args, **kwargs), target._free, target._table)
-            if _is_write(func):
+            if _is_write(func) or func == _DATA_SET:
                 return target._pin._write(func, args, kwargs)
         return _run_plain(func, args, kwargs)
 
@@ -460,11 +475,10 @@ class PinnedRows(nn.Module):
                 "pinned rows only change through release() or on_mismatch='checkpoint'"
             )
 
-    @torch.no_grad()
     def _write(self, func, args, kwargs) -> Tensor:
         """An in-place op on the merged weight: applied to a scratch copy, then only the free
         rows are written back, and only if the pinned rows are left unchanged."""
-        name = getattr(func, "__name__", str(func))
+        name = ".data assignment" if func == _DATA_SET else getattr(func, "__name__", str(func))
         if "out" in kwargs and isinstance(kwargs["out"], _PinnedWeight):
             target, slot = kwargs["out"], "out"
         elif args:
@@ -472,24 +486,26 @@ class PinnedRows(nn.Module):
         else:
             slot = "tensor" if "tensor" in kwargs else "input"
             target = kwargs[slot]
-        if torch.is_grad_enabled() and target.requires_grad:
+        if torch.is_grad_enabled() and target.requires_grad and func != _DATA_SET:
             raise RuntimeError(
                 f"in-place {name} on the weight of a constrained embedding needs torch.no_grad(); "
                 "writes may only change the free rows"
             )
-        free = target._free
-        scratch = self.to_user_order(self._sync(free)).clone()
-        if slot == 0:
-            args = (scratch, *args[1:])
-        else:
-            kwargs = {**kwargs, slot: scratch}
-        with torch._C.DisableTorchFunctionSubclass():
-            func(*args, **kwargs)
-        self._check_pinned(scratch, f"in-place {name}")
-        self._sync(free)[self.num_pinned:] = self.user_to_layout(scratch)[self.num_pinned:]
-        if not self._aliased(free):  # the copy path: free rows live apart from the table
-            free.copy_(self._table[self.num_pinned:])
-        return target
+        # (grad mode is checked above, before no_grad: a decorator would hide the caller's mode)
+        with torch.no_grad():
+            free = target._free
+            scratch = self.to_user_order(self._sync(free)).clone()
+            if slot == 0:
+                args = (scratch, *args[1:])
+            else:
+                kwargs = {**kwargs, slot: scratch}
+            with torch._C.DisableTorchFunctionSubclass():
+                func(*args, **kwargs)
+            self._check_pinned(scratch, f"in-place {name}")
+            self._sync(free)[self.num_pinned:] = self.user_to_layout(scratch)[self.num_pinned:]
+            if not self._aliased(free):  # the copy path: free rows live apart from the table
+                free.copy_(self._table[self.num_pinned:])
+            return target
 
     @torch.no_grad()
     def load_plain(self, weight: Tensor, free: Tensor, what: str) -> Tensor:
