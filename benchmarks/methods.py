@@ -59,17 +59,19 @@ METHODS: dict[str, str] = {
 
 ID_DISTRIBUTIONS = ("uniform", "new")
 
-# Steady-state memory of each method, in rows of D floats (V: all rows, n: pinned, f: free).
-# Counted: parameters, buffers, gradients, AdamW state (2 per trainable element), AdamW's
-# temporary denominator, and the dense (V, D) temporaries that the method builds in a step.
+# Peak memory of each method's training step, in rows of D floats (V: all rows, n: pinned, f: free),
+# calibrated on measured peaks (V=1M, D=128, CPU). AdamW (single-tensor) holds 2 states per
+# trainable element and 2 temporaries of the parameter's size at once (sqrt, then the division).
 _ROW_MODEL: dict[str, Callable[[int, int, int], int]] = {
-    "unconstrained": lambda V, n, f: 5 * V,  # weight, grad, exp_avg, exp_avg_sq, AdamW temp
-    "callback": lambda V, n, f: 5 * V + n,  # + the index_put source/indices
-    "grad_hook": lambda V, n, f: 6 * V,  # + the hook's masked copy of the gradient
-    "cat": lambda V, n, f: n + f + 2 * V + 4 * f,  # buffer, free, cat output, (V, D) grad, Adam
-    "peft": lambda V, n, f: V + 2 * f + 2 * V + 4 * f,  # base, original+delta, merged W, its grad, Adam
-    "embconstraint": lambda V, n, f: V + 5 * f,  # table, (f+1, D) grad, Adam
-    "free_only": lambda V, n, f: 5 * f,
+    "unconstrained": lambda V, n, f: 6 * V,  # weight, grad, 2 states, 2 temporaries
+    "callback": lambda V, n, f: 6 * V,
+    "grad_hook": lambda V, n, f: 6 * V,  # the hook's masked copy lives before AdamW's temporaries
+    "cat": lambda V, n, f: n + f + V + 4 * f,  # buffer, free; the (V, D) grad (kept alive by the
+    # free rows' grad, a view of it), 2 states, 2 temporaries; the cat output is freed after forward
+    "peft": lambda V, n, f: V + 2 * f + V + 3 * f,  # base, original + delta; merged weight's grad,
+    # delta's grad, 2 states
+    "embconstraint": lambda V, n, f: V + 5 * f,  # table; (f + 1, D) grad, 2 states, 2 temporaries
+    "free_only": lambda V, n, f: 6 * f,
 }
 
 
