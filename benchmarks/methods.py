@@ -22,8 +22,13 @@ rows ``0 .. n-1`` of the ``(V, D)`` embedding are the *pinned* rows (equal to a 
 ``embconstraint``
     ``constrain(model.emb, reference)``.
 ``free_only``
-    a table that holds only the ``V - n`` free rows (the lower limit: ids are mapped into it
-    by ``(id - n) mod (V - n)`` when the batches are made, outside the timed step).
+    a table that holds only the ``V - n`` free rows, plus one padding row (``padding_idx``, no
+    gradient) that every pinned id looks up: the lower limit. Ids are mapped into it when the
+    batches are made, outside the timed step, so the same rows receive gradients as under the
+    other methods. (This matters beyond the gradient itself: AdamW's state stays exactly 0 for
+    rows that never had a gradient, and on this project's CPU ``torch.sqrt`` of 0.0 is about 5x
+    slower than of a normal float, so a lower limit whose every row gets a gradient at every step
+    would be unfairly fast.)
 
 :func:`run_one` runs one method on one :class:`Config` in the current process and measures it
 (step times, peak memory, optimizer state, pinned-row deviation); ``benchmarks/step_time.py``
@@ -54,7 +59,7 @@ METHODS: dict[str, str] = {
     "cat": "parametrize: torch.cat([reference, free])",
     "peft": "PEFT trainable tokens",
     "embconstraint": "embconstraint.constrain",
-    "free_only": "free rows only, (V-n, D) (lower limit)",
+    "free_only": "free rows only, (V-n+1, D) with a padding row for pinned ids (lower limit)",
 }
 
 ID_DISTRIBUTIONS = ("uniform", "new")
@@ -71,7 +76,7 @@ _ROW_MODEL: dict[str, Callable[[int, int, int], int]] = {
     "peft": lambda V, n, f: V + 2 * f + V + 3 * f,  # base, original + delta; merged weight's grad,
     # delta's grad, 2 states
     "embconstraint": lambda V, n, f: V + 5 * f,  # table; (f + 1, D) grad, 2 states, 2 temporaries
-    "free_only": lambda V, n, f: 6 * f,
+    "free_only": lambda V, n, f: 6 * (f + 1),
 }
 
 
@@ -240,8 +245,11 @@ def _build(method: str, config: Config, reference: Tensor, free_init: Tensor, he
         constrain(emb, reference)
         return _Setup(_Pooled(emb, head), pinned_rows=lambda: emb.weight[:n])
     if method == "free_only":
-        emb = nn.Embedding(V - n, config.dim, _weight=free_init)
-        return _Setup(_Pooled(emb, head), map_ids=lambda ids: (ids - n).remainder(V - n))
+        # The V - n free rows and one padding row that every pinned id looks up (no gradient), so
+        # that exactly the rows that train under the other methods receive gradients here.
+        pad = torch.zeros(1, config.dim, dtype=free_init.dtype, device=free_init.device)
+        emb = nn.Embedding(V - n + 1, config.dim, padding_idx=V - n, _weight=torch.cat([free_init, pad]))
+        return _Setup(_Pooled(emb, head), map_ids=lambda ids: torch.where(ids >= n, ids - n, V - n))
     raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
 
 

@@ -26,8 +26,10 @@ import multiprocessing as mp
 import os
 import platform
 import shlex
+import signal
 import statistics
 import sys
+import threading
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -43,6 +45,9 @@ from benchmarks.methods import (  # noqa: E402
     estimate_bytes,
     estimate_interleaved_bytes,
 )
+
+# When not every method of a configuration fits in memory at once, these are interleaved first.
+INTERLEAVE_PRIORITY = ("free_only", "embconstraint", "cat", "peft", "unconstrained", "callback", "grad_hook")
 
 GiB = 2**30
 MiB = 2**20
@@ -277,6 +282,10 @@ def _run_worker(ctx: mp.context.BaseContext, method: str, config: Config, timeou
     except EOFError:
         proc.join()
         return {"status": "failed", "reason": f"worker died (exit code {proc.exitcode}; out of memory?)"}
+    except BaseException:  # interrupted (Ctrl-C, SIGTERM): do not leave the worker running
+        proc.kill()
+        proc.join()
+        raise
     finally:
         recv.close()
     proc.join()
@@ -311,7 +320,8 @@ def run_sweep(settings: dict[str, Any], base: Config, mem_limit: int, timeout: f
     """Run every (configuration, method): ``settings["rounds"]`` isolated rounds (fresh process
     each, rotated order: memory, deviation, isolated step times), then, where all the methods of
     a configuration fit in memory together and ``settings["interleave"]`` is set, one process
-    that times them step by step in turn. One record per (configuration, method)."""
+    that times them step by step in turn (where not all fit, the first of
+    :data:`INTERLEAVE_PRIORITY` that do). One record per (configuration, method)."""
     configs = [replace(base, vocab=v, dim=d, pinned=p, ids=ids)
                for ids in settings["ids"] for p in settings["pinned"] for d in settings["dims"]
                for v in settings["sizes"]]
@@ -358,11 +368,15 @@ def run_sweep(settings: dict[str, Any], base: Config, mem_limit: int, timeout: f
         if not settings["interleave"]:
             continue
         ok = [m for m in runnable if records[(*_config_key(c), m)]["rounds"]]
-        need = estimate_interleaved_bytes(ok, c)
+        chosen: list[str] = []  # the methods that fit in memory together, most interesting first
+        for m in sorted(ok, key=INTERLEAVE_PRIORITY.index):
+            if estimate_interleaved_bytes([*chosen, m], c) <= mem_limit:
+                chosen.append(m)
+        ok = [m for m in ok if m in chosen]
         done += 1
-        if len(ok) < 2 or need > mem_limit:
-            why = "fewer than 2 methods" if len(ok) < 2 else f"needs ~{need / GiB:.1f} GiB together"
-            progress(f"{_describe(c)} interleaved: not run ({why}); isolated timings are reported")
+        if len(ok) < 2:
+            progress(f"{_describe(c)} interleaved: not run (fewer than 2 methods fit in memory together); "
+                     "isolated timings are reported")
             continue
         if settings["wait_idle"]:
             _wait_idle(settings["wait_idle"], log)
@@ -572,8 +586,8 @@ def render_markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     out += ["## Targets", ""] + targets(results)
     out += ["## Median step time (ms; ratio to the free-rows-only model)", "",
             "Median over the steps of the interleaved run (all methods of a configuration in one process, "
-            "one step each in turn); † = the methods did not fit in memory together: median over the steps "
-            "of the isolated runs.", ""] + _table(results, methods, "time") + [""]
+            "one step each in turn); † = this method did not fit in memory with the others: median over the "
+            "steps of its isolated runs.", ""] + _table(results, methods, "time") + [""]
     out += ["## Median step time of the isolated runs (ms; ratio to free-rows-only)", "",
             "Each run alone in a fresh process; median over every measured step of every round.", ""]
     out += _table(results, methods, "iso") + [""]
@@ -643,9 +657,15 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds through _run_worker, which kills the running worker
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; write ``results.md``, ``results.json`` and ``step_time.png`` to ``--out``."""
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     settings = resolve(args)
     import torch
 
