@@ -119,6 +119,33 @@ def _layout_rows(indices: Indices, num_pinned: int, num_rows: int) -> Tensor | N
     return torch.cat([idx, free.nonzero().flatten()])
 
 
+def _checked(embedding: Embedding, reference: Reference, indices: Indices,
+             on_mismatch: str) -> tuple[Tensor, Tensor | None]:
+    """Everything :func:`constrain` refuses, checked without changing anything; returns the
+    reference (cast and copied onto the embedding's device) and the layout rows."""
+    if not isinstance(embedding, (nn.Embedding, nn.EmbeddingBag)):
+        raise TypeError(f"embedding must be an nn.Embedding or nn.EmbeddingBag, got {type(embedding).__name__}")
+    if is_constrained(embedding):
+        raise ValueError("embedding is already constrained; call release() first")
+    if parametrize.is_parametrized(embedding, "weight"):
+        raise ValueError("embedding.weight already has a parametrization; embconstraint must be the only one")
+    if not isinstance(embedding.weight, nn.Parameter):
+        raise TypeError("embedding.weight must be an nn.Parameter")
+    if not embedding.weight.is_floating_point():
+        raise TypeError(f"embedding.weight must be floating point, got {embedding.weight.dtype}")
+    if embedding.max_norm is not None:
+        raise ValueError(
+            "embedding.max_norm renormalizes rows in place and would move pinned rows; "
+            "constrained embeddings need max_norm=None"
+        )
+    if on_mismatch not in _ON_MISMATCH:
+        raise ValueError(f"on_mismatch must be one of {_ON_MISMATCH}, got {on_mismatch!r}")
+    weight = embedding.weight.detach()
+    ref = _check_reference(_reference_tensor(reference), weight)
+    return ref, _layout_rows(indices, ref.shape[0], weight.shape[0])
+
+
+
 def constrain(
     embedding: Embedding,
     reference: Reference,
@@ -145,28 +172,8 @@ def constrain(
     >>> torch.equal(new.weight[:3], old.weight), [tuple(p.shape) for p in new.parameters()]
     (True, [(2, 4)])
     """
-    if not isinstance(embedding, (nn.Embedding, nn.EmbeddingBag)):
-        raise TypeError(f"embedding must be an nn.Embedding or nn.EmbeddingBag, got {type(embedding).__name__}")
-    if is_constrained(embedding):
-        raise ValueError("embedding is already constrained; call release() first")
-    if parametrize.is_parametrized(embedding, "weight"):
-        raise ValueError("embedding.weight already has a parametrization; embconstraint must be the only one")
-    if not isinstance(embedding.weight, nn.Parameter):
-        raise TypeError("embedding.weight must be an nn.Parameter")
-    if not embedding.weight.is_floating_point():
-        raise TypeError(f"embedding.weight must be floating point, got {embedding.weight.dtype}")
-    if embedding.max_norm is not None:
-        raise ValueError(
-            "embedding.max_norm renormalizes rows in place and would move pinned rows; "
-            "constrained embeddings need max_norm=None"
-        )
-    if on_mismatch not in _ON_MISMATCH:
-        raise ValueError(f"on_mismatch must be one of {_ON_MISMATCH}, got {on_mismatch!r}")
-    weight = embedding.weight.detach()
-    ref = _check_reference(_reference_tensor(reference), weight)
-    rows = _layout_rows(indices, ref.shape[0], weight.shape[0])
-
-    pin = PinnedRows(ref, rows, weight.shape[0], on_mismatch)
+    ref, rows = _checked(embedding, reference, indices, on_mismatch)
+    pin = PinnedRows(ref, rows, embedding.weight.shape[0], on_mismatch)
     parametrize.register_parametrization(embedding, "weight", pin)
     setattr(embedding, _HOOKS, [
         embedding.register_state_dict_post_hook(_merged_keys),

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from .core import (
     _check_reference,
+    _checked,
     _constrain_tied,
     _layout_rows,
     _pinned_rows,
@@ -182,11 +183,10 @@ class EmbeddingConstraint(*_callback_bases()):
             raise ValueError(f"on_mismatch must be 'error' or 'checkpoint', got {on_mismatch!r}")
         if log_key is not None and (not isinstance(log_key, str) or not log_key):
             raise TypeError(f"log_key must be a non-empty str or None, got {log_key!r}")
-        ref = _reference_tensor(reference)
         if isinstance(embedding, nn.Module):
-            self._check_embedding(embedding, ref, indices)
+            _checked(embedding, reference, indices, on_mismatch)  # what constrain() would refuse
         else:
-            _check_indices(indices, ref.shape[0])
+            _check_indices(indices, _reference_tensor(reference).shape[0])
         self.embedding = embedding
         self.reference = reference
         self.indices = indices
@@ -214,19 +214,6 @@ class EmbeddingConstraint(*_callback_bases()):
                 f"on_mismatch={self.on_mismatch!r})")
 
     # -- checks ---------------------------------------------------------------------------------
-    def _check_embedding(self, embedding: nn.Module, ref: Tensor, indices: Any) -> None:
-        """Everything constrain() would refuse, checked without changing anything."""
-        if not isinstance(embedding, (nn.Embedding, nn.EmbeddingBag)):
-            raise TypeError(f"embedding must be an nn.Embedding or nn.EmbeddingBag, got {type(embedding).__name__}")
-        if is_constrained(embedding):
-            raise ValueError("embedding is already constrained; EmbeddingConstraint installs the constraint itself")
-        if embedding.max_norm is not None:
-            raise ValueError("embedding.max_norm would move pinned rows; constrained embeddings need max_norm=None")
-        weight = embedding.weight
-        meta = torch.empty(weight.shape, dtype=weight.dtype, device="meta")
-        _check_reference(ref, meta)
-        _layout_rows(indices, ref.shape[0], weight.shape[0])
-
     def _resolve(self, pl_module: nn.Module) -> nn.Module:
         if not isinstance(self.embedding, str):
             if not any(m is self.embedding for m in pl_module.modules()):
