@@ -275,7 +275,7 @@ class RunResult:
     acc_old: float
     acc_new: float = math.nan
     max_dev: float | None = None  # max |Δ| of the old rows w.r.t. model 1 (None for model 1)
-    weights: Tensor = field(default=None, repr=False)  # the (V, D) item embedding after training
+    weights: Tensor | None = field(default=None, repr=False)  # the (V, D) item embedding after training
 
 
 @dataclass
@@ -402,6 +402,14 @@ def _default_out() -> Path:
     return out
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the current directory when it lies below it (shorter to read)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def _check_accelerator(accelerator: str) -> None:
     if accelerator not in ("cpu", "gpu", "auto"):
         raise ValueError(f"accelerator must be 'cpu', 'gpu' or 'auto', got {accelerator!r}")
@@ -468,10 +476,11 @@ def run_demo(epochs: int | None = None, seed: int = 0, out: str | Path | None = 
 
     png = plot_embeddings(runs, data, out / "embeddings.png")
     say("\n" + format_table(runs))
-    say(f"\nwrote {png if png else '(no plot)'} and the checkpoints {', '.join(p.name for p in ckpts.values())} "
-        f"to {out}")
-    say("check them with:\n"
-        f"  embconstraint verify {ckpts['model2_constrained']} --reference {ckpts['model1']} --key items.weight\n"
-        f"  embconstraint verify {ckpts['model2_unconstrained']} --reference {ckpts['model1']} --key items.weight")
+    shown = {k: _shown(p) for k, p in ckpts.items()}
+    say(f"\nwrote {_shown(out)}: {'embeddings.png, ' if png else ''}"
+        f"{', '.join(p.name for p in ckpts.values())}")
+    say("check the old rows with:\n"
+        f"  embconstraint verify {shown['model2_constrained']} --reference {shown['model1']} --key items.weight\n"
+        f"  embconstraint verify {shown['model2_unconstrained']} --reference {shown['model1']} --key items.weight")
     return DemoResult(runs, out, png, ckpts, data)
 
