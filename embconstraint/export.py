@@ -162,22 +162,38 @@ def load_tensors(path: PathLike, *, what: str = "file") -> Mapping[str, Any] | T
     )
 
 
-def _check_zip(path: Path, what: str) -> None:
-    """torch.save writes a zip archive with a CRC-32 per entry, which torch.load does not check:
-    check them, so that a corrupted file is refused rather than read with wrong values."""
+def _checkpoint_problem(path: PathLike) -> str | None:
+    """Why the torch file at ``path`` cannot be trusted (truncated or corrupted), else None.
+
+    ``torch.save`` writes a zip archive with a CRC-32 per entry, which ``torch.load`` does not
+    check: flipped bits load silently and a truncated file fails with a bare ``OSError``.
+    Missing files, remote paths and legacy (non-zip) files are left to ``torch.load``.
+    """
     try:
-        with open(path, "rb") as f:
-            if f.read(4) != b"PK\x03\x04":
-                return  # empty, legacy pickle format or not a torch file: torch.load decides
+        path = os.fspath(path)
+    except TypeError:
+        return None
+    if not isinstance(path, str) or not os.path.isfile(path):
+        return None
+    if os.path.getsize(path) == 0:
+        return "the file is empty"
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            return None  # legacy pickle format or not a torch file: torch.load decides
+    try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
-    except Exception as err:  # BadZipFile, EOFError, OSError ...
-        raise ValueError(
-            f"{what} {_path_str(path)!r}: truncated or corrupted torch file ({type(err).__name__}: {_one_line(err)})"
-        ) from None
+    except Exception as err:  # BadZipFile, EOFError, UnicodeDecodeError ... from a damaged archive
+        return f"truncated or corrupted torch file ({type(err).__name__}: {_one_line(err)})"
     if bad is not None:
-        raise ValueError(f"{what} {_path_str(path)!r}: corrupted torch file (the checksum of its entry "
-                         f"{bad!r} does not match its data)")
+        return f"corrupted torch file (the CRC-32 of its entry {bad!r} does not match its data)"
+    return None
+
+
+def _check_zip(path: Path, what: str) -> None:
+    problem = _checkpoint_problem(path)
+    if problem is not None and problem != "the file is empty":
+        raise ValueError(f"{what} {_path_str(path)!r}: {problem}")
 
 
 def _state_dict_of(obj: Mapping[str, Any] | Tensor, where: str) -> Mapping[str, Any] | Tensor:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import zipfile
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -39,6 +38,7 @@ from .core import (
     is_constrained,
     release,
 )
+from .export import _checkpoint_problem
 
 __all__ = ["EmbeddingConstraint"]
 
@@ -86,33 +86,6 @@ def _check_indices(indices: Any, num_pinned: int) -> None:
                 raise ValueError(f"indices must be non-negative row numbers, got min {int(idx.min())}")
             bound = max(bound, int(idx.max()) + 1)
     _layout_rows(indices, num_pinned, bound)
-
-
-def _checkpoint_problem(path: Any) -> str | None:
-    """Why the local checkpoint file ``path`` cannot be trusted (truncated or corrupted), else None.
-
-    ``torch.save`` writes a zip archive with a CRC-32 per entry; ``torch.load`` does not check
-    them, so flipped bits load silently and a truncated file fails with a bare ``OSError``.
-    """
-    try:
-        path = os.fspath(path)
-    except TypeError:
-        return None
-    if not isinstance(path, str) or not os.path.isfile(path):
-        return None  # remote or missing: Lightning's own error stands
-    if os.path.getsize(path) == 0:
-        return "the file is empty"
-    with open(path, "rb") as f:
-        if f.read(4) != b"PK\x03\x04":
-            return None  # not torch's zip format (a legacy pickle): torch.load decides
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except Exception as err:  # BadZipFile, EOFError, UnicodeDecodeError ... from a damaged archive
-        return f"it is not a complete zip archive ({type(err).__name__}: {err}): the file is truncated or corrupted"
-    if bad is not None:
-        return f"the CRC-32 of its entry {bad!r} does not match its data: the file is corrupted"
-    return None
 
 
 class EmbeddingConstraint(*_callback_bases()):

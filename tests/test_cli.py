@@ -163,7 +163,7 @@ def test_verify_key_selection(files, tmp_path, capsys):
         ("indices_missing", ["indices file", "does not exist"]),
         ("garbage_pt", ["not a readable torch file"]),
         ("truncated_pt", ["truncated or corrupted"]),
-        ("bitflip_pt", ["corrupted", "checksum"]),
+        ("bitflip_pt", ["corrupted torch file", "CRC-32"]),
         ("truncated_st", ["not a readable .safetensors file"]),
         ("unknown_ext", ["unknown extension '.npy'"]),
         ("directory", ["is a directory"]),

@@ -135,7 +135,7 @@ def test_corrupted_checkpoint_is_refused(tmp_path):
     path = _checkpoint(tmp_path)
     _flip_a_tensor_byte(path)
     model = PLTinyLM()
-    with pytest.raises(RuntimeError, match=r"cannot resume from checkpoint .*CRC-32 of its entry .* corrupted"):
+    with pytest.raises(RuntimeError, match=r"cannot resume from checkpoint .*corrupted torch file \(the CRC-32 of its entry"):
         _fit(model, [EmbeddingConstraint("embedding", reference())], tmp_path, ckpt_path=path)
     assert not is_constrained(model.embedding)
 
@@ -151,7 +151,7 @@ def test_corrupted_pinned_row_is_reported_as_corruption(tmp_path):
 
 
 def test_a_sound_checkpoint_passes_the_integrity_check(tmp_path):
-    from embconstraint.lightning import _checkpoint_problem
+    from embconstraint.export import _checkpoint_problem
 
     path = _checkpoint(tmp_path)
     assert _checkpoint_problem(path) is None
