@@ -449,9 +449,16 @@ class PinnedRows(nn.Module):
         weight = _plain(weight)
         if self._table is None:  # registration: build the table around a copy of the reference
             ref, self._reference = self._reference, None
-            table = torch.empty((self.num_rows, weight.shape[1]), dtype=weight.dtype, device=weight.device)
-            table[: self.num_pinned] = ref.to(device=weight.device)
-            table[self.num_pinned:] = self.user_to_layout(weight)[self.num_pinned:]
+            if _storage_ptr(ref) == _storage_ptr(weight):  # e.g. "pin the rows at their current values"
+                ref = ref.clone()
+            if self._rows is None and weight.is_contiguous():
+                # The prefix layout is the user order: the embedding's own storage becomes the
+                # table, so constraining allocates no second (V, D) tensor.
+                table = weight.detach()
+            else:
+                table = torch.empty((self.num_rows, weight.shape[1]), dtype=weight.dtype, device=weight.device)
+                torch.index_select(weight, 0, self.free_rows().to(weight.device), out=table[self.num_pinned:])
+            table[: self.num_pinned] = ref  # copies, casting dtype and device
             self._table = table
             return table[self.num_pinned:]
         # assignment ``module.weight = value``: value must keep the pinned rows

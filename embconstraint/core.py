@@ -77,13 +77,13 @@ def _check_reference(reference: Tensor, weight: Tensor) -> Tensor:
         )
     if not bool(torch.isfinite(reference).all()):
         raise ValueError("reference holds non-finite values (nan or inf); pinned rows must be finite")
-    cast = reference.to(weight.dtype)
-    if cast.dtype != reference.dtype and not torch.equal(cast.to(reference.dtype), reference):
+    if reference.dtype != weight.dtype and not torch.equal(
+            reference.to(weight.dtype).to(reference.dtype), reference):
         raise ValueError(
             f"reference dtype {reference.dtype} cannot be cast exactly to the embedding's dtype "
             f"{weight.dtype}; cast the embedding (or the reference) first"
         )
-    return cast.to(device=weight.device, copy=True)
+    return reference  # copied (and cast) into the table by PinnedRows, not before
 
 
 def _layout_rows(indices: Indices, num_pinned: int, num_rows: int) -> Tensor | None:

@@ -52,6 +52,29 @@ def test_weight_holds_reference_and_only_free_rows_train(layout):
     assert f"layout={layout}" in repr(emb) and "path=aliased" in repr(emb)
 
 
+def test_prefix_constraint_reuses_the_embedding_storage():
+    """Constraining allocates no second (V, D) table: the embedding's own storage is reused."""
+    emb = nn.Embedding(V, D)
+    storage = emb.weight.untyped_storage().data_ptr()
+    reference = torch.randn(N, D)
+    constrain(emb, reference)
+    assert _free(emb).untyped_storage().data_ptr() == storage
+    assert emb.state_dict()["weight"].untyped_storage().data_ptr() == storage
+    assert torch.equal(emb.weight[:N], reference)
+
+
+def test_reference_aliasing_the_embedding():
+    """Pinning rows at their current values, or at other rows' values, from the weight itself."""
+    emb = nn.Embedding(V, D)
+    before = emb.weight.detach().clone()
+    constrain(emb, emb.weight[:N])
+    assert torch.equal(emb.weight, before)
+    emb = nn.Embedding(V, D)
+    before = emb.weight.detach().clone()
+    constrain(emb, emb.weight[2:N + 2])
+    assert torch.equal(emb.weight[:N], before[2:N + 2]) and torch.equal(emb.weight[N:], before[N:])
+
+
 def test_reference_is_copied():
     reference = torch.randn(N, D)
     emb = constrain(nn.Embedding(V, D), reference)
