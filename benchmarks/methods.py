@@ -355,6 +355,7 @@ class RunResult:
     peak_bytes: int = 0  # peak during the steps, above the process before the model was built
     train_bytes: int = 0  # peak during the steps, above the process after the model was built
     model_bytes: int = 0  # the built model at rest (parameters, buffers, copies of the reference)
+    build_peak_bytes: int = 0  # peak while building (e.g. constrain's transients), above the same baseline
     optimizer_state_bytes: int = 0
     trainable_params: int = 0
     max_pinned_deviation: float | None = None  # max |pinned rows - reference|; None: no pinned rows
@@ -501,6 +502,7 @@ def run_one(method: str, config: Config) -> RunResult:
     result.build_s = time.perf_counter() - t0
     built = mem.current()
     result.model_bytes = built - base
+    result.build_peak_bytes = mem.peak() - base
     mem.reset_peak()
 
     result.warmup_ms = [trainer.step(i) for i in range(config.warmup)]

@@ -418,6 +418,7 @@ def _aggregate(rec: dict[str, Any]) -> dict[str, Any]:
         peak_bytes=max(r["peak_bytes"] for r in rounds),
         train_bytes=max(r["train_bytes"] for r in rounds),
         model_bytes=max(r["model_bytes"] for r in rounds),
+        build_peak_bytes=max(r["build_peak_bytes"] for r in rounds),
         optimizer_state_bytes=rounds[0]["optimizer_state_bytes"],
         trainable_params=rounds[0]["trainable_params"],
         max_pinned_deviation=None if devs[0] is None else max(devs),
@@ -487,6 +488,8 @@ def _cell(r: dict[str, Any], what: str) -> str:
         return f"{r['peak_bytes'] / MiB:.0f}{_ratio(r['peak_bytes_vs_free'])}"
     if what == "train":
         return f"{r['train_bytes'] / MiB:.0f}{_ratio(r['train_bytes_vs_free'])}"
+    if what == "build":
+        return f"{r['build_peak_bytes'] / MiB:.0f}"
     if what == "opt":
         return f"{r['optimizer_state_bytes'] / MiB:.1f}"
     if what == "dev":
@@ -601,6 +604,10 @@ def render_markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     out += ["## Training memory (MiB; ratio to free-rows-only)", "",
             "Peak during the training steps above the built model at rest: gradients, optimizer state, "
             "temporaries.", ""] + _table(results, methods, "train") + [""]
+    out += ["## Peak while building the model (MiB)", "",
+            "From the same baseline as the peak memory above: the method's set-up transients (e.g. the "
+            "initial (V, D) weight and what constrain() or the parametrization allocate).", ""]
+    out += _table(results, methods, "build") + [""]
     out += ["## Optimizer state (MiB)", ""] + _table(results, methods, "opt") + [""]
     out += ["## Max |pinned row - reference| after the run", ""] + _table(results, methods, "dev") + [""]
     out += ["Methods: " + "; ".join(f"`{m}`: {METHODS[m]}" for m in methods), ""]
@@ -626,8 +633,9 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
                              if r["method"] == m and r["dim"] == d and r["pinned"] == p and r["ids"] == ids
                              and r["status"] == "ok")
                 if pts:
-                    ax.plot([v for v, _ in pts], [t for _, t in pts], marker="o", label=m,
-                            linewidth=2.5 if m == "embconstraint" else 1.2)
+                    style = {"embconstraint": {"linewidth": 2.6},
+                             "free_only": {"linestyle": "--", "color": "black"}}.get(m, {"linewidth": 1.2})
+                    ax.plot([v for v, _ in pts], [t for _, t in pts], marker="o", label=m, **style)
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_title(f"D={d}, {p:.0%} pinned, {ids} ids", fontsize=9)
