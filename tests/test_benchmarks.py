@@ -56,7 +56,10 @@ def test_quick_run_measures_each_method(quick_run):
     _, _, data = quick_run
     for r in data["results"]:
         assert r["measured_steps"] >= 3 and r["median_ms"] > 0
-        assert r["timing"] == "interleaved"  # tiny models all fit together
+        assert r["interleaved_median_ms"] is not None  # tiny models all fit together
+        assert r["runs_timed"] == 2  # one isolated round (quick mode) + the interleaved run
+        assert r["median_ms"] == min(r["isolated_median_ms"], r["interleaved_median_ms"])
+        assert len(r["isolated_step_ms"]) == 3 and len(r["interleaved_step_ms"]) == 3
         assert r["train_bytes"] == r["peak_bytes"] - r["model_bytes"]  # one round: same baseline
     free = _result(data, "free_only", 2000)
     assert free["median_ms_vs_free"] == 1.0
