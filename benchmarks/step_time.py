@@ -169,8 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--busy-threshold", type=float, default=0.15, metavar="FRACTION",
                    help="a run during which other processes used more than this share of the CPU is run "
                         "again (default 0.15)")
-    p.add_argument("--busy-retries", type=int, default=2,
-                   help="how many times to run a busy run again (default 2; 0 disables)")
+    p.add_argument("--busy-retries", type=int, default=None,
+                   help="how many times to run a busy run again (default 2, 0 with --quick; 0 disables)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds before a worker is killed")
     p.add_argument("--out", default="bench-out", help="output directory (default ./bench-out)")
     return p
@@ -195,8 +195,8 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     s["interleave"] = args.interleave
     s["wait_idle"] = args.wait_idle
     s["busy_threshold"] = args.busy_threshold
-    s["busy_retries"] = args.busy_retries
-    if not 0 <= args.busy_threshold <= 1 or args.busy_retries < 0:
+    s["busy_retries"] = args.busy_retries if args.busy_retries is not None else (0 if args.quick else 2)
+    if not 0 <= args.busy_threshold <= 1 or s["busy_retries"] < 0:
         raise SystemExit("--busy-threshold must be in [0, 1] and --busy-retries >= 0")
     for key in ("sizes", "dims", "pinned", "methods", "ids"):
         if not s[key]:
