@@ -1,4 +1,15 @@
-"""The functional front door: :func:`constrain`, :func:`release`, :func:`is_constrained`."""
+"""The functional front door: :func:`constrain`, :func:`release`, :func:`is_constrained`.
+
+Also the documented internal interface the integrations (``lightning``, ``hf``, ``export``)
+build on, so that no module reaches into another's private names:
+
+- :func:`pin_of` / :func:`tie_of`: the parametrization of a constrained / tied weight.
+- :func:`tied_modules`: the modules whose weight is tied to a constrained embedding.
+- :func:`check_constrain_args`: everything :func:`constrain` refuses, checked without changing anything.
+- :func:`constrain_tied`: :func:`constrain`, keeping modules that share the Parameter tied.
+- :func:`pinned_values` / :func:`pinned_deviation`: the pinned rows as they are, and their
+  largest deviation from a target (the callback's metric).
+"""
 
 from __future__ import annotations
 
@@ -9,31 +20,22 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ._pinned import PinnedRows, TiedTo, _plain
+from ._layout import Layout
+from ._parametrization import PinnedRows, TiedTo, parametrization_list, pin_of, tie_of
+from ._validate import (
+    as_reference,
+    check_embedding,
+    check_on_mismatch,
+    check_reference,
+    checked_indices,
+)
+from .state import install_hooks, remove_hooks
 
 __all__ = ["constrain", "release", "is_constrained"]
 
 Embedding = nn.Embedding | nn.EmbeddingBag
 Reference = nn.Embedding | nn.EmbeddingBag | Tensor
 Indices = Tensor | Sequence[int] | None
-
-_HOOKS = "_embconstraint_hooks"
-_ON_MISMATCH = ("error", "checkpoint")
-
-
-def _pinned_rows(module: nn.Module, name: str = "weight") -> PinnedRows | None:
-    if not parametrize.is_parametrized(module, name):
-        return None
-    for p in module.parametrizations[name]:
-        if isinstance(p, PinnedRows):
-            return p
-    return None
-
-
-def _tied_to(module: nn.Module, name: str) -> TiedTo | None:
-    if not parametrize.is_parametrized(module, name):
-        return None
-    return next((p for p in module.parametrizations[name] if isinstance(p, TiedTo)), None)
 
 
 def is_constrained(embedding: nn.Module) -> bool:
@@ -44,108 +46,20 @@ def is_constrained(embedding: nn.Module) -> bool:
     >>> is_constrained(emb), is_constrained(constrain(emb, torch.ones(3, 2)))
     (False, True)
     """
-    return isinstance(embedding, nn.Module) and _pinned_rows(embedding) is not None
+    return isinstance(embedding, nn.Module) and pin_of(embedding) is not None
 
 
-def _reference_tensor(reference: Reference) -> Tensor:
-    if isinstance(reference, (nn.Embedding, nn.EmbeddingBag)):
-        reference = reference.weight
-    if not isinstance(reference, Tensor):
-        raise TypeError(
-            "reference must be an nn.Embedding, nn.EmbeddingBag, Tensor or Parameter of shape (n, D), "
-            f"got {type(reference).__name__}"
-        )
-    reference = _plain(reference.detach())
-    if reference.dim() != 2:
-        raise ValueError(f"reference must have shape (n, D), got shape {tuple(reference.shape)}")
-    if not reference.is_floating_point():
-        raise TypeError(f"reference must be a floating-point tensor, got dtype {reference.dtype}")
-    return reference
-
-
-def _check_reference(reference: Tensor, weight: Tensor) -> Tensor:
-    num_rows, dim = weight.shape
-    if reference.shape[1] != dim:
-        raise ValueError(
-            f"reference has embedding dimension {reference.shape[1]} but the embedding has {dim} "
-            f"(reference shape {tuple(reference.shape)}, embedding weight shape {tuple(weight.shape)})"
-        )
-    if reference.shape[0] > num_rows:
-        raise ValueError(
-            f"reference has {reference.shape[0]} rows but the embedding only has {num_rows} "
-            f"(reference shape {tuple(reference.shape)}, embedding weight shape {tuple(weight.shape)})"
-        )
-    # aminmax propagates nan and surfaces +-inf in one pass; isfinite(reference) would allocate an
-    # |x| copy and three bool masks (1.6x the reference's size) and take ~25x longer on CPU.
-    if reference.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(reference))).all()):
-        raise ValueError("reference holds non-finite values (nan or inf); pinned rows must be finite")
-    if reference.dtype != weight.dtype and not torch.equal(
-            reference.to(weight.dtype).to(reference.dtype), reference):
-        raise ValueError(
-            f"reference dtype {reference.dtype} cannot be cast exactly to the embedding's dtype "
-            f"{weight.dtype}; cast the embedding (or the reference) first"
-        )
-    return reference  # copied (and cast) into the table by PinnedRows, not before
-
-
-def _layout_rows(indices: Indices, num_pinned: int, num_rows: int) -> Tensor | None:
-    """Layout -> user row map, or None when the pinned rows are the first ``num_pinned`` rows."""
-    if indices is None:
-        return None
-    if isinstance(indices, Tensor):
-        idx = indices.detach().cpu()
-    elif isinstance(indices, Sequence) and not isinstance(indices, (str, bytes)):
-        if not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
-            raise TypeError("indices must be a 1-D integer tensor or a sequence of ints")
-        idx = torch.tensor(list(indices), dtype=torch.long)
-    else:
-        raise TypeError(f"indices must be a 1-D integer tensor or a sequence of ints, got {type(indices).__name__}")
-    if idx.dtype == torch.bool or idx.is_floating_point() or idx.is_complex():
-        raise TypeError(f"indices must hold integers, got dtype {idx.dtype}")
-    if idx.dim() != 1:
-        raise ValueError(f"indices must be 1-D, got shape {tuple(idx.shape)}")
-    idx = idx.long()
-    if idx.numel() != num_pinned:
-        raise ValueError(f"indices has {idx.numel()} entries but reference has {num_pinned} rows")
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= num_rows):
-        raise ValueError(
-            f"indices must lie in [0, {num_rows}) for an embedding of {num_rows} rows, "
-            f"got min {int(idx.min())}, max {int(idx.max())}"
-        )
-    if torch.unique(idx).numel() != idx.numel():
-        raise ValueError("indices must be distinct: a row cannot be pinned twice")
-    if torch.equal(idx, torch.arange(num_pinned)):
-        return None
-    free = torch.ones(num_rows, dtype=torch.bool)
-    free[idx] = False
-    return torch.cat([idx, free.nonzero().flatten()])
-
-
-def _checked(embedding: Embedding, reference: Reference, indices: Indices,
-             on_mismatch: str) -> tuple[Tensor, Tensor | None]:
+def check_constrain_args(embedding: Embedding, reference: Reference, indices: Indices,
+                         on_mismatch: str) -> tuple[Tensor, Tensor | None]:
     """Everything :func:`constrain` refuses, checked without changing anything; returns the
-    reference (cast and copied onto the embedding's device) and the layout rows."""
-    if not isinstance(embedding, (nn.Embedding, nn.EmbeddingBag)):
-        raise TypeError(f"embedding must be an nn.Embedding or nn.EmbeddingBag, got {type(embedding).__name__}")
-    if is_constrained(embedding):
-        raise ValueError("embedding is already constrained; call release() first")
-    if parametrize.is_parametrized(embedding, "weight"):
-        raise ValueError("embedding.weight already has a parametrization; embconstraint must be the only one")
-    if not isinstance(embedding.weight, nn.Parameter):
-        raise TypeError("embedding.weight must be an nn.Parameter")
-    if not embedding.weight.is_floating_point():
-        raise TypeError(f"embedding.weight must be floating point, got {embedding.weight.dtype}")
-    if embedding.max_norm is not None:
-        raise ValueError(
-            "embedding.max_norm renormalizes rows in place and would move pinned rows; "
-            "constrained embeddings need max_norm=None"
-        )
-    if on_mismatch not in _ON_MISMATCH:
-        raise ValueError(f"on_mismatch must be one of {_ON_MISMATCH}, got {on_mismatch!r}")
+    reference tensor and the validated indices (None for the first ``n`` rows)."""
+    check_embedding(embedding, parametrize.is_parametrized(embedding, "weight")
+                    if isinstance(embedding, nn.Module) else False,
+                    is_constrained(embedding))
+    check_on_mismatch(on_mismatch)
     weight = embedding.weight.detach()
-    ref = _check_reference(_reference_tensor(reference), weight)
-    return ref, _layout_rows(indices, ref.shape[0], weight.shape[0])
-
+    ref = check_reference(as_reference(reference), weight)
+    return ref, checked_indices(indices, ref.shape[0], weight.shape[0])
 
 
 def constrain(
@@ -174,24 +88,13 @@ def constrain(
     >>> torch.equal(new.weight[:3], old.weight), [tuple(p.shape) for p in new.parameters()]
     (True, [(2, 4)])
     """
-    ref, rows = _checked(embedding, reference, indices, on_mismatch)
-    pin = PinnedRows(ref, rows, embedding.weight.shape[0], on_mismatch)
+    ref, idx = check_constrain_args(embedding, reference, indices, on_mismatch)
+    num_rows = embedding.weight.shape[0]
+    pin = PinnedRows(ref, Layout.from_indices(idx, ref.shape[0], num_rows), on_mismatch)
     parametrize.register_parametrization(embedding, "weight", pin)
-    setattr(embedding, _HOOKS, [
-        embedding.register_state_dict_post_hook(_merged_keys),
-        embedding.register_load_state_dict_pre_hook(_load_plain),
-    ])
+    pin.bind(parametrization_list(embedding, "weight"))
+    install_hooks(embedding)
     return embedding
-
-
-def _tie(module: nn.Module, name: str, embedding: nn.Module) -> None:
-    """Make ``module.<name>``, which shared the Parameter of a now constrained ``embedding``,
-    compute with the embedding's merged weight."""
-    parametrize.register_parametrization(module, name, TiedTo(embedding), unsafe=True)
-    setattr(module, _HOOKS, [
-        module.register_state_dict_post_hook(_merged_keys),
-        module.register_load_state_dict_pre_hook(_load_plain),
-    ])
 
 
 def _shared_with(root: nn.Module, param: Tensor, skip: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -205,14 +108,22 @@ def _shared_with(root: nn.Module, param: Tensor, skip: nn.Module) -> list[tuple[
     ]
 
 
-def _constrain_tied(root: nn.Module, embedding: Embedding, reference: Reference, **kwargs) -> Embedding:
+def constrain_tied(root: nn.Module, embedding: Embedding, reference: Reference, **kwargs) -> Embedding:
     """:func:`constrain`, keeping every module of ``root`` that shares the embedding's
     Parameter (a tied output head) tied to the merged weight."""
     tied = _shared_with(root, embedding.weight, embedding) if isinstance(embedding, nn.Module) else []
     constrain(embedding, reference, **kwargs)
     for module, name in tied:
-        _tie(module, name, embedding)
+        parametrize.register_parametrization(module, name, TiedTo(embedding, pin_of(embedding)), unsafe=True)
+        install_hooks(module)
     return embedding
+
+
+def tied_modules(root: nn.Module, embedding: nn.Module) -> list[nn.Module]:
+    """The modules of ``root`` (``embedding`` aside) with a weight tied to ``embedding``."""
+    return [m for m in root.modules() if m is not embedding
+            and any((t := tie_of(m, n)) is not None and t.embedding is embedding
+                    for n in getattr(m, "parametrizations", {}))]
 
 
 def release(module: nn.Module) -> nn.Module:
@@ -231,79 +142,36 @@ def release(module: nn.Module) -> nn.Module:
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
     pinned = [m for m in module.modules() if is_constrained(m)]
     tied = [(m, n) for m in module.modules() if parametrize.is_parametrized(m)
-            for n in list(m.parametrizations.keys()) if _tied_to(m, n) is not None]
+            for n in list(m.parametrizations.keys()) if tie_of(m, n) is not None]
     if not pinned and not tied:
         raise ValueError(f"release: {type(module).__name__} holds no constrained embedding")
     for m in pinned:
-        pin, free = _pinned_rows(m), m.parametrizations.weight.original
-        with torch.no_grad():
-            merged = pin.to_user_order(pin._sync(free))  # the table itself for the prefix layout
-        _remove_hooks(m)
+        pin = pin_of(m)
+        free, merged = pin.free_parameter, pin.merged()  # the table itself for the prefix layout
+        remove_hooks(m)
         parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
         with torch.no_grad():
             free.set_(merged)  # same Parameter object, now (V, D): optimizers keep their reference
     for m, name in tied:
-        _remove_hooks(m)
+        remove_hooks(m)
         parametrize.remove_parametrizations(m, name, leave_parametrized=False)
     return module
 
 
-def _remove_hooks(module: nn.Module) -> None:
-    for handle in getattr(module, _HOOKS, ()):
-        handle.remove()
-    if hasattr(module, _HOOKS):
-        delattr(module, _HOOKS)
+def pinned_values(embedding: nn.Module) -> Tensor:
+    """The pinned rows of a constrained ``embedding`` as they are, in reference order ``(n, D)``."""
+    pin = pin_of(embedding)
+    weight = embedding.weight  # user order through its __torch_function__
+    if pin.layout.kind == "prefix":
+        return weight[: pin.num_pinned]
+    return weight.index_select(0, pin.pinned_rows().to(weight.device))
 
 
-def _original_key(prefix: str, name: str) -> str:
-    return f"{prefix}parametrizations.{name}.original"
-
-
-def _merged_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
-    """state_dict post-hook: a constrained (or tied) weight is saved under its plain key, as
-    the merged ``(V, D)`` tensor. Nothing is copied for the prefix layout, and no view of a
-    larger storage is saved."""
-    for name in list(module.parametrizations.keys()):
-        pin, tie = _pinned_rows(module, name), _tied_to(module, name)
-        if pin is None and tie is None:
-            continue
-        key = _original_key(prefix, name)
-        if key not in state_dict:
-            continue
-        keep_vars = state_dict[key].requires_grad
-        del state_dict[key]
-        emb = module if tie is None else tie.embedding
-        p = _pinned_rows(emb)
-        table = p._sync(emb.parametrizations.weight.original)
-        merged = p.to_user_order(table)
-        state_dict[prefix + name] = merged if keep_vars else merged.detach()
-
-
-def _load_plain(module: nn.Module, state_dict: dict, prefix: str, local_metadata, strict,
-                missing_keys, unexpected_keys, error_msgs) -> None:
-    """load_state_dict pre-hook: accept the plain ``weight`` key (what state_dict() writes and
-    what an unconstrained model saves), loading its free rows and checking its pinned rows."""
-    for name in list(module.parametrizations.keys()):
-        pin, tie = _pinned_rows(module, name), _tied_to(module, name)
-        if pin is None and tie is None:
-            continue
-        key, okey = prefix + name, _original_key(prefix, name)
-        if key not in state_dict:
-            continue
-        value = state_dict.pop(key)
-        emb = module if tie is None else tie.embedding
-        p, free = _pinned_rows(emb), emb.parametrizations.weight.original
-        expected = (p.num_rows, free.shape[1])
-        if not isinstance(value, Tensor) or tuple(value.shape) != expected:
-            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-            error_msgs.append(
-                f"size mismatch for {key}: copying a param with shape {shape} from checkpoint, "
-                f"the shape in current model is {expected} (a constrained embedding)."
-            )
-            state_dict[okey] = free.detach()
-            continue
-        try:
-            state_dict[okey] = p.load_plain(_plain(value), free, key)
-        except RuntimeError as err:
-            error_msgs.append(f"{err}. Pass on_mismatch='checkpoint' to constrain() to take them from the checkpoint.")
-            state_dict[okey] = free.detach()
+@torch.no_grad()
+def pinned_deviation(embedding: nn.Module, target: Tensor) -> Tensor:
+    """Largest ``|pinned row - target|`` of a constrained ``embedding`` (0-dim tensor on the
+    weight's device; 0.0 when nothing is pinned)."""
+    rows = pinned_values(embedding)
+    if rows.numel() == 0:
+        return rows.new_zeros(())
+    return (rows - target.to(device=rows.device, dtype=rows.dtype)).abs().max()

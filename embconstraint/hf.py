@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
-from .core import Indices, Reference, _constrain_tied, _tied_to, is_constrained
+from .core import Indices, Reference, constrain_tied, is_constrained, tie_of
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; transformers is an optional extra
     from transformers import PreTrainedModel
@@ -106,7 +106,7 @@ def constrain_input_embeddings(
         if not 0 <= reference <= num_rows:
             raise ValueError(f"reference (number of pinned rows) must lie in [0, {num_rows}], got {reference}")
         reference = embedding.weight.detach()[:reference]
-    _constrain_tied(model, embedding, reference, indices=indices)
+    constrain_tied(model, embedding, reference, indices=indices)
     _guard(model, "tie_weights", _tie_weights_while_constrained)
     _guard(model, "resize_token_embeddings", _resize_while_constrained)
     return embedding
@@ -157,7 +157,7 @@ def _tie_weights_while_constrained(model: nn.Module, *args: Any, **kwargs: Any) 
         except AttributeError as err:
             raise RuntimeError(f"model.tie_weights(): cannot resolve {target} -> {source} ({err}); {hint}") from err
         if is_constrained(smod) and sattr == "weight":
-            tie = _tied_to(tmod, tattr)
+            tie = tie_of(tmod, tattr)
             if tie is not None and tie.embedding is smod:
                 continue  # the head already computes with the constrained weight
             problem = f"{target} does not compute with the constrained {source}"

@@ -27,18 +27,24 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .core import (
-    _check_reference,
-    _checked,
-    _constrain_tied,
-    _layout_rows,
-    _pinned_rows,
-    _reference_tensor,
-    _tied_to,
-    is_constrained,
-    release,
+from ._files import checkpoint_problem
+from ._validate import (
+    as_reference,
+    check_on_mismatch,
+    check_reference,
+    checked_indices,
+    is_pinned_rows_error,
 )
-from .export import _checkpoint_problem
+from .core import (
+    check_constrain_args,
+    constrain_tied,
+    is_constrained,
+    pin_of,
+    pinned_deviation,
+    pinned_values,
+    release,
+    tied_modules,
+)
 
 __all__ = ["EmbeddingConstraint"]
 
@@ -68,24 +74,6 @@ def _callback_bases() -> tuple[type, ...]:
             "embconstraint.lightning needs pytorch-lightning or lightning: pip install pytorch-lightning"
         )
     return tuple(bases)
-
-
-def _check_indices(indices: Any, num_pinned: int) -> None:
-    """What can be checked of ``indices`` before the embedding's size is known."""
-    if indices is None:
-        return
-    bound = num_pinned
-    if isinstance(indices, Tensor) or (isinstance(indices, Sequence) and not isinstance(indices, (str, bytes))):
-        try:
-            idx = indices.detach().cpu() if isinstance(indices, Tensor) else torch.as_tensor(list(indices))
-        except (TypeError, ValueError, RuntimeError):
-            idx = None  # _layout_rows names the problem
-        if idx is not None and idx.dim() == 1 and idx.numel() and not (
-                idx.dtype == torch.bool or idx.is_floating_point() or idx.is_complex()):
-            if int(idx.min()) < 0:
-                raise ValueError(f"indices must be non-negative row numbers, got min {int(idx.min())}")
-            bound = max(bound, int(idx.max()) + 1)
-    _layout_rows(indices, num_pinned, bound)
 
 
 class EmbeddingConstraint(*_callback_bases()):
@@ -152,14 +140,13 @@ class EmbeddingConstraint(*_callback_bases()):
                 "embedding must be an nn.Embedding, an nn.EmbeddingBag or a dotted path on the LightningModule "
                 f"(str), got {type(embedding).__name__}"
             )
-        if on_mismatch not in ("error", "checkpoint"):
-            raise ValueError(f"on_mismatch must be 'error' or 'checkpoint', got {on_mismatch!r}")
+        check_on_mismatch(on_mismatch)
         if log_key is not None and (not isinstance(log_key, str) or not log_key):
             raise TypeError(f"log_key must be a non-empty str or None, got {log_key!r}")
         if isinstance(embedding, nn.Module):
-            _checked(embedding, reference, indices, on_mismatch)  # what constrain() would refuse
-        else:
-            _check_indices(indices, _reference_tensor(reference).shape[0])
+            check_constrain_args(embedding, reference, indices, on_mismatch)  # what constrain() would refuse
+        else:  # the embedding's size is known in setup
+            checked_indices(indices, as_reference(reference).shape[0], None)
         self.embedding = embedding
         self.reference = reference
         self.indices = indices
@@ -182,7 +169,7 @@ class EmbeddingConstraint(*_callback_bases()):
         return self._generate_state_key(embedding=self._name())
 
     def __repr__(self) -> str:
-        pinned = _reference_tensor(self.reference).shape[0]
+        pinned = as_reference(self.reference).shape[0]
         return (f"{type(self).__name__}(embedding={self._name()!r}, pinned={pinned}, "
                 f"on_mismatch={self.on_mismatch!r})")
 
@@ -222,7 +209,7 @@ class EmbeddingConstraint(*_callback_bases()):
         if dtype is not None:
             meta = torch.empty(embedding.weight.shape, dtype=dtype, device="meta")
             try:
-                _check_reference(_reference_tensor(self.reference), meta)
+                check_reference(as_reference(self.reference), meta)
             except ValueError as err:
                 raise ValueError(f"EmbeddingConstraint with precision={trainer.precision!r}: {err}") from None
 
@@ -234,7 +221,7 @@ class EmbeddingConstraint(*_callback_bases()):
         embedding = self._resolve(pl_module)
         self._check_trainer(trainer, embedding)
         try:
-            _constrain_tied(pl_module, embedding, self.reference, indices=self.indices,
+            constrain_tied(pl_module, embedding, self.reference, indices=self.indices,
                             on_mismatch=self.on_mismatch)
         except (TypeError, ValueError) as err:
             raise type(err)(f"EmbeddingConstraint({self._name()!r}): {err}") from None
@@ -254,10 +241,10 @@ class EmbeddingConstraint(*_callback_bases()):
         if not hasattr(exception, "add_note") or isinstance(exception, _CheckpointError):  # add_note: 3.11+
             return
         path = getattr(trainer, "ckpt_path", None)
-        problem = _checkpoint_problem(path) if path else None
+        problem = checkpoint_problem(path) if path else None
         if problem is not None:  # whatever failed, a damaged checkpoint is the news
             exception.add_note(f"EmbeddingConstraint: cannot resume from checkpoint {os.fspath(path)!r}: {problem}.")
-        elif "would change pinned rows" in str(exception):
+        elif is_pinned_rows_error(exception):
             exception.add_note(
                 "EmbeddingConstraint: the checkpoint's pinned rows differ from the reference; pass "
                 "EmbeddingConstraint(..., on_mismatch='checkpoint') to take them from the checkpoint."
@@ -267,7 +254,7 @@ class EmbeddingConstraint(*_callback_bases()):
         """Refuse a checkpoint file that loaded but fails its CRC check (silently flipped bits);
         keep the checkpoint until ``on_fit_start`` checks its optimizer states."""
         path = getattr(trainer, "ckpt_path", None)
-        problem = _checkpoint_problem(path) if path else None
+        problem = checkpoint_problem(path) if path else None
         if problem is not None:
             raise _CheckpointError(
                 f"EmbeddingConstraint: cannot resume from checkpoint {os.fspath(path)!r}: {problem}. "
@@ -277,7 +264,7 @@ class EmbeddingConstraint(*_callback_bases()):
 
     def _check_optimizer_states(self, trainer: Any, checkpoint: dict[str, Any]) -> None:
         """Optimizer state saved for a (V, D) embedding cannot drive its (V - n, D) free rows."""
-        free = self._installed.parametrizations.weight.original
+        free = pin_of(self._installed).free_parameter
         for optimizer, saved in zip(trainer.optimizers, checkpoint.get("optimizer_states", ()), strict=False):
             params = [p for group in optimizer.param_groups for p in group["params"]]
             index = next((i for i, p in enumerate(params) if p is free), None)
@@ -296,9 +283,7 @@ class EmbeddingConstraint(*_callback_bases()):
         if embedding is None:
             return
         root, self._root = self._root, None
-        tied = [m for m in root.modules() if m is not embedding
-                and any((t := _tied_to(m, n)) is not None and t.embedding is embedding
-                        for n in getattr(m, "parametrizations", {}))]
+        tied = tied_modules(root, embedding)
         if is_constrained(embedding):
             release(embedding)
         for module in tied:
@@ -327,25 +312,14 @@ class EmbeddingConstraint(*_callback_bases()):
         embedding = self._installed
         if embedding is None:
             raise RuntimeError("EmbeddingConstraint.max_abs_deviation: the constraint is not installed")
-        rows = self._pinned_values(embedding)
-        target = self._target if self._target is not None else _reference_tensor(self.reference)
-        if rows.numel() == 0:
-            return rows.new_zeros(())
-        return (rows - target.to(device=rows.device, dtype=rows.dtype)).abs().max()
-
-    @staticmethod
-    def _pinned_values(embedding: nn.Module) -> Tensor:
-        pin = _pinned_rows(embedding)
-        weight = embedding.weight  # user order through its __torch_function__ (not as_subclass: the table)
-        if pin.layout == "prefix":
-            return weight[: pin.num_pinned]
-        return weight.index_select(0, pin.pinned_rows().to(weight.device))
+        target = self._target if self._target is not None else as_reference(self.reference)
+        return pinned_deviation(embedding, target)
 
     def _capture_target(self) -> None:
         # With on_mismatch="checkpoint" the pinned rows may come from a checkpoint restored after
         # setup: they, not the reference, are what the run must keep.
         if self.on_mismatch == "checkpoint" and self._installed is not None and self._target is None:
-            self._target = self._pinned_values(self._installed).detach().clone()
+            self._target = pinned_values(self._installed).detach().clone()
 
     def on_fit_start(self, trainer: Any, pl_module: nn.Module) -> None:
         # Runs after the optimizers are built and before Lightning loads their checkpointed state.

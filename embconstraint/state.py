@@ -1,10 +1,84 @@
-"""Plain state dicts and files from constrained models."""
+"""What a checkpoint of a constrained model looks like: plain keys, merged ``(V, D)`` weights.
+
+The state-dict hooks that :func:`embconstraint.constrain` installs save a constrained (or tied)
+weight under its plain key and load a plain weight back (free rows loaded, pinned rows checked
+or, with ``on_mismatch="checkpoint"``, adopted); :func:`merged_state_dict` is the detached copy.
+"""
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-__all__ = ["merged_state_dict"]
+from ._parametrization import original_key, pin_of, tie_of
+from ._tensor import plain
+
+__all__ = ["merged_state_dict", "install_hooks", "remove_hooks"]
+
+_HOOKS = "_embconstraint_hooks"
+
+
+def install_hooks(module: nn.Module) -> None:
+    """Install the save/load hooks on a constrained (or tied) ``module``."""
+    setattr(module, _HOOKS, [
+        module.register_state_dict_post_hook(_merged_keys),
+        module.register_load_state_dict_pre_hook(_load_plain),
+    ])
+
+
+def remove_hooks(module: nn.Module) -> None:
+    """Remove what :func:`install_hooks` installed."""
+    for handle in getattr(module, _HOOKS, ()):
+        handle.remove()
+    if hasattr(module, _HOOKS):
+        delattr(module, _HOOKS)
+
+
+def _constrained_names(module: nn.Module):
+    """(name, the embedding's pin) for each constrained or tied weight of ``module``."""
+    for name in list(module.parametrizations.keys()):
+        pin, tie = pin_of(module, name), tie_of(module, name)
+        if pin is not None or tie is not None:
+            yield name, pin if tie is None else tie.pin
+
+
+def _merged_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    """state_dict post-hook: a constrained (or tied) weight is saved under its plain key, as
+    the merged ``(V, D)`` tensor. Nothing is copied for the prefix layout, and no view of a
+    larger storage is saved."""
+    for name, pin in _constrained_names(module):
+        key = original_key(prefix, name)
+        if key not in state_dict:
+            continue
+        keep_vars = state_dict[key].requires_grad
+        del state_dict[key]
+        merged = pin.layout.to_user_order(pin.table(pin.free_parameter))
+        state_dict[prefix + name] = merged if keep_vars else merged.detach()
+
+
+def _load_plain(module: nn.Module, state_dict: dict, prefix: str, local_metadata, strict,
+                missing_keys, unexpected_keys, error_msgs) -> None:
+    """load_state_dict pre-hook: accept the plain ``weight`` key (what state_dict() writes and
+    what an unconstrained model saves), loading its free rows and checking its pinned rows."""
+    for name, pin in _constrained_names(module):
+        key, okey = prefix + name, original_key(prefix, name)
+        if key not in state_dict:
+            continue
+        value = state_dict.pop(key)
+        free = pin.free_parameter
+        expected = (pin.num_rows, free.shape[1])
+        if not isinstance(value, Tensor) or tuple(value.shape) != expected:
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            error_msgs.append(
+                f"size mismatch for {key}: copying a param with shape {shape} from checkpoint, "
+                f"the shape in current model is {expected} (a constrained embedding)."
+            )
+            state_dict[okey] = free.detach()
+            continue
+        try:
+            state_dict[okey] = pin.load_plain(plain(value), free, key)
+        except RuntimeError as err:
+            error_msgs.append(f"{err}. Pass on_mismatch='checkpoint' to constrain() to take them from the checkpoint.")
+            state_dict[okey] = free.detach()
 
 
 def merged_state_dict(module: nn.Module) -> dict[str, Tensor]:

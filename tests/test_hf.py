@@ -21,7 +21,7 @@ from transformers import (  # noqa: E402
 )
 
 from embconstraint import is_constrained, merged_state_dict, release  # noqa: E402
-from embconstraint.core import _tied_to  # noqa: E402
+from embconstraint.core import tie_of  # noqa: E402
 from embconstraint.hf import constrain_input_embeddings  # noqa: E402
 
 OLD, NEW, DIM = 40, 48, 16
@@ -92,7 +92,7 @@ def test_tied_gpt2_pinned_rows_exact_and_head_tied_after_adamw():
     assert not torch.equal(emb.weight[OLD:], new_before)
     assert (emb.weight[OLD:] - new_before).abs().min() > 0  # every new row moved
     assert_state_equal({k: v for k, v in model.state_dict().items() if k in frozen}, frozen)
-    tie = _tied_to(model.lm_head, "weight")
+    tie = tie_of(model.lm_head, "weight")
     assert tie is not None and tie.embedding is emb
     assert torch.equal(model.lm_head.weight, emb.weight)
 
@@ -133,7 +133,7 @@ def test_scattered_indices_on_llama():
     rows = [5, 1, 30, 47]
     ref = torch.randn(4, DIM)
     constrain_input_embeddings(model, ref, indices=rows)
-    assert _tied_to(model.lm_head, "weight").embedding is emb
+    assert tie_of(model.lm_head, "weight").embedding is emb
     train(model, steps=2)
     assert torch.equal(emb.weight[rows], ref)
     assert torch.equal(model.lm_head.weight[rows], ref)
@@ -199,7 +199,7 @@ def test_tie_weights_while_constrained_checks_the_ties():
     model, _ = grown()
     emb = constrain_input_embeddings(model, OLD)
     model.tie_weights()  # the tie holds: nothing to do
-    assert _tied_to(model.lm_head, "weight").embedding is emb and is_constrained(emb)
+    assert tie_of(model.lm_head, "weight").embedding is emb and is_constrained(emb)
 
     untied, _ = grown(tied=False)
     constrain_input_embeddings(untied, OLD)

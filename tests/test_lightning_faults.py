@@ -151,12 +151,12 @@ def test_corrupted_pinned_row_is_reported_as_corruption(tmp_path):
 
 
 def test_a_sound_checkpoint_passes_the_integrity_check(tmp_path):
-    from embconstraint.export import _checkpoint_problem
+    from embconstraint.export import checkpoint_problem
 
     path = _checkpoint(tmp_path)
-    assert _checkpoint_problem(path) is None
+    assert checkpoint_problem(path) is None
     _flip_a_tensor_byte(path)
-    assert "CRC-32" in _checkpoint_problem(path)
+    assert "CRC-32" in checkpoint_problem(path)
 
 
 def test_checkpoint_with_other_pinned_rows_is_an_error_by_default(tmp_path):

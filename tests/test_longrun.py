@@ -120,7 +120,7 @@ def test_nothing_accumulates_across_steps(module_cls, kwargs, scattered):
     gc.collect()
     assert len(graphs) == 2200 and sum(ref() is not None for ref in graphs) == 0
     assert len(merged_weights) >= 2200 and sum(ref() is not None for ref in merged_weights) == 0
-    assert len(pin._device_pos) == (1 if scattered else 0)
+    assert len(pin.layout.cached_devices) == (1 if scattered else 0)
     assert len(opt.state) == 1
     if rss is not None:  # a coarse check; the counts above are the exact ones
         assert rss_end - rss_mid < 4.0, (rss, rss_mid, rss_end)

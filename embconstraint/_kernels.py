@@ -1,0 +1,165 @@
+"""The autograd kernels: ops on the table whose backward reaches the free rows only.
+
+Every kernel works on ``(free, table, layout)``: ``free`` is the trainable ``(V - n, D)`` tensor
+(the gradient's target), ``table`` the ``(V, D)`` rows in layout order (see :mod:`._layout`),
+``layout`` the :class:`~embconstraint._layout.Layout` that maps user ids to table rows. Pinned
+rows never receive a gradient and no ``(V, D)`` gradient is built by a lookup. A new op (e.g.
+``F.linear`` for an output head) is one more function here plus one entry in
+``_tensor.HANDLED``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._layout import Layout
+
+__all__ = ["Merge", "embedding", "embedding_bag", "EMBEDDING_BAG_MODES"]
+
+EMBEDDING_BAG_MODES = {"sum": 0, "mean": 1, "max": 2}
+MAX_NORM_REFUSED = ("max_norm renormalizes looked-up rows in place, which would change pinned rows; "
+                    "it is not supported on a constrained embedding (set max_norm=None)")
+
+
+class Merge(torch.autograd.Function):
+    """The table, as a tensor whose gradient reaches the free rows: an alias of the table in
+    forward, the free block of the dense ``(V, D)`` gradient in backward. Only uses of
+    ``weight`` other than a handled op produce such a gradient."""
+
+    @staticmethod
+    def forward(ctx, free: Tensor, table: Tensor) -> Tensor:
+        ctx.num_pinned = table.shape[0] - free.shape[0]
+        return table.view_as(table)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad[ctx.num_pinned:], None
+
+
+def _free_index(lidx: Tensor, num_pinned: int, num_free: int, lpad: int) -> Tensor:
+    """Map table rows to free-row positions; pinned and padding rows go to the sink ``num_free``."""
+    keep = lidx >= num_pinned
+    if lpad >= 0:
+        keep = keep & (lidx != lpad)
+    return torch.where(keep, lidx - num_pinned, num_free)
+
+
+class _Lookup(torch.autograd.Function):
+    """``F.embedding`` on the table with a gradient for the free rows only."""
+
+    @staticmethod
+    def forward(ctx, free, table, lidx, lpad, scale_grad_by_freq, sparse):
+        ctx.save_for_backward(lidx)
+        ctx.shape = (table.shape[0] - free.shape[0], free.shape[0])
+        ctx.lpad, ctx.sgbf, ctx.sparse = lpad, scale_grad_by_freq, sparse
+        return torch.embedding(table, lidx, lpad, scale_grad_by_freq, sparse)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (lidx,) = ctx.saved_tensors
+        n, k = ctx.shape
+        ridx = _free_index(lidx, n, k, ctx.lpad)
+        if ctx.sparse:
+            g = torch.ops.aten.embedding_sparse_backward(grad, ridx, k, k, ctx.sgbf)
+        else:
+            # One sink row past the end receives nothing (it is the padding row) and is sliced off.
+            g = torch.ops.aten.embedding_dense_backward(grad, ridx, k + 1, k, ctx.sgbf)[:k]
+        return g, None, None, None, None, None
+
+
+class _Bag(torch.autograd.Function):
+    """``F.embedding_bag`` on the table with a gradient for the free rows only."""
+
+    @staticmethod
+    def forward(ctx, free, table, per_sample_weights, lidx, offsets, lpad, sgbf, mode, sparse, last):
+        out, offset2bag, bag_size, max_indices = torch.ops.aten._embedding_bag(
+            table, lidx, offsets, sgbf, mode, sparse, per_sample_weights, last, lpad
+        )
+        ctx.save_for_backward(table, per_sample_weights, lidx, offsets, offset2bag, bag_size, max_indices)
+        ctx.shape = (table.shape[0] - free.shape[0], free.shape[0])
+        ctx.lpad, ctx.sgbf, ctx.mode, ctx.sparse = lpad, sgbf, mode, sparse
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        table, psw, lidx, offsets, offset2bag, bag_size, max_indices = ctx.saved_tensors
+        n, k = ctx.shape
+        grad = grad.contiguous()
+        g_free = g_psw = None
+        if ctx.needs_input_grad[0]:
+            ridx = _free_index(lidx, n, k, ctx.lpad)
+            rmax = _free_index(max_indices, n, k, -1) if ctx.mode == 2 else max_indices
+            rows = k if ctx.sparse else k + 1
+            # scale_grad_by_freq is applied here, not by the kernel: torch 2.13's CPU kernel divides
+            # by the wrong count (pytorch/pytorch#190063); this is the documented semantics.
+            scale = ctx.sgbf and not ctx.sparse
+            g_free = torch.ops.aten._embedding_bag_backward(
+                grad, ridx, offsets, offset2bag, bag_size, rmax, rows,
+                ctx.sgbf and not scale, ctx.mode, ctx.sparse, psw, k,
+            )
+            if scale:
+                counts = torch.zeros(k + 1, dtype=g_free.dtype, device=g_free.device)
+                counts.index_add_(0, ridx, torch.ones_like(ridx, dtype=g_free.dtype))
+                g_free = g_free / counts.clamp_min(1).unsqueeze(1)
+            if not ctx.sparse:
+                g_free = g_free[:k]
+        if ctx.needs_input_grad[2]:
+            g_psw = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                grad, table, lidx, offsets, offset2bag, ctx.mode, ctx.lpad
+            )
+        return g_free, None, g_psw, None, None, None, None, None, None, None
+
+
+def embedding(input: Tensor, free: Tensor, table: Tensor, layout: Layout, padding_idx: int | None = None,
+              max_norm: float | None = None, scale_grad_by_freq: bool = False, sparse: bool = False) -> Tensor:
+    """``F.embedding(input, weight, ...)`` for the weight that ``(free, table, layout)`` stand for."""
+    if max_norm is not None:
+        raise RuntimeError(MAX_NORM_REFUSED)
+    lidx, lpad = layout.index(input, padding_idx)
+    return _Lookup.apply(free, table, lidx, lpad, scale_grad_by_freq, sparse)
+
+
+def embedding_bag(input: Tensor, free: Tensor, table: Tensor, layout: Layout, offsets: Tensor | None = None,
+                  max_norm: float | None = None, scale_grad_by_freq: bool = False, mode: str = "mean",
+                  sparse: bool = False, per_sample_weights: Tensor | None = None,
+                  include_last_offset: bool = False, padding_idx: int | None = None) -> Tensor:
+    """``F.embedding_bag(input, weight, ...)`` for the weight that ``(free, table, layout)`` stand
+    for (a non-nested ``input``). Argument handling mirrors ``torch.nn.functional.embedding_bag``."""
+    if per_sample_weights is not None and input.size() != per_sample_weights.size():
+        raise ValueError(
+            f"embedding_bag: If per_sample_weights ({per_sample_weights.shape}) is not None, "
+            f"then it must have the same shape as the input ({input.shape})"
+        )
+    if input.dim() == 2:
+        if offsets is not None:
+            raise ValueError("if input is 2D, then offsets has to be None")
+        offsets = torch.arange(0, input.numel(), input.size(1), dtype=input.dtype, device=input.device)
+        include_last_offset = False
+        input = input.reshape(-1)
+        if per_sample_weights is not None:
+            per_sample_weights = per_sample_weights.reshape(-1)
+    elif input.dim() == 1:
+        if offsets is None:
+            raise ValueError("offsets has to be a 1D Tensor but got None")
+        if offsets.dim() != 1:
+            raise ValueError("offsets has to be a 1D Tensor")
+    else:
+        raise ValueError(f"input has to be 1D or 2D Tensor, but got Tensor of dimension {input.dim()}")
+    if mode not in EMBEDDING_BAG_MODES:
+        raise ValueError("mode has to be one of sum, mean or max")
+    if mode == "max" and scale_grad_by_freq:
+        raise ValueError("max mode does not support scaling the gradient by the frequency")
+    if mode == "max" and sparse:
+        raise ValueError("max mode does not support sparse weights")
+    if max_norm is not None:
+        raise RuntimeError(MAX_NORM_REFUSED)
+    if per_sample_weights is not None and mode != "sum":
+        raise NotImplementedError(
+            "embedding_bag: per_sample_weights is only supported for mode='sum' "
+            f"(got mode='{mode}')"
+        )
+    lidx, lpad = layout.index(input, padding_idx)
+    offsets = offsets.to(lidx.dtype)
+    return _Bag.apply(free, table, per_sample_weights, lidx, offsets, lpad,
+                      scale_grad_by_freq, EMBEDDING_BAG_MODES[mode], sparse, include_last_offset)

@@ -1,0 +1,240 @@
+"""The parametrizations: :class:`PinnedRows` owns the table; :class:`TiedTo` follows it.
+
+Storage: one ``(V, D)`` tensor, the *table*, holds every row in layout order (see
+:mod:`._layout`): the pinned rows first, then the free rows. The trainable parameter
+(``parametrizations.weight.original``, :attr:`PinnedRows.free_parameter`) is a view of the free
+block, so "concatenating" the two blocks costs nothing: the table *is* the merged weight. For
+the prefix layout the table is in user order and is returned as the weight without any copy.
+
+Nothing here synchronizes host and device during a step: aliasing checks read tensor metadata
+only, and index remapping is element-wise.
+
+Members other modules use (read-only unless said): ``num_rows``, ``num_pinned``, ``layout``,
+``on_mismatch``, ``free_parameter``, ``merged()``, ``table(free)``, ``check_pinned(weight, what)``,
+``write_free_rows(weight, free)``, ``load_plain(weight, free, what)``; ``TiedTo.embedding``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from ._kernels import Merge
+from ._layout import Layout
+from ._tensor import PinnedWeight, plain, storage_ptr, wrap
+from ._validate import PinnedRowsError, bitwise_equal, max_abs_deviation
+
+__all__ = ["PinnedRows", "TiedTo", "original_key", "RAW_KEY", "pin_of", "tie_of"]
+
+# The one place that spells out where parametrize keeps the trainable tensor.
+_ORIGINAL = "original"
+RAW_KEY = re.compile(r"^(?P<prefix>(?:.*\.)?)parametrizations\.(?P<name>[^.]+)\.original$")
+
+
+def original_key(prefix: str, name: str) -> str:
+    """The state-dict key of the raw trainable tensor of parametrized ``name`` (``RAW_KEY`` matches it)."""
+    return f"{prefix}parametrizations.{name}.{_ORIGINAL}"
+
+
+def parametrization_list(module: nn.Module, name: str) -> nn.Module | None:
+    """``module.parametrizations[name]`` (a ``ParametrizationList``), or None."""
+    if not parametrize.is_parametrized(module, name):
+        return None
+    return module.parametrizations[name]
+
+
+def pin_of(module: nn.Module, name: str = "weight") -> PinnedRows | None:
+    """The :class:`PinnedRows` of ``module.<name>``, or None if it is not constrained."""
+    plist = parametrization_list(module, name)
+    return next((p for p in plist if isinstance(p, PinnedRows)), None) if plist is not None else None
+
+
+def tie_of(module: nn.Module, name: str) -> TiedTo | None:
+    """The :class:`TiedTo` of ``module.<name>``, or None if it is not tied to a constrained embedding."""
+    plist = parametrization_list(module, name)
+    return next((p for p in plist if isinstance(p, TiedTo)), None) if plist is not None else None
+
+
+class PinnedRows(nn.Module):
+    """Parametrization ``weight = reference rows ∪ free rows`` (see the module docstring).
+
+    Registered by :func:`embconstraint.constrain`; not meant to be built by hand.
+    """
+
+    def __init__(self, reference: Tensor, layout: Layout, on_mismatch: str = "error") -> None:
+        super().__init__()
+        self._layout = layout
+        self.on_mismatch = on_mismatch
+        self._reference: Tensor | None = reference  # consumed by the first right_inverse
+        self._table: Tensor | None = None
+        self._owner: list[nn.Module] = []  # the ParametrizationList, once bound (a list: not a child)
+        self.path = "aliased"
+
+    # -- read-only members ------------------------------------------------------------------
+    @property
+    def layout(self) -> Layout:
+        """The row layout (user order <-> table order)."""
+        return self._layout
+
+    @property
+    def num_rows(self) -> int:
+        return self._layout.num_rows
+
+    @property
+    def num_pinned(self) -> int:
+        return self._layout.num_pinned
+
+    def pinned_rows(self) -> Tensor:
+        """User rows of the pinned rows, in reference order (CPU, int64)."""
+        return self._layout.pinned_rows()
+
+    def free_rows(self) -> Tensor:
+        """User rows of the free rows, in increasing order (CPU, int64)."""
+        return self._layout.free_rows()
+
+    def bind(self, parametrizations: nn.Module) -> None:
+        """Remember the ``ParametrizationList`` this parametrization was registered in."""
+        self._owner[:] = [parametrizations]
+
+    @property
+    def free_parameter(self) -> Tensor:
+        """The trainable ``(V - n, D)`` tensor (parametrize's ``original``)."""
+        return getattr(self._owner[0], _ORIGINAL)
+
+    @torch.no_grad()
+    def merged(self) -> Tensor:
+        """The merged ``(V, D)`` weight in user order, without autograd history (the table
+        itself for the prefix layout: clone it before writing)."""
+        return self._layout.to_user_order(self.table(self.free_parameter))
+
+    # -- the table ------------------------------------------------------------------------------
+    def _aliased(self, free: Tensor) -> bool:
+        table = self._table
+        return (
+            table is not None
+            and free.device == table.device
+            and free.dtype == table.dtype
+            and free.untyped_storage().data_ptr() == table.untyped_storage().data_ptr()
+            and free.storage_offset() == table.storage_offset() + self.num_pinned * table.shape[1]
+            and free.shape == (self.num_rows - self.num_pinned, table.shape[1])
+            and free.stride() == table.stride()
+            and table.is_contiguous()
+        )
+
+    @torch.no_grad()
+    def table(self, free: Tensor) -> Tensor:
+        """The table, re-built around ``free`` if a conversion (``.to``, ``.half``, a loader,
+        a distributed wrapper) separated them. Re-aliases ``free`` when it is a Parameter."""
+        if self._aliased(free):
+            return self._table
+        old = self._table
+        table = torch.empty((self.num_rows, free.shape[1]), dtype=free.dtype, device=free.device)
+        table[: self.num_pinned] = old[: self.num_pinned]
+        table[self.num_pinned:] = free
+        self._table = table
+        if isinstance(free, nn.Parameter) and free.is_leaf:
+            free.set_(table[self.num_pinned:])
+            self.path = "aliased"
+        else:
+            self.path = "copy"
+        return table
+
+    # -- the parametrization ----------------------------------------------------------------
+    @torch.compiler.disable
+    def forward(self, free: Tensor) -> PinnedWeight:
+        table = self.table(free)
+        return wrap(Merge.apply(free, table.detach()), self, free, table)
+
+    @torch.no_grad()
+    def right_inverse(self, weight: Tensor) -> Tensor:
+        weight = plain(weight)
+        if self._table is None:  # registration: build the table around a copy of the reference
+            ref, self._reference = self._reference, None
+            if storage_ptr(ref) == storage_ptr(weight):  # e.g. "pin the rows at their current values"
+                ref = ref.clone()
+            if self._layout.rows is None and weight.is_contiguous():
+                # The prefix layout is the user order: the embedding's own storage becomes the
+                # table, so constraining allocates no second (V, D) tensor.
+                table = weight.detach()
+            else:
+                table = torch.empty((self.num_rows, weight.shape[1]), dtype=weight.dtype, device=weight.device)
+                torch.index_select(weight, 0, self.free_rows().to(weight.device), out=table[self.num_pinned:])
+            table[: self.num_pinned] = ref  # copies, casting dtype and device
+            self._table = table
+            return table[self.num_pinned:]
+        # assignment ``module.weight = value``: value must keep the pinned rows
+        table = self._table
+        self.check_pinned(weight, "weight")
+        table[self.num_pinned:] = self._layout.user_to_layout(weight.to(table))[self.num_pinned:]
+        return table[self.num_pinned:]
+
+    def check_pinned(self, weight: Tensor, what: str) -> None:
+        """Raise :class:`PinnedRowsError` if ``weight`` (user order) does not hold the pinned rows
+        bitwise; ``ValueError`` if it has another shape."""
+        if tuple(weight.shape) != (self.num_rows, self._table.shape[1]):
+            raise ValueError(
+                f"{what} must have shape {(self.num_rows, self._table.shape[1])}, got {tuple(weight.shape)}"
+            )
+        new = self._layout.user_to_layout(weight.to(self._table))[: self.num_pinned]
+        old = self._table[: self.num_pinned]
+        if not bitwise_equal(new, old):
+            raise PinnedRowsError(
+                f"{what} would change pinned rows of a constrained embedding "
+                f"(max |Δ| = {max_abs_deviation(new, old):g}); "
+                "pinned rows only change through release() or on_mismatch='checkpoint'"
+            )
+
+    @torch.no_grad()
+    def write_free_rows(self, weight: Tensor, free: Tensor) -> None:
+        """Write the free rows of ``weight`` (user order; pinned rows already checked)."""
+        self.table(free)[self.num_pinned:] = self._layout.user_to_layout(weight)[self.num_pinned:]
+        if not self._aliased(free):  # the copy path: free rows live apart from the table
+            free.copy_(self._table[self.num_pinned:])
+
+    @torch.no_grad()
+    def load_plain(self, weight: Tensor, free: Tensor, what: str) -> Tensor:
+        """Free rows to load from a plain ``(V, D)`` weight; pinned rows are checked (or adopted)."""
+        table = self.table(free)
+        if self.on_mismatch == "checkpoint":
+            if tuple(weight.shape) == (self.num_rows, table.shape[1]):
+                table[: self.num_pinned] = self._layout.user_to_layout(weight.to(table))[: self.num_pinned]
+        else:
+            self.check_pinned(weight, what)
+        return self._layout.user_to_layout(weight.to(table))[self.num_pinned:]
+
+    def extra_repr(self) -> str:
+        return (f"rows={self.num_rows}, pinned={self.num_pinned}, layout={self._layout.kind}, "
+                f"path={self.path}")
+
+
+class TiedTo(nn.Module):
+    """Parametrization of a module that shares its weight with a constrained embedding
+    (e.g. a tied output head): it computes with that embedding's merged weight."""
+
+    def __init__(self, embedding: nn.Module, pin: PinnedRows) -> None:
+        super().__init__()
+        self._embedding = [embedding, pin]  # a list keeps them out of this module's children
+
+    @property
+    def embedding(self) -> nn.Module:
+        return self._embedding[0]
+
+    @property
+    def pin(self) -> PinnedRows:
+        """The embedding's :class:`PinnedRows`."""
+        return self._embedding[1]
+
+    def forward(self, _: Tensor) -> Tensor:
+        return self.embedding.weight
+
+    def right_inverse(self, value: Tensor) -> Tensor:
+        emb_weight = self.embedding.weight
+        original = self.pin.free_parameter
+        # At registration ``value`` is the shared Parameter, which constrain() already turned
+        # into the embedding's free rows (``original``): accept it as the tie itself.
+        if value is not original and value is not emb_weight and not torch.equal(plain(value), plain(emb_weight)):
+            raise RuntimeError("a weight tied to a constrained embedding can only be set through the embedding")
+        return original

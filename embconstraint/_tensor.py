@@ -1,0 +1,251 @@
+"""The weight a constrained module computes with: a write-guarding tensor subclass.
+
+``weight`` is returned as a :class:`PinnedWeight` whose storage is the table. Its
+``__torch_function__`` sends the ops listed in :data:`HANDLED` (``F.embedding``,
+``F.embedding_bag``) to the kernels of :mod:`._kernels`; any other use of ``weight`` (a tied
+output head, ``weight.sum()``, ...) runs on the plain merged tensor in user order
+(:func:`run_plain`), whose results that alias it come back as :class:`PinnedView`. In-place
+writes are applied to a scratch copy and handed to the parametrization, which writes back
+the free rows only if the pinned rows are unchanged.
+
+The parametrization is reached through its public members only: ``layout``, ``check_pinned``,
+``table`` and ``write_free_rows``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils._pytree import tree_map
+
+from . import _kernels
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._parametrization import PinnedRows
+
+__all__ = ["PinnedWeight", "PinnedView", "HANDLED", "DATA_SET", "wrap", "plain", "storage_ptr"]
+
+_DATA_GET = Tensor.data.__get__
+DATA_SET = Tensor.data.__set__  # ``weight.data = value``: a write like ``weight.data.copy_(value)``
+# Results that hold a raw address but no reference: for the scattered layout the user-order
+# gather they point into is kept alive on the weight (safetensors reads through data_ptr()).
+_RAW_ADDRESSES = (Tensor.data_ptr, Tensor.__cuda_array_interface__.__get__)
+
+# Tensor methods whose name ends in "_" but that do not write values.
+_NOT_WRITES = frozenset(
+    {"requires_grad_", "retain_grad", "share_memory_", "record_stream", "set_"}
+)
+_INPLACE_DUNDERS = frozenset(
+    {
+        "__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__",
+        "__ifloordiv__", "__imod__", "__ipow__", "__iand__", "__ior__",
+        "__ixor__", "__ilshift__", "__irshift__", "__imatmul__",
+    }
+)
+
+
+def plain(t: Tensor) -> Tensor:
+    """``t`` seen as a plain ``torch.Tensor`` (same storage and autograd history). A merged
+    weight comes back in user order: its storage is the table, in layout order (a gather for
+    the scattered layout)."""
+    if isinstance(t, PinnedWeight):
+        with torch._C.DisableTorchFunctionSubclass():
+            return t._pin.layout.to_user_order(t.as_subclass(Tensor))
+    return t.as_subclass(Tensor) if type(t) is not Tensor and not isinstance(t, nn.Parameter) else t
+
+
+def storage_ptr(t: Tensor) -> int | None:
+    """The address of ``t``'s storage (None for tensors without one: sparse, nested, meta ...)."""
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def _is_write(func: Any) -> bool:
+    name = getattr(func, "__name__", "")
+    if name in _INPLACE_DUNDERS:
+        return True
+    return name.endswith("_") and not name.startswith("_") and name not in _NOT_WRITES
+
+
+def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any = None) -> Any:
+    return args[i] if len(args) > i else kwargs.get(name, default)
+
+
+def _target(args: tuple, kwargs: dict) -> Any:
+    """The tensor an op works on (and, for an in-place op, writes to)."""
+    return args[0] if args else kwargs.get("tensor", kwargs.get("input", kwargs.get("self")))
+
+
+def run_plain(func, args: tuple, kwargs: dict) -> Any:
+    """Run ``func`` on the plain tensors that constrained weights stand for (in user order);
+    results that alias one come back as :class:`PinnedView`, so that writes through them
+    cannot bypass the pinned-row check."""
+    originals: dict[int, Tensor] = {}  # id(plain stand-in) -> the guarded argument
+    ptrs: set[int | None] = set()
+
+    def unwrap(a: Any) -> Any:
+        if not isinstance(a, (PinnedWeight, PinnedView)):
+            return a
+        with torch._C.DisableTorchFunctionSubclass():
+            t = a.as_subclass(Tensor)
+            ptrs.add(storage_ptr(t))
+            if isinstance(a, PinnedWeight):  # the table is in layout order
+                t = a._pin.layout.to_user_order(t)
+                ptrs.add(storage_ptr(t))
+                if func in _RAW_ADDRESSES:
+                    a._gathered = t
+        originals[id(t)] = a
+        return t
+
+    args, kwargs = tree_map(unwrap, (args, kwargs))
+    with torch._C.DisableTorchFunctionSubclass():
+        if func == Tensor.__repr__:  # print as the plain tensor it stands for
+            return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+
+    def guard(t: Any) -> Any:
+        np = sys.modules.get("numpy")
+        if np is not None and isinstance(t, np.ndarray):  # .numpy(), __array__: may alias the table
+            t.flags.writeable = False
+        if not isinstance(t, Tensor):
+            return t
+        if id(t) in originals:
+            return originals[id(t)]
+        return t.as_subclass(PinnedView) if storage_ptr(t) in ptrs else t
+
+    if isinstance(out, (tuple, list)):
+        return type(out)(guard(t) for t in out)
+    return guard(out)
+
+
+class PinnedView(Tensor):
+    """A view of a constrained weight (``weight[2:5]``, ``weight.t()``...): reads as a plain
+    tensor; in-place writes are refused, since they would bypass the pinned-row check."""
+
+    @classmethod
+    @torch.compiler.disable
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if (isinstance(_target(args, kwargs), cls) and _is_write(func)) or isinstance(kwargs.get("out"), cls):
+            raise RuntimeError(
+                f"in-place {getattr(func, '__name__', func)} on a view of a constrained embedding's weight "
+                "is not supported; write through the weight itself under torch.no_grad() "
+                "(e.g. emb.weight[rows] = values), or release() the embedding first"
+            )
+        return run_plain(func, args, kwargs)
+
+
+class PinnedWeight(Tensor):
+    """The merged ``(V, D)`` weight of a constrained module.
+
+    Its storage is the table itself (no copy). It behaves as the plain merged tensor in user
+    order everywhere, except that the ops in :data:`HANDLED` take their kernel (with no gather
+    even for the scattered layout) and in-place writes are checked against the pinned rows.
+    """
+
+    _pin: PinnedRows
+    _free: Tensor
+    _table: Tensor
+
+    @classmethod
+    @torch.compiler.disable
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        handled = HANDLED.get(func)
+        if handled is not None and isinstance(_arg(args, kwargs, handled.position, handled.name), cls):
+            return handled.handler(*args, **kwargs)
+        out = kwargs.get("out")
+        if isinstance(out, (cls, PinnedView)):
+            if isinstance(out, cls):
+                return _write(func, args, kwargs)
+            return PinnedView.__torch_function__(func, types, args, kwargs)
+        target = _target(args, kwargs)
+        if isinstance(target, cls):
+            if func in (Tensor.detach, _DATA_GET):  # `in` compares by ==, as method-wrappers need
+                with torch._C.DisableTorchFunctionSubclass():
+                    return wrap(func(*args, **kwargs), target._pin, target._free, target._table)
+            if _is_write(func) or func == DATA_SET:
+                return _write(func, args, kwargs)
+        return run_plain(func, args, kwargs)
+
+
+def wrap(t: Tensor, pin: PinnedRows, free: Tensor, table: Tensor) -> PinnedWeight:
+    """``t`` (an alias of ``table``) as the :class:`PinnedWeight` of ``pin``."""
+    w = t.as_subclass(PinnedWeight)
+    w._pin, w._free, w._table = pin, free, table.detach()
+    return w
+
+
+def _write(func, args: tuple, kwargs: dict) -> Tensor:
+    """An in-place op on the merged weight: applied to a scratch copy, then only the free rows
+    are written back, and only if the pinned rows are left unchanged."""
+    name = ".data assignment" if func == DATA_SET else getattr(func, "__name__", str(func))
+    if "out" in kwargs and isinstance(kwargs["out"], PinnedWeight):
+        target, slot = kwargs["out"], "out"
+    elif args:
+        target, slot = args[0], 0
+    else:
+        slot = "tensor" if "tensor" in kwargs else "input"
+        target = kwargs[slot]
+    if torch.is_grad_enabled() and target.requires_grad and func != DATA_SET:
+        raise RuntimeError(
+            f"in-place {name} on the weight of a constrained embedding needs torch.no_grad(); "
+            "writes may only change the free rows"
+        )
+    # (grad mode is checked above, before no_grad: a decorator would hide the caller's mode)
+    pin, free = target._pin, target._free
+    with torch.no_grad():
+        scratch = pin.layout.to_user_order(pin.table(free)).clone()
+        if slot == 0:
+            args = (scratch, *args[1:])
+        else:
+            kwargs = {**kwargs, slot: scratch}
+        with torch._C.DisableTorchFunctionSubclass():
+            func(*args, **kwargs)
+        pin.check_pinned(scratch, f"in-place {name}")
+        pin.write_free_rows(scratch, free)
+        return target
+
+
+# -- the handled functions ------------------------------------------------------------------------
+
+
+class Handled:
+    """How a function that takes a constrained weight runs: ``handler`` gets the call's own
+    arguments; the weight is argument ``position`` (or keyword ``name``)."""
+
+    __slots__ = ("handler", "position", "name")
+
+    def __init__(self, handler: Callable[..., Tensor], position: int = 1, name: str = "weight") -> None:
+        self.handler, self.position, self.name = handler, position, name
+
+
+def _embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
+               scale_grad_by_freq=False, sparse=False):
+    return _kernels.embedding(input, weight._free, weight._table, weight._pin.layout, padding_idx,
+                              max_norm, scale_grad_by_freq, sparse)
+
+
+def _embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2, scale_grad_by_freq=False,
+                   mode="mean", sparse=False, per_sample_weights=None, include_last_offset=False,
+                   padding_idx=None):
+    if input.is_nested:
+        with torch._C.DisableTorchFunctionSubclass():
+            return F.embedding_bag(input, weight, offsets, max_norm, norm_type, scale_grad_by_freq,
+                                   mode, sparse, per_sample_weights, include_last_offset, padding_idx)
+    return _kernels.embedding_bag(input, weight._free, weight._table, weight._pin.layout, offsets, max_norm,
+                                  scale_grad_by_freq, mode, sparse, per_sample_weights,
+                                  include_last_offset, padding_idx)
+
+
+HANDLED: dict[Callable[..., Any], Handled] = {
+    F.embedding: Handled(_embedding),
+    F.embedding_bag: Handled(_embedding_bag),
+}
