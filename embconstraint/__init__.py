@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from ._validate import PinnedRowsError
 from .core import constrain, is_constrained, release
 from .state import merged_state_dict
 
-__all__ = ["constrain", "release", "is_constrained", "merged_state_dict", "EmbeddingConstraint"]
+__all__ = ["constrain", "release", "is_constrained", "merged_state_dict", "PinnedRowsError", "EmbeddingConstraint"]
 __version__ = "0.1.0"
 
 

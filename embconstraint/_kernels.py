@@ -115,7 +115,7 @@ def embedding(input: Tensor, free: Tensor, table: Tensor, layout: Layout, paddin
               max_norm: float | None = None, scale_grad_by_freq: bool = False, sparse: bool = False) -> Tensor:
     """``F.embedding(input, weight, ...)`` for the weight that ``(free, table, layout)`` stand for."""
     if max_norm is not None:
-        raise RuntimeError(MAX_NORM_REFUSED)
+        raise ValueError(MAX_NORM_REFUSED)
     lidx, lpad = layout.index(input, padding_idx)
     return _Lookup.apply(free, table, lidx, lpad, scale_grad_by_freq, sparse)
 
@@ -153,7 +153,7 @@ def embedding_bag(input: Tensor, free: Tensor, table: Tensor, layout: Layout, of
     if mode == "max" and sparse:
         raise ValueError("max mode does not support sparse weights")
     if max_norm is not None:
-        raise RuntimeError(MAX_NORM_REFUSED)
+        raise ValueError(MAX_NORM_REFUSED)
     if per_sample_weights is not None and mode != "sum":
         raise NotImplementedError(
             "embedding_bag: per_sample_weights is only supported for mode='sum' "

@@ -5,8 +5,10 @@ Error policy (the whole package follows it):
 - ``TypeError``: an argument of the wrong kind (a list where a tensor is expected, an integer
   dtype where floating point is needed, an ``nn.Linear`` where an embedding is expected).
 - ``ValueError``: an argument of the right kind with a wrong value (a shape, a range, a dtype
-  that cannot hold the reference exactly, an unsupported option such as ``max_norm``), and any
-  problem with the content of an input file (``FileNotFoundError`` for a missing one).
+  that cannot hold the reference exactly, an unsupported option such as ``max_norm``, whether
+  set on the embedding or passed to ``F.embedding``; a module that cannot take the constraint as
+  it is: already constrained, or with another parametrization), and any problem with the
+  content of an input file (``FileNotFoundError`` for a missing one).
 - ``RuntimeError``: a conflict with the current state (the operation is fine, but not now:
   a write that would change pinned rows, a tie that must be re-made, a checkpoint that cannot
   be trusted). A change of pinned rows raises :class:`PinnedRowsError`, a ``RuntimeError``.

@@ -267,11 +267,11 @@ CASES: list[Case] = [
          lambda m: _set_weight(m, torch.zeros(V - 1, D)), ValueError,
          "weight must have shape (6, 3), got (5, 3)", _constrained),
     Case("`F.embedding(…, max_norm=…)` on a constrained weight",
-         lambda m: F.embedding(torch.tensor([0, 4]), m.weight, max_norm=1.0), RuntimeError,
+         lambda m: F.embedding(torch.tensor([0, 4]), m.weight, max_norm=1.0), ValueError,
          "max_norm renormalizes looked-up rows in place, which would change pinned rows; "
          "it is not supported on a constrained embedding (set max_norm=None)", _constrained),
     Case("`F.embedding_bag(…, max_norm=…)` on a constrained weight",
-         lambda m: F.embedding_bag(torch.tensor([[0, 4]]), m.weight, max_norm=1.0), RuntimeError,
+         lambda m: F.embedding_bag(torch.tensor([[0, 4]]), m.weight, max_norm=1.0), ValueError,
          "max_norm renormalizes looked-up rows in place", _constrained),
 ]
 

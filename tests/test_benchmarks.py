@@ -36,6 +36,8 @@ def _result(data: dict, method: str, vocab: int) -> dict:
     return r
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_quick_run_writes_markdown_json_and_png(quick_run):
     out, stdout, data = quick_run
     md = (out / "results.md").read_text()
@@ -52,6 +54,8 @@ def test_quick_run_writes_markdown_json_and_png(quick_run):
     assert "wrote" in stdout
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_quick_run_measures_each_method(quick_run):
     _, _, data = quick_run
     for r in data["results"]:
@@ -74,6 +78,8 @@ def test_quick_run_measures_each_method(quick_run):
         assert 8 * trainable <= r["optimizer_state_bytes"] <= 8 * trainable + 64, method
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_pinned_rows_exact_for_embconstraint_and_drift_under_grad_hook(quick_run):
     _, _, data = quick_run
     for vocab in (2000,):

@@ -395,6 +395,7 @@ def test_help_version_and_usage_errors(capsys):
     assert code == 2 and "invalid choice" in err
 
 
+@pytest.mark.subprocess
 def test_python_dash_m_subprocess(files, tmp_path):
     _, _, paths = files
     help_ = subprocess.run([sys.executable, "-m", "embconstraint", "--help"], capture_output=True, text=True,

@@ -25,6 +25,7 @@ def parse_table(text: str) -> dict[str, dict[str, str]]:
     return rows
 
 
+@pytest.mark.subprocess
 def test_demo_subprocess_table_png_and_checkpoints(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "-m", "embconstraint", "demo", "--epochs", "2", "--seed", "3",

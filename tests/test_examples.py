@@ -12,6 +12,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 NOTEBOOK = EXAMPLES / "vocabulary_growth.ipynb"
 
 
+@pytest.mark.subprocess
 def test_new_tokens_transformers_script(tmp_path):
     transformers = pytest.importorskip("transformers")
     out = tmp_path / "model"

@@ -294,6 +294,7 @@ def test_constraining_twice_is_refused():
         constrain_input_embeddings(model, OLD)
 
 
+@pytest.mark.subprocess
 def test_module_does_not_import_transformers():
     code = "import sys, embconstraint.hf; assert 'transformers' not in sys.modules, 'imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

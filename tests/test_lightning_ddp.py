@@ -7,12 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from _lightning_helpers import DIM, VOCAB_NEW, VOCAB_OLD
 
 SCRIPT = Path(__file__).resolve().parent / "_lightning_ddp_script.py"
 
 
+@pytest.mark.subprocess
+@pytest.mark.distributed
 def test_ddp_two_cpu_processes_keep_pinned_rows_exact_and_agree(tmp_path):
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "PYTHONWARNINGS": "ignore"}
     env.pop("LOCAL_RANK", None)

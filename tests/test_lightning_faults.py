@@ -49,6 +49,7 @@ def _checkpoint(tmp_path, constrained=True, steps=2, reference_seed=1) -> Path:
     return tmp_path / "ckpt" / f"step={steps}.ckpt"
 
 
+@pytest.mark.subprocess
 def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
     every, kill_at, steps = 3, 5, 8  # 4 batches an epoch: checkpoint at step 3, killed at step 5 (epoch 2)
     run = subprocess.run([sys.executable, str(HERE / "_lightning_fault_script.py"), str(tmp_path / "killed"),

@@ -9,20 +9,20 @@ import weakref
 
 import pytest
 import torch
+from conftest import free_param
 from torch import nn
 from torch.nn.utils import parametrize
 
 from embconstraint import constrain, is_constrained, release
+from embconstraint.core import pin_of
 
 V, D, N = 50, 8, 30
 
 
-def _pin(emb: nn.Module):
-    return emb.parametrizations.weight[0]
+_pin = pin_of
 
 
-def _free(emb: nn.Module) -> torch.Tensor:
-    return emb.parametrizations.weight.original
+_free = free_param
 
 
 def _batches(count: int = 64) -> torch.Tensor:
@@ -52,6 +52,7 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_ten_thousand_adamw_steps_keep_pinned_rows_bitwise():
     torch.manual_seed(0)
     reference = torch.randn(N, D)
