@@ -71,7 +71,7 @@ def _callback_bases() -> tuple[type, ...]:
             pass
     if not bases:
         raise ImportError(
-            "embconstraint.lightning needs pytorch-lightning or lightning: pip install pytorch-lightning"
+            "EmbeddingConstraint needs pytorch-lightning (or lightning): pip install 'embconstraint[lightning]'"
         )
     return tuple(bases)
 
