@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from . import _kernels
+from ._kernels import embedding, embedding_bag
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._parametrization import PinnedRows
@@ -229,7 +229,7 @@ class Handled:
 
 def _embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
                scale_grad_by_freq=False, sparse=False):
-    return _kernels.embedding(input, weight._free, weight._table, weight._pin.layout, padding_idx,
+    return embedding(input, weight._free, weight._table, weight._pin.layout, padding_idx,
                               max_norm, scale_grad_by_freq, sparse)
 
 
@@ -240,7 +240,7 @@ def _embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2, scal
         with torch._C.DisableTorchFunctionSubclass():
             return F.embedding_bag(input, weight, offsets, max_norm, norm_type, scale_grad_by_freq,
                                    mode, sparse, per_sample_weights, include_last_offset, padding_idx)
-    return _kernels.embedding_bag(input, weight._free, weight._table, weight._pin.layout, offsets, max_norm,
+    return embedding_bag(input, weight._free, weight._table, weight._pin.layout, offsets, max_norm,
                                   scale_grad_by_freq, mode, sparse, per_sample_weights,
                                   include_last_offset, padding_idx)
 

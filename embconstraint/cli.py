@@ -55,23 +55,47 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+_COMMANDS = {  # name: (one-line help, description)
+    "demo": (
+        "run the vocabulary-growth demo (about 20 s on 2 CPU cores)",
+        "Vocabulary growth, end to end, on a dataset generated on the fly (no download): "
+        "model 1 learns to predict 12 produce items (6 fruits, 6 vegetables) from a context "
+        "sentence; 4 new items join; model 2 is trained on the 16 items twice, without and with "
+        "the EmbeddingConstraint callback that pins the 12 old rows to model 1's. Prints how far "
+        "the old rows moved, the accuracy on old and new items and the training times, and writes "
+        "a PNG of the item embeddings (needs matplotlib: pip install 'embconstraint[demo]') and "
+        "the three models' checkpoints into --out."
+    ),
+    "export": (
+        "write a checkpoint's merged weights as .safetensors or .pt",
+        "Write the weights (the 'state_dict' entry, plain keys, constrained embeddings merged) of a "
+        "Lightning checkpoint, or of a plain state-dict file, to OUT. The format follows OUT's "
+        "extension: .safetensors (needs the safetensors package) or .pt/.pth (torch.save). Raw "
+        "'*.parametrizations.weight.original' entries (free rows only) are refused unless --reference "
+        "supplies the pinned rows to merge them with."
+    ),
+    "verify": (
+        "check that pinned rows are bitwise equal to a reference",
+        "Compare rows of a weight in WEIGHTS with a reference (n, D) tensor in REF: reference row i "
+        "against row indices[i] (default: the first n rows). Prints the max |Δ| over the pinned rows "
+        "and the number of rows checked. Exit status: 0 if every pinned row is bitwise equal, "
+        "1 if any differs, 2 on an error."
+    ),
+}
+
+
+def _command(sub, name: str) -> argparse.ArgumentParser:
+    help_, description = _COMMANDS[name]
+    return sub.add_parser(name, help=help_, description=description)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=_PROG, description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    demo = sub.add_parser(
-        "demo", help="run the vocabulary-growth demo (about 20 s on 2 CPU cores)",
-        description=(
-            "Vocabulary growth, end to end, on a dataset generated on the fly (no download): "
-            "model 1 learns to predict 12 produce items (6 fruits, 6 vegetables) from a context "
-            "sentence; 4 new items join; model 2 is trained on the 16 items twice, without and with "
-            "the EmbeddingConstraint callback that pins the 12 old rows to model 1's. Prints how far "
-            "the old rows moved, the accuracy on old and new items and the training times, and writes "
-            "a PNG of the item embeddings (needs matplotlib: pip install 'embconstraint[demo]') and "
-            "the three models' checkpoints into --out."),
-    )
+    demo = _command(sub, "demo")
     demo.add_argument("--epochs", type=_positive_int, default=None,
                       help="training epochs for each model (default: 12)")
     demo.add_argument("--seed", type=int, default=0, help="random seed for data and models (default: 0)")
@@ -81,43 +105,36 @@ def _parser() -> argparse.ArgumentParser:
                       help="Lightning accelerator (default: cpu; the demo is tiny)")
     demo.set_defaults(func=_demo)
 
-    export = sub.add_parser(
-        "export", help="write a checkpoint's merged weights as .safetensors or .pt",
-        description=(
-            "Write the weights (the 'state_dict' entry, plain keys, constrained embeddings merged) of a "
-            "Lightning checkpoint, or of a plain state-dict file, to OUT. The format follows OUT's "
-            "extension: .safetensors (needs the safetensors package) or .pt/.pth (torch.save). Raw "
-            "'*.parametrizations.weight.original' entries (free rows only) are refused unless --reference "
-            "supplies the pinned rows to merge them with."),
-    )
-    export.add_argument("checkpoint", metavar="CHECKPOINT", help="Lightning checkpoint (.ckpt, .pt, ...)")
-    export.add_argument("out", metavar="OUT", help="output file: .safetensors, .pt or .pth")
-    export.add_argument("--reference", metavar="REF", default=None,
-                        help="pinned rows (file, .safetensors or .pt) to merge raw parametrization entries")
-    export.add_argument("--key", default=None, help="tensor to use in REF when it holds several")
-    export.add_argument("--indices", metavar="FILE", default=None,
-                        help="rows where REF's rows are pinned (default: the first rows)")
+    export = _command(sub, "export")
+    _arguments(export, [
+        ("checkpoint", dict(metavar="CHECKPOINT", help="Lightning checkpoint (.ckpt, .pt, ...)")),
+        ("out", dict(metavar="OUT", help="output file: .safetensors, .pt or .pth")),
+        ("--reference", dict(metavar="REF", default=None,
+                             help="pinned rows (file, .safetensors or .pt) to merge raw parametrization entries")),
+        ("--key", dict(default=None, help="tensor to use in REF when it holds several")),
+        ("--indices", dict(metavar="FILE", default=None,
+                           help="rows where REF's rows are pinned (default: the first rows)")),
+    ])
     export.set_defaults(func=_export)
 
-    verify = sub.add_parser(
-        "verify", help="check that pinned rows are bitwise equal to a reference",
-        description=(
-            "Compare rows of a weight in WEIGHTS with a reference (n, D) tensor in REF: reference row i "
-            "against row indices[i] (default: the first n rows). Prints the max |Δ| over the pinned rows "
-            "and the number of rows checked. Exit status: 0 if every pinned row is bitwise equal, "
-            "1 if any differs, 2 on an error."),
-    )
-    verify.add_argument("weights", metavar="WEIGHTS",
-                        help=".safetensors or .pt file: a state dict, a Lightning checkpoint or a bare tensor")
-    verify.add_argument("--reference", metavar="REF", required=True,
-                        help=".safetensors or .pt file holding the reference rows")
-    verify.add_argument("--key", metavar="NAME", default=None,
-                        help="tensor to check in WEIGHTS (and in REF if it holds several tensors); "
-                             "default: the only 2-D tensor")
-    verify.add_argument("--indices", metavar="FILE", default=None,
-                        help="pinned rows: a text file of integers (whitespace/comma separated) or a .pt tensor")
+    verify = _command(sub, "verify")
+    _arguments(verify, [
+        ("weights", dict(metavar="WEIGHTS",
+                         help=".safetensors or .pt file: a state dict, a Lightning checkpoint or a bare tensor")),
+        ("--reference", dict(metavar="REF", required=True, help=".safetensors or .pt file holding the reference rows")),
+        ("--key", dict(metavar="NAME", default=None,
+                       help="tensor to check in WEIGHTS (and in REF if it holds several tensors); "
+                            "default: the only 2-D tensor")),
+        ("--indices", dict(metavar="FILE", default=None,
+                           help="pinned rows: a text file of integers (whitespace/comma separated) or a .pt tensor")),
+    ])
     verify.set_defaults(func=_verify)
     return parser
+
+
+def _arguments(parser: argparse.ArgumentParser, specs: list[tuple[str, dict]]) -> None:
+    for name, kwargs in specs:
+        parser.add_argument(name, **kwargs)
 
 
 def _positive_int(text: str) -> int:

@@ -49,27 +49,32 @@ __all__ = [
 DEFAULT_EPOCHS = 12
 _INIT_STD = 0.1
 
-# name, category, attribute words (clues shared by a few items)
-_OLD_ITEMS = [
-    ("apple", "fruit", ["red", "crunchy", "shiny", "orchard"]),
-    ("banana", "fruit", ["yellow", "long", "peeled", "bunch"]),
-    ("cherry", "fruit", ["small", "round", "dark", "pit"]),
-    ("grape", "fruit", ["green", "small", "bunch", "vine"]),
-    ("lemon", "fruit", ["yellow", "sour", "zest", "citrus"]),
-    ("orange", "fruit", ["orange", "round", "peeled", "citrus"]),
-    ("carrot", "vegetable", ["orange", "long", "crunchy", "root"]),
-    ("potato", "vegetable", ["yellow", "round", "starchy", "mashed"]),
-    ("onion", "vegetable", ["layers", "round", "peeled", "bulb"]),
-    ("spinach", "vegetable", ["green", "leafy", "dark", "wilted"]),
-    ("broccoli", "vegetable", ["green", "florets", "steamed", "stem"]),
-    ("pepper", "vegetable", ["red", "crunchy", "shiny", "stuffed"]),
-]
-_NEW_ITEMS = [
-    ("mango", "fruit", ["orange", "tropical", "pit", "juicy"]),
-    ("pear", "fruit", ["green", "orchard", "stem", "juicy"]),
-    ("pumpkin", "vegetable", ["orange", "round", "seeds", "carved"]),
-    ("cucumber", "vegetable", ["green", "long", "crunchy", "juicy"]),
-]
+
+def _items(table: str) -> list[tuple[str, str, list[str]]]:
+    """Rows of "name category attribute words..." (attribute words: clues shared by a few items)."""
+    return [(row[0], row[1], row[2:]) for row in (line.split() for line in table.strip().splitlines())]
+
+
+_OLD_ITEMS = _items("""
+    apple     fruit     red crunchy shiny orchard
+    banana    fruit     yellow long peeled bunch
+    cherry    fruit     small round dark pit
+    grape     fruit     green small bunch vine
+    lemon     fruit     yellow sour zest citrus
+    orange    fruit     orange round peeled citrus
+    carrot    vegetable orange long crunchy root
+    potato    vegetable yellow round starchy mashed
+    onion     vegetable layers round peeled bulb
+    spinach   vegetable green leafy dark wilted
+    broccoli  vegetable green florets steamed stem
+    pepper    vegetable red crunchy shiny stuffed
+""")
+_NEW_ITEMS = _items("""
+    mango     fruit     orange tropical pit juicy
+    pear      fruit     green orchard stem juicy
+    pumpkin   vegetable orange round seeds carved
+    cucumber  vegetable green long crunchy juicy
+""")
 _CATEGORY_WORDS = {
     "fruit": ["sweet", "dessert", "smoothie", "snack", "jam", "tart"],
     "vegetable": ["roast", "soup", "stew", "savory", "side", "stirfry"],
