@@ -45,6 +45,7 @@ from .core import (
     release,
     tied_modules,
 )
+from .state import optimizer_state_problem
 
 __all__ = ["EmbeddingConstraint"]
 
@@ -262,22 +263,6 @@ class EmbeddingConstraint(*_callback_bases()):
             )
         self._loaded = checkpoint
 
-    def _check_optimizer_states(self, trainer: Any, checkpoint: dict[str, Any]) -> None:
-        """Optimizer state saved for a (V, D) embedding cannot drive its (V - n, D) free rows."""
-        free = pin_of(self._installed).free_parameter
-        for optimizer, saved in zip(trainer.optimizers, checkpoint.get("optimizer_states", ()), strict=False):
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            index = next((i for i, p in enumerate(params) if p is free), None)
-            state = saved.get("state", {}).get(index, {}) if index is not None else {}
-            for name, value in state.items():
-                if isinstance(value, Tensor) and value.dim() == free.dim() and value.shape != free.shape:
-                    raise ValueError(
-                        f"EmbeddingConstraint: the checkpoint's optimizer state {name!r} for the embedding has "
-                        f"shape {tuple(value.shape)}, but its trainable rows have shape {tuple(free.shape)}: the "
-                        "checkpoint was written without this constraint. To start from its weights, load them "
-                        "(MyModule.load_from_checkpoint(path)) and fit without ckpt_path."
-                    )
-
     def _remove(self) -> None:
         embedding, self._installed, self._target, self._loaded = self._installed, None, None, None
         if embedding is None:
@@ -326,7 +311,13 @@ class EmbeddingConstraint(*_callback_bases()):
         self._capture_target()
         checkpoint, self._loaded = self._loaded, None
         if checkpoint is not None and self._installed is not None:
-            self._check_optimizer_states(trainer, checkpoint)
+            problem = optimizer_state_problem(pin_of(self._installed), trainer.optimizers,
+                                              checkpoint.get("optimizer_states", ()))
+            if problem is not None:
+                raise ValueError(
+                    f"EmbeddingConstraint: {problem}: the checkpoint was written without this constraint. To start "
+                    "from its weights, load them (MyModule.load_from_checkpoint(path)) and fit without ckpt_path."
+                )
 
     def on_validation_start(self, trainer: Any, pl_module: nn.Module) -> None:
         self._capture_target()

@@ -7,12 +7,15 @@ or, with ``on_mismatch="checkpoint"``, adopted); :func:`merged_state_dict` is th
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from typing import Any
+
 from torch import Tensor, nn
 
 from ._parametrization import original_key, pin_of, tie_of
 from ._tensor import plain
 
-__all__ = ["merged_state_dict", "install_hooks", "remove_hooks"]
+__all__ = ["merged_state_dict", "install_hooks", "remove_hooks", "optimizer_state_problem"]
 
 _HOOKS = "_embconstraint_hooks"
 
@@ -79,6 +82,22 @@ def _load_plain(module: nn.Module, state_dict: dict, prefix: str, local_metadata
         except RuntimeError as err:
             error_msgs.append(f"{err}. Pass on_mismatch='checkpoint' to constrain() to take them from the checkpoint.")
             state_dict[okey] = free.detach()
+
+
+def optimizer_state_problem(pin: Any, optimizers: Iterable[Any], saved_states: Iterable[Mapping]) -> str | None:
+    """Why saved optimizer states (``optimizer.state_dict()`` of each optimizer) cannot drive the
+    free rows of ``pin`` (a ``PinnedRows``), or None: a state saved for the ``(V, D)`` weight has
+    the wrong shape for the ``(V - n, D)`` free rows."""
+    free = pin.free_parameter
+    for optimizer, saved in zip(optimizers, saved_states, strict=False):
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        index = next((i for i, p in enumerate(params) if p is free), None)
+        state = saved.get("state", {}).get(index, {}) if index is not None else {}
+        for name, value in state.items():
+            if isinstance(value, Tensor) and value.dim() == free.dim() and value.shape != free.shape:
+                return (f"the checkpoint's optimizer state {name!r} for the embedding has shape "
+                        f"{tuple(value.shape)}, but its trainable rows have shape {tuple(free.shape)}")
+    return None
 
 
 def merged_state_dict(module: nn.Module) -> dict[str, Tensor]:
