@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from ._tensor import plain
 
 __all__ = [
-    "PinnedRowsError", "is_pinned_rows_error", "bitwise_equal", "equal_bits", "max_abs_deviation",
+    "PinnedRowsError", "bitwise_equal", "equal_bits", "max_abs_deviation",
     "ON_MISMATCH", "check_on_mismatch", "as_reference", "check_reference", "casts_exactly",
     "index_tensor", "check_rows", "checked_indices", "check_embedding",
 ]
@@ -41,18 +41,8 @@ _BIT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 class PinnedRowsError(RuntimeError):
-    """An operation would change pinned rows of a constrained embedding.
-
-    ``load_state_dict`` reports it inside its own ``RuntimeError``; :func:`is_pinned_rows_error`
-    recognizes both."""
-
-    MARKER = "would change pinned rows"
-
-
-def is_pinned_rows_error(exc: BaseException) -> bool:
-    """Whether ``exc`` is a :class:`PinnedRowsError`, or torch's ``load_state_dict`` error that
-    reports one (torch collects hook errors as text, so the type is lost there)."""
-    return isinstance(exc, PinnedRowsError) or (isinstance(exc, RuntimeError) and PinnedRowsError.MARKER in str(exc))
+    """An operation would change pinned rows of a constrained embedding (a write, an assignment,
+    ``load_state_dict`` of a plain checkpoint with other pinned rows)."""
 
 
 def equal_bits(a: Tensor, b: Tensor) -> Tensor:

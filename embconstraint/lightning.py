@@ -29,11 +29,11 @@ from torch import Tensor, nn
 
 from ._files import checkpoint_problem
 from ._validate import (
+    PinnedRowsError,
     as_reference,
     check_on_mismatch,
     check_reference,
     checked_indices,
-    is_pinned_rows_error,
 )
 from .core import (
     check_constrain_args,
@@ -245,7 +245,7 @@ class EmbeddingConstraint(*_callback_bases()):
         problem = checkpoint_problem(path) if path else None
         if problem is not None:  # whatever failed, a damaged checkpoint is the news
             exception.add_note(f"EmbeddingConstraint: cannot resume from checkpoint {os.fspath(path)!r}: {problem}.")
-        elif is_pinned_rows_error(exception):
+        elif isinstance(exception, PinnedRowsError):
             exception.add_note(
                 "EmbeddingConstraint: the checkpoint's pinned rows differ from the reference; pass "
                 "EmbeddingConstraint(..., on_mismatch='checkpoint') to take them from the checkpoint."

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ._parametrization import original_key, pin_of, tie_of
 from ._tensor import plain
+from ._validate import PinnedRowsError
 
 __all__ = ["merged_state_dict", "install_hooks", "remove_hooks", "optimizer_state_problem"]
 
@@ -61,7 +62,9 @@ def _merged_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadat
 def _load_plain(module: nn.Module, state_dict: dict, prefix: str, local_metadata, strict,
                 missing_keys, unexpected_keys, error_msgs) -> None:
     """load_state_dict pre-hook: accept the plain ``weight`` key (what state_dict() writes and
-    what an unconstrained model saves), loading its free rows and checking its pinned rows."""
+    what an unconstrained model saves), loading its free rows and checking its pinned rows.
+    A shape mismatch is reported the way torch reports one; pinned rows that differ raise
+    :class:`PinnedRowsError` before this module's weight changes."""
     for name, pin in _constrained_names(module):
         key, okey = prefix + name, original_key(prefix, name)
         if key not in state_dict:
@@ -79,9 +82,10 @@ def _load_plain(module: nn.Module, state_dict: dict, prefix: str, local_metadata
             continue
         try:
             state_dict[okey] = pin.load_plain(plain(value), free, key)
-        except RuntimeError as err:
-            error_msgs.append(f"{err}. Pass on_mismatch='checkpoint' to constrain() to take them from the checkpoint.")
-            state_dict[okey] = free.detach()
+        except PinnedRowsError as err:  # raised as it is (not collected): callers can catch it by type
+            raise PinnedRowsError(
+                f"{err}. Pass on_mismatch='checkpoint' to constrain() to take them from the checkpoint."
+            ) from None
 
 
 def optimizer_state_problem(pin: Any, optimizers: Iterable[Any], saved_states: Iterable[Mapping]) -> str | None:
