@@ -1,0 +1,202 @@
+"""Issue 12: silent wrong results in the integrations (Lightning, transformers) and the CLI.
+
+Same convention as ``test_silent_wrong_core.py``: each ``xfail(strict=True)`` test states the
+behaviour the issue asks for; a fix makes it pass and removes the marker.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from _lightning_helpers import PLTinyLM, loader, reference, trainer_kwargs
+from safetensors.torch import save_file
+from torch import nn
+from torch.nn.utils import parametrizations
+
+from embconstraint import release
+from embconstraint.cli import main
+from embconstraint.lightning import EmbeddingConstraint
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning"),  # Lightning's num_workers/logging hints
+    pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning"),
+]
+
+
+def _run(argv, capsys) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_line_error(code: int, err: str, *fragments: str) -> None:
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("embconstraint: error: "), (code, err)
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+# -- 12.4 (Lightning): no stale (V - n, D) grad after fit -------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="issue 12.4: fit with the callback leaves a (V - n, D) .grad")
+def test_backward_after_fit_with_the_callback(tmp_path) -> None:
+    model = PLTinyLM()
+    pl.Trainer(callbacks=[EmbeddingConstraint(model.embedding, reference())],
+               **trainer_kwargs(tmp_path)).fit(model, loader())
+    grad = model.embedding.weight.grad
+    assert grad is None or grad.shape == model.embedding.weight.shape
+    model.zero_grad(set_to_none=True)
+    x, _ = next(iter(loader()))
+    model(x).sum().backward()  # e.g. a saliency map on the trained model
+    assert model.embedding.weight.grad.shape == model.embedding.weight.shape
+
+
+# -- 12.11 (Lightning): a param group naming self.embedding.weight ----------------------------
+
+class _NamedWeightGroups(PLTinyLM):
+    def configure_optimizers(self):
+        rest = list(self.head.parameters()) + list(self.proj.parameters())
+        return torch.optim.SGD([{"params": [self.embedding.weight], "lr": 0.1}, {"params": rest}], lr=0.1)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 12.11: torch's 'non-leaf Tensor' error names no fix")
+def test_param_group_naming_embedding_weight_names_the_fix(tmp_path) -> None:
+    model = _NamedWeightGroups()
+    trainer = pl.Trainer(callbacks=[EmbeddingConstraint(model.embedding, reference())], **trainer_kwargs(tmp_path))
+    with pytest.raises(ValueError) as info:
+        trainer.fit(model, loader())
+    text = "".join(str(info.value)) + "".join(getattr(info.value, "__notes__", []))
+    assert "embedding.parameters()" in text
+    assert "embedding.parametrizations.weight.original" in text
+
+
+# -- 12.10 (hf): releasing the returned embedding releases its tied head ----------------------
+
+@pytest.mark.xfail(strict=True, reason="issue 12.10: release(emb) leaves the tied head parametrized")
+def test_hf_release_of_the_embedding_releases_the_tied_head(tmp_path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from embconstraint.hf import constrain_input_embeddings
+
+    config = GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=12, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config)
+    emb = constrain_input_embeddings(model, torch.zeros(2, 8), indices=[3, 7])
+    merged = emb.weight.detach().clone()
+    release(emb)
+    sd = model.state_dict()
+    assert torch.equal(sd["transformer.wte.weight"], merged)
+    assert model.lm_head.weight is model.transformer.wte.weight  # tied again, one Parameter
+    assert not hasattr(model.lm_head, "parametrizations")
+    model.save_pretrained(tmp_path)
+    again = GPT2LMHeadModel.from_pretrained(tmp_path)
+    assert torch.equal(again.lm_head.weight, merged)
+
+
+# -- 12.9: CLI export ------------------------------------------------------------------------
+
+def _torch_parametrized(kind: str) -> dict:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3))
+    if kind == "orthogonal":
+        parametrizations.orthogonal(model[0])
+    else:
+        parametrizations.spectral_norm(model[0])
+    return model.state_dict()
+
+
+@pytest.mark.xfail(strict=True, reason="issue 12.9: export refuses torch's own parametrizations")
+@pytest.mark.parametrize("kind", ["orthogonal", "spectral_norm"])
+def test_export_passes_torch_parametrizations_through(kind, tmp_path, capsys) -> None:
+    sd = _torch_parametrized(kind)
+    torch.save({"state_dict": sd, "epoch": 1}, tmp_path / "a.ckpt")
+    code, _, err = _run(["export", tmp_path / "a.ckpt", tmp_path / "a.pt"], capsys)
+    assert code == 0, err
+    written = torch.load(tmp_path / "a.pt")
+    assert list(written) == list(sd)
+    assert all(torch.equal(written[k], sd[k]) for k in sd)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 12.9: --reference is merged into an orthogonal layer")
+def test_export_never_merges_a_reference_into_torch_parametrizations(tmp_path, capsys) -> None:
+    sd = _torch_parametrized("orthogonal")
+    torch.save({"state_dict": sd}, tmp_path / "a.ckpt")
+    torch.save(torch.randn(4, 3), tmp_path / "ref.pt")
+    code, _, err = _run(["export", tmp_path / "a.ckpt", tmp_path / "a.pt", "--reference", tmp_path / "ref.pt"], capsys)
+    if code == 2:  # refusing (nothing to merge the reference into) is fine: one line, no file
+        _one_line_error(code, err, "reference")
+        assert not (tmp_path / "a.pt").exists()
+        return
+    written = torch.load(tmp_path / "a.pt")
+    assert code == 0 and list(written) == list(sd)
+    assert all(torch.equal(written[k], sd[k]) for k in sd)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 12.9: exported files are always mode 0600")
+def test_exported_file_mode_follows_the_umask(tmp_path, capsys) -> None:
+    torch.save({"state_dict": {"e.weight": torch.ones(5, 3)}}, tmp_path / "a.ckpt")
+    old = os.umask(0o022)
+    try:
+        code, _, err = _run(["export", tmp_path / "a.ckpt", tmp_path / "a.safetensors"], capsys)
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    assert (tmp_path / "a.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.xfail(strict=True, reason="issue 12.9: export IN IN replaces a training checkpoint")
+def test_export_onto_its_own_input_is_refused(tmp_path, capsys) -> None:
+    path = tmp_path / "train.pt"  # a full Lightning checkpoint saved with a .pt name
+    torch.save({"state_dict": {"e.weight": torch.ones(5, 3)}, "epoch": 4, "optimizer_states": [{}]}, path)
+    before = path.read_bytes()
+    code, _, err = _run(["export", path, path], capsys)
+    _one_line_error(code, err, "train.pt")
+    assert path.read_bytes() == before
+
+
+# -- 12.9: CLI verify ------------------------------------------------------------------------
+
+@pytest.fixture
+def weights(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(5, 3, generator=g)
+    torch.save(w[:2].clone(), tmp_path / "ref.pt")
+    return w
+
+
+@pytest.mark.xfail(strict=True, reason="issue 12.9: verify of a sparse/meta tensor ends in a traceback")
+@pytest.mark.parametrize("make", [pytest.param(lambda w: w.to_sparse(), id="sparse"),
+                                  pytest.param(lambda w: torch.empty_like(w, device="meta"), id="meta")])
+def test_verify_unusual_tensor_is_a_one_line_error(make, weights, tmp_path, capsys) -> None:
+    torch.save({"w": make(weights)}, tmp_path / "w.pt")
+    code, _, err = _run(["verify", tmp_path / "w.pt", "--reference", tmp_path / "ref.pt"], capsys)
+    _one_line_error(code, err, "'w'")
+
+
+@pytest.mark.xfail(strict=True, reason="issue 12.9: a --key missing from REF compares REF's only tensor")
+def test_verify_key_missing_from_reference_is_an_error(weights, tmp_path, capsys) -> None:
+    torch.save({"w": weights}, tmp_path / "w.pt")
+    torch.save({"other.weight": weights[:2].clone()}, tmp_path / "ref2.pt")
+    code, _, err = _run(["verify", tmp_path / "w.pt", "--reference", tmp_path / "ref2.pt", "--key", "w"], capsys)
+    _one_line_error(code, err, "'w'", "ref2.pt")
+
+
+@pytest.mark.xfail(strict=True, reason="issue 12.9: a raw free-rows entry is reported as 'rows differ'")
+def test_verify_raw_parametrization_entry_is_an_error(weights, tmp_path, capsys) -> None:
+    torch.save({"e.parametrizations.weight.original": weights[2:].clone()}, tmp_path / "raw.pt")
+    code, _, err = _run(["verify", tmp_path / "raw.pt", "--reference", tmp_path / "ref.pt"], capsys)
+    _one_line_error(code, err, "e.parametrizations.weight.original")
+
+
+@pytest.mark.xfail(strict=True, reason="issue 12.9: a renamed .safetensors gets advice about export_state_dict")
+def test_verify_safetensors_renamed_pt(weights, tmp_path, capsys) -> None:
+    save_file({"w": weights}, str(tmp_path / "w.pt"))
+    code, out, err = _run(["verify", tmp_path / "w.pt", "--reference", tmp_path / "ref.pt"], capsys)
+    if code == 0:  # reading it by its content is fine
+        assert "all bitwise equal" in out
+        return
+    _one_line_error(code, err, "safetensors")
+    assert "export_state_dict" not in err
