@@ -12,36 +12,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _issue12 import IDS, LAYOUTS, D, N, V, emb_of, free_grad, free_rows, loss_of, pinned_rows, reference
 from torch import nn
 
 from embconstraint import constrain, merged_state_dict, release
-
-V, D, N = 6, 3, 3
-LAYOUTS = [pytest.param(None, id="prefix"), pytest.param([4, 0, 2], id="scattered")]
-IDS = torch.tensor([0, 1, 3, 5])
-
-
-def _rows(indices: list[int] | None) -> list[int]:
-    return list(range(N)) if indices is None else list(indices)
-
-
-def _free(indices: list[int] | None) -> list[int]:
-    return [r for r in range(V) if r not in _rows(indices)]
-
-
-def _ref() -> torch.Tensor:
-    # values float16/bfloat16 cannot hold exactly (the half round trip must not round them)
-    return torch.randn(N, D, generator=torch.Generator().manual_seed(1))
-
-
-def _emb(indices: list[int] | None, cls: type = nn.Embedding, **kwargs) -> nn.Module:
-    torch.manual_seed(0)
-    return constrain(cls(V, D, **kwargs), _ref(), indices=indices)
-
-
-def _free_grad(emb: nn.Module) -> torch.Tensor | None:
-    return emb.parametrizations.weight.original.grad
-
 
 # -- 12.1: a detached weight is a constant --------------------------------------------------
 
@@ -69,7 +43,7 @@ def _assert_constant(emb: nn.Module, out: torch.Tensor, expected: torch.Tensor) 
     assert torch.equal(out, expected)
     student = torch.ones_like(out, requires_grad=True)  # a loss that mixes in the constant
     (student * out).sum().backward()
-    assert _free_grad(emb) is None  # no gradient reached the constrained embedding
+    assert free_grad(emb) is None  # no gradient reached the constrained embedding
 
 
 @pytest.mark.xfail(strict=True, reason="issue 12.1: lookups on a detached weight still require grad")
@@ -77,7 +51,7 @@ def _assert_constant(emb: nn.Module, out: torch.Tensor, expected: torch.Tensor) 
 @pytest.mark.parametrize("op", list(_DETACHED_OPS))
 @pytest.mark.parametrize("indices", LAYOUTS)
 def test_lookup_on_detached_weight_is_constant(indices, op, way) -> None:
-    emb = _emb(indices)
+    emb = emb_of(indices)
     expected = _DETACHED_OPS[op](emb.weight.detach().clone())  # a plain tensor, same values
     _assert_constant(emb, _DETACHED_OPS[op](_WAYS[way](emb)), expected)
 
@@ -85,7 +59,7 @@ def test_lookup_on_detached_weight_is_constant(indices, op, way) -> None:
 @pytest.mark.parametrize("op", list(_DETACHED_OPS_OK))
 @pytest.mark.parametrize("indices", LAYOUTS)
 def test_other_ops_on_detached_weight_are_constant(indices, op) -> None:
-    emb = _emb(indices)
+    emb = emb_of(indices)
     expected = _DETACHED_OPS_OK[op](emb.weight.detach().clone())
     _assert_constant(emb, _DETACHED_OPS_OK[op](emb.weight.detach()), expected)
 
@@ -93,13 +67,24 @@ def test_other_ops_on_detached_weight_are_constant(indices, op) -> None:
 @pytest.mark.xfail(strict=True, reason="issue 12.1: a frozen teacher built from weight.detach() trains the student")
 @pytest.mark.parametrize("indices", LAYOUTS)
 def test_frozen_teacher_from_detached_weight_does_not_train_the_model(indices) -> None:
-    emb = _emb(indices)
+    emb = emb_of(indices)
     teacher = nn.Embedding.from_pretrained(emb.weight.detach(), freeze=True)
     before = emb.weight.detach().clone()
     opt = torch.optim.SGD(emb.parameters(), lr=0.5)
     F.mse_loss(teacher(IDS), torch.zeros(len(IDS), D)).backward()  # a loss of the teacher alone
     opt.step()
     assert torch.equal(emb.weight.detach(), before)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 12.1 (same class): a new leaf made from weight.detach() gets no grad")
+@pytest.mark.parametrize("indices", LAYOUTS)
+def test_new_leaf_from_detached_weight_receives_the_gradient(indices) -> None:
+    emb = emb_of(indices)
+    leaf = emb.weight.detach().requires_grad_()  # e.g. gradients w.r.t. the embedding table
+    F.embedding(IDS, leaf).sum().backward()
+    counts = torch.bincount(IDS, minlength=V).float()[:, None].expand(V, D)
+    assert leaf.grad is not None and torch.equal(leaf.grad, counts)
+    assert free_grad(emb) is None
 
 
 # -- 12.2: weight tying with an nn.Linear head ----------------------------------------------
@@ -120,7 +105,7 @@ class _TiedLM(nn.Module):
 @pytest.mark.parametrize("indices", LAYOUTS)
 def test_constrain_with_root_keeps_a_tied_head(indices) -> None:
     model = _TiedLM()
-    constrain(model.emb, _ref(), indices=indices, root=model)
+    constrain(model.emb, reference(), indices=indices, root=model)
     logits = model(IDS)
     assert logits.shape == (len(IDS), V)
     assert torch.equal(model.head.weight, model.emb.weight)
@@ -135,7 +120,7 @@ def test_constrain_with_root_keeps_a_tied_head(indices) -> None:
 @pytest.mark.parametrize("indices", LAYOUTS)
 def test_tied_head_is_never_silently_shrunk(indices) -> None:
     model = _TiedLM()
-    constrain(model.emb, _ref(), indices=indices)  # the head is outside what constrain sees
+    constrain(model.emb, reference(), indices=indices)  # the head is outside what constrain sees
     try:
         logits = model(IDS)
     except (RuntimeError, ValueError) as err:  # refusing clearly is acceptable
@@ -172,7 +157,7 @@ def _params_3() -> list:
 
 @pytest.mark.parametrize(("indices", "cls", "kwargs", "ids"), _params_3())
 def test_out_of_range_ids_raise_like_plain_torch(indices, cls, kwargs, ids) -> None:
-    emb = _emb(indices, cls, **kwargs)
+    emb = emb_of(indices, cls, **kwargs)
     with pytest.raises(_plain_error(cls, torch.tensor([ids]), **kwargs)):
         emb(torch.tensor([ids]))
 
@@ -182,105 +167,9 @@ def test_out_of_range_ids_raise_like_plain_torch(indices, cls, kwargs, ids) -> N
                                 pytest.param(lambda w: F.embedding_bag(torch.tensor([-1]), w, torch.tensor([0])),
                                              id="F.embedding_bag-offsets")])
 def test_negative_ids_raise_in_functional_calls(fn) -> None:
-    emb = _emb([4, 0, 2])
+    emb = emb_of([4, 0, 2])
     with pytest.raises((IndexError, RuntimeError)):
         fn(emb.weight)
-
-
-# -- 12.4: release() and gradients / optimizers ---------------------------------------------
-
-def _loss(emb: nn.Module) -> torch.Tensor:
-    return (emb(IDS) ** 2).sum() if isinstance(emb, nn.Embedding) else (emb(IDS.view(1, -1)) ** 2).sum()
-
-
-def _full_grad(weight: torch.Tensor) -> torch.Tensor:
-    """The (V, D) gradient of ``_loss`` at ``weight``, computed on a plain embedding."""
-    plain = nn.Embedding.from_pretrained(weight.detach().clone(), freeze=False)
-    _loss(plain).backward()
-    return plain.weight.grad
-
-
-@pytest.mark.xfail(strict=True, reason="issue 12.4: release() leaves a (V - n, D) .grad")
-@pytest.mark.parametrize("indices", LAYOUTS)
-def test_release_merges_a_pending_grad(indices) -> None:
-    emb = _emb(indices)
-    _loss(emb).backward()
-    expected = _full_grad(emb.weight)
-    expected[_rows(indices)] = 0  # pinned rows had no gradient
-    release(emb)
-    assert emb.weight.grad is not None and torch.equal(emb.weight.grad, expected)
-    _loss(emb).backward()  # accumulates into the (V, D) grad, as on any Parameter
-    assert torch.equal(emb.weight.grad, expected + _full_grad(emb.weight))
-
-
-@pytest.mark.parametrize("indices", LAYOUTS)
-def test_release_without_a_grad_leaves_none(indices) -> None:
-    emb = _emb(indices)
-    release(emb)
-    assert emb.weight.grad is None
-
-
-@pytest.mark.xfail(strict=True, reason="issue 12.4: SGD after release broadcasts the one free row's grad")
-def test_sgd_step_after_release_does_not_move_pinned_rows() -> None:
-    torch.manual_seed(0)
-    ref = torch.randn(V - 1, D)
-    emb = constrain(nn.Embedding(V, D), ref)  # one free row: its grad broadcasts onto (V, D)
-    opt = torch.optim.SGD(emb.parameters(), lr=0.1)
-    _loss(emb).backward()
-    free_before, grad = emb.weight[V - 1].detach().clone(), _free_grad(emb)[0].clone()
-    release(emb)
-    opt.step()
-    assert torch.equal(emb.weight[: V - 1], ref)
-    assert torch.equal(emb.weight[V - 1], free_before - 0.1 * grad)
-
-
-_OPTIMIZERS = {
-    "AdamW": lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.1),
-    "SGD-momentum": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
-    "Adagrad": lambda p: torch.optim.Adagrad(p, lr=0.05),
-    "Adam": lambda p: torch.optim.Adam(p, lr=0.05),
-    "RMSprop": lambda p: torch.optim.RMSprop(p, lr=0.05, momentum=0.5),
-}
-
-
-def _widened(state: dict, free_rows: list[int], num_free: int) -> dict:
-    """The optimizer state_dict with every (V - n, D) state tensor widened to (V, D)."""
-    out = {"param_groups": state["param_groups"], "state": {}}
-    for pid, per_param in state["state"].items():
-        out["state"][pid] = {}
-        for key, value in per_param.items():
-            if isinstance(value, torch.Tensor) and value.shape == (num_free, D):
-                wide = torch.zeros(V, D, dtype=value.dtype)
-                wide[free_rows] = value
-                value = wide
-            out["state"][pid][key] = value.clone() if isinstance(value, torch.Tensor) else value
-    return out
-
-
-@pytest.mark.xfail(strict=True, reason="issue 12.4: release(module, optimizer=...) does not exist")
-@pytest.mark.parametrize("name", list(_OPTIMIZERS))
-@pytest.mark.parametrize("indices", LAYOUTS)
-def test_release_with_optimizer_keeps_training_all_rows(indices, name) -> None:
-    emb = _emb(indices)
-    opt = _OPTIMIZERS[name](emb.parameters())
-    for _ in range(2):  # stage 1: only the free rows train
-        opt.zero_grad()
-        _loss(emb).backward()
-        opt.step()
-    free_rows = _free(indices)
-    assert torch.equal(emb.parametrizations.weight.original, emb.weight[free_rows])  # state row k = free row k
-    # the independent computation: a plain embedding with the widened state, same optimizer
-    plain = nn.Embedding.from_pretrained(emb.weight.detach().clone(), freeze=False)
-    plain_opt = _OPTIMIZERS[name](plain.parameters())
-    plain_opt.load_state_dict(_widened(opt.state_dict(), free_rows, V - N))
-    release(emb, optimizer=opt)
-    for module, o in ((emb, opt), (plain, plain_opt)):  # stage 2: every row trains
-        for _ in range(2):
-            o.zero_grad()
-            _loss(module).backward()
-            o.step()
-    assert torch.equal(emb.weight, plain.weight)
-    assert not torch.equal(emb.weight[_rows(indices)], _ref())  # pinned rows moved by real gradients
 
 
 # -- 12.5: a first forward under inference_mode after .to() ---------------------------------
@@ -291,17 +180,17 @@ def test_release_with_optimizer_keeps_training_all_rows(indices, name) -> None:
                                   pytest.param(lambda e: e.half().float(), id="half-float")])
 @pytest.mark.parametrize("indices", LAYOUTS)
 def test_inference_mode_first_forward_after_to(indices, cast) -> None:
-    emb = cast(_emb(indices))
+    emb = cast(emb_of(indices))
     with torch.inference_mode():
         emb(IDS)
     sd = emb.state_dict()
     assert not sd["weight"].is_inference()
     opt = torch.optim.SGD(emb.parameters(), lr=0.1)
-    _loss(emb).backward()
+    loss_of(emb).backward()
     opt.step()
     with torch.no_grad():
         emb.weight.mul_(1.0)  # a guarded write that keeps every row
-    assert torch.equal(emb.weight[_rows(indices)], _ref().to(emb.weight.dtype))
+    assert torch.equal(emb.weight[pinned_rows(indices)], reference().to(emb.weight.dtype))
 
 
 # -- 12.6: half / bfloat16 round trips keep the reference -----------------------------------
@@ -310,13 +199,13 @@ def test_inference_mode_first_forward_after_to(indices, cast) -> None:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("indices", LAYOUTS)
 def test_low_precision_round_trip_restores_the_reference(indices, dtype) -> None:
-    emb = _emb(indices).to(dtype)
+    emb = emb_of(indices).to(dtype)
     emb(IDS)
-    assert torch.equal(emb.weight[_rows(indices)], _ref().to(dtype))  # the reference cast to dtype
+    assert torch.equal(emb.weight[pinned_rows(indices)], reference().to(dtype))  # the reference cast to dtype
     emb.float()
     emb(IDS)
-    assert torch.equal(emb.weight[_rows(indices)], _ref())  # bitwise again
-    assert torch.equal(emb.state_dict()["weight"][_rows(indices)], _ref())
+    assert torch.equal(emb.weight[pinned_rows(indices)], reference())  # bitwise again
+    assert torch.equal(emb.state_dict()["weight"][pinned_rows(indices)], reference())
 
 
 # -- 12.7: meta device, to_empty, load --------------------------------------------------------
@@ -326,11 +215,11 @@ def test_low_precision_round_trip_restores_the_reference(indices, dtype) -> None
 def test_meta_embedding_materialises_after_to_empty(indices) -> None:
     with torch.device("meta"):
         emb = nn.Embedding(V, D)
-    constrain(emb, _ref(), indices=indices)
+    constrain(emb, reference(), indices=indices)
     emb.to_empty(device="cpu")
-    assert torch.equal(emb.weight[_rows(indices)], _ref())
+    assert torch.equal(emb.weight[pinned_rows(indices)], reference())
     checkpoint = torch.randn(V, D, generator=torch.Generator().manual_seed(2))
-    checkpoint[_rows(indices)] = _ref()
+    checkpoint[pinned_rows(indices)] = reference()
     emb.load_state_dict({"weight": checkpoint})
     assert torch.equal(emb(IDS), checkpoint[IDS])
     assert torch.equal(emb.state_dict()["weight"], checkpoint)
@@ -360,20 +249,37 @@ _XFAIL_8 = pytest.mark.xfail(strict=True, reason="issue 12.8: writes into state_
                  marks=[_XFAIL_8] * (layout is None and way != "merged_state_dict"))
     for layout in (None, [4, 0, 2]) for way in _EXPORTS])
 def test_writing_into_a_state_dict_keeps_pinned_rows(indices, way) -> None:
-    emb = _emb(indices)
+    emb = emb_of(indices)
     try:
         _write_8(_EXPORTS[way](emb))
     except RuntimeError:
         pass  # refusing the write is fine too
-    assert torch.equal(emb.weight[_rows(indices)], _ref())
-    assert torch.equal(emb(IDS)[[0]], _ref()[[_rows(indices).index(0)]])
+    assert torch.equal(emb.weight[pinned_rows(indices)], reference())
+    assert torch.equal(emb(IDS)[[0]], reference()[[pinned_rows(indices).index(0)]])
+
+
+@pytest.mark.parametrize("indices", LAYOUTS)
+def test_parameter_vectors_only_reach_the_free_rows(indices) -> None:
+    from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+    emb = emb_of(indices)
+    parameters_to_vector(emb.parameters()).add_(1.0)  # a copy
+    assert torch.equal(emb.weight[pinned_rows(indices)], reference())
+    vector_to_parameters(torch.arange(float((V - N) * D)), emb.parameters())
+    assert torch.equal(emb.weight[pinned_rows(indices)], reference())
+    assert torch.equal(emb.weight[free_rows(indices)], torch.arange(float((V - N) * D)).view(V - N, D))
+    named = dict(emb.named_parameters())
+    assert list(named) == ["parametrizations.weight.original"]
+    with torch.no_grad():
+        named["parametrizations.weight.original"].zero_()
+    assert torch.equal(emb.weight[pinned_rows(indices)], reference())
 
 
 # -- 12.12 (core part) ----------------------------------------------------------------------
 
 @pytest.mark.xfail(strict=True, reason="issue 12.12: missing-key error names the parametrization key")
 def test_missing_key_error_names_the_plain_key() -> None:
-    model = nn.Sequential(_emb(None))
+    model = nn.Sequential(emb_of(None))
     with pytest.raises(RuntimeError) as info:
         model.load_state_dict({})
     assert '"0.weight"' in str(info.value)
@@ -383,7 +289,7 @@ def test_missing_key_error_names_the_plain_key() -> None:
 @pytest.mark.xfail(strict=True, reason="issue 12.12: weight.set_() under no_grad is a silent no-op")
 @pytest.mark.parametrize("indices", LAYOUTS)
 def test_set_on_weight_raises(indices) -> None:
-    emb = _emb(indices)
+    emb = emb_of(indices)
     with torch.no_grad(), pytest.raises(RuntimeError, match="set_"):
         emb.weight.set_(torch.zeros(V, D))
 
@@ -391,13 +297,13 @@ def test_set_on_weight_raises(indices) -> None:
 @pytest.mark.xfail(strict=True, reason="issue 12.12: NumPy integer arrays are refused as indices")
 @pytest.mark.parametrize("dtype", [np.int64, np.int32])
 def test_numpy_indices_are_accepted(dtype) -> None:
-    emb = constrain(nn.Embedding(V, D), _ref(), indices=np.array([4, 0, 2], dtype=dtype))
-    assert torch.equal(emb.weight[[4, 0, 2]], _ref())
+    emb = constrain(nn.Embedding(V, D), reference(), indices=np.array([4, 0, 2], dtype=dtype))
+    assert torch.equal(emb.weight[[4, 0, 2]], reference())
 
 
 @pytest.mark.xfail(strict=True, reason="issue 12.12: meta/sparse reference leaks internals")
 @pytest.mark.parametrize("reference", [pytest.param(lambda: torch.empty(N, D, device="meta"), id="meta"),
-                                       pytest.param(lambda: _ref().to_sparse(), id="sparse")])
+                                       pytest.param(lambda: reference().to_sparse(), id="sparse")])
 def test_meta_or_sparse_reference_is_refused_in_one_line(reference) -> None:
     emb = nn.Embedding(V, D)
     with pytest.raises((TypeError, ValueError)) as info:
@@ -412,7 +318,7 @@ def test_meta_or_sparse_reference_is_refused_in_one_line(reference) -> None:
 def test_torch_func_per_sample_grads(indices) -> None:
     from torch.func import functional_call, grad, vmap
 
-    emb = _emb(indices)
+    emb = emb_of(indices)
     params = {k: v.detach() for k, v in emb.named_parameters()}
 
     def loss(p: dict, x: torch.Tensor) -> torch.Tensor:

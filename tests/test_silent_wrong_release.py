@@ -1,0 +1,105 @@
+"""Issue 12.4: ``release()`` with a pending gradient and with a live optimizer.
+
+Same convention as ``test_silent_wrong_core.py``: each ``xfail(strict=True)`` test states the
+behaviour the issue asks for; a fix makes it pass and removes the marker.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _issue12 import LAYOUTS, D, N, V, emb_of, free_grad, free_rows, loss_of, pinned_rows, reference
+from torch import nn
+
+from embconstraint import constrain, release
+
+# -- 12.4: release() and gradients / optimizers ---------------------------------------------
+
+def _full_grad(weight: torch.Tensor) -> torch.Tensor:
+    """The (V, D) gradient of ``_loss`` at ``weight``, computed on a plain embedding."""
+    plain = nn.Embedding.from_pretrained(weight.detach().clone(), freeze=False)
+    loss_of(plain).backward()
+    return plain.weight.grad
+
+
+@pytest.mark.xfail(strict=True, reason="issue 12.4: release() leaves a (V - n, D) .grad")
+@pytest.mark.parametrize("indices", LAYOUTS)
+def test_release_merges_a_pending_grad(indices) -> None:
+    emb = emb_of(indices)
+    loss_of(emb).backward()
+    expected = _full_grad(emb.weight)
+    expected[pinned_rows(indices)] = 0  # pinned rows had no gradient
+    release(emb)
+    assert emb.weight.grad is not None and torch.equal(emb.weight.grad, expected)
+    loss_of(emb).backward()  # accumulates into the (V, D) grad, as on any Parameter
+    assert torch.equal(emb.weight.grad, expected + _full_grad(emb.weight))
+
+
+@pytest.mark.parametrize("indices", LAYOUTS)
+def test_release_without_a_grad_leaves_none(indices) -> None:
+    emb = emb_of(indices)
+    release(emb)
+    assert emb.weight.grad is None
+
+
+@pytest.mark.xfail(strict=True, reason="issue 12.4: SGD after release broadcasts the one free row's grad")
+def test_sgd_step_after_release_does_not_move_pinned_rows() -> None:
+    torch.manual_seed(0)
+    ref = torch.randn(V - 1, D)
+    emb = constrain(nn.Embedding(V, D), ref)  # one free row: its grad broadcasts onto (V, D)
+    opt = torch.optim.SGD(emb.parameters(), lr=0.1)
+    loss_of(emb).backward()
+    free_before, grad = emb.weight[V - 1].detach().clone(), free_grad(emb)[0].clone()
+    release(emb)
+    opt.step()
+    assert torch.equal(emb.weight[: V - 1], ref)
+    assert torch.equal(emb.weight[V - 1], free_before - 0.1 * grad)
+
+
+_OPTIMIZERS = {
+    "AdamW": lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.1),
+    "SGD-momentum": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+    "Adagrad": lambda p: torch.optim.Adagrad(p, lr=0.05),
+    "Adam": lambda p: torch.optim.Adam(p, lr=0.05),
+    "RMSprop": lambda p: torch.optim.RMSprop(p, lr=0.05, momentum=0.5),
+}
+
+
+def _widened(state: dict, free_rows: list[int], num_free: int) -> dict:
+    """The optimizer state_dict with every (V - n, D) state tensor widened to (V, D)."""
+    out = {"param_groups": state["param_groups"], "state": {}}
+    for pid, per_param in state["state"].items():
+        out["state"][pid] = {}
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor) and value.shape == (num_free, D):
+                wide = torch.zeros(V, D, dtype=value.dtype)
+                wide[free_rows] = value
+                value = wide
+            out["state"][pid][key] = value.clone() if isinstance(value, torch.Tensor) else value
+    return out
+
+
+@pytest.mark.xfail(strict=True, reason="issue 12.4: release(module, optimizer=...) does not exist")
+@pytest.mark.parametrize("name", list(_OPTIMIZERS))
+@pytest.mark.parametrize("indices", LAYOUTS)
+def test_release_with_optimizer_keeps_training_all_rows(indices, name) -> None:
+    emb = emb_of(indices)
+    opt = _OPTIMIZERS[name](emb.parameters())
+    for _ in range(2):  # stage 1: only the free rows train
+        opt.zero_grad()
+        loss_of(emb).backward()
+        opt.step()
+    rows = free_rows(indices)
+    assert torch.equal(emb.parametrizations.weight.original, emb.weight[rows])  # state row k = free row k
+    # the independent computation: a plain embedding with the widened state, same optimizer
+    plain = nn.Embedding.from_pretrained(emb.weight.detach().clone(), freeze=False)
+    plain_opt = _OPTIMIZERS[name](plain.parameters())
+    plain_opt.load_state_dict(_widened(opt.state_dict(), rows, V - N))
+    release(emb, optimizer=opt)
+    for module, o in ((emb, opt), (plain, plain_opt)):  # stage 2: every row trains
+        for _ in range(2):
+            o.zero_grad()
+            loss_of(module).backward()
+            o.step()
+    assert torch.equal(emb.weight, plain.weight)
+    assert not torch.equal(emb.weight[pinned_rows(indices)], reference())  # pinned rows moved by real gradients
