@@ -87,6 +87,24 @@ def test_new_leaf_from_detached_weight_receives_the_gradient(indices) -> None:
     assert free_grad(emb) is None
 
 
+_TRAINABLE_COPIES = {
+    "from_pretrained(freeze=False)": lambda w: nn.Embedding.from_pretrained(w, freeze=False).weight,
+    "nn.Parameter": nn.Parameter,
+}
+
+
+@pytest.mark.xfail(strict=True, reason="issue 12.1 (same class): a trainable copy of weight.detach() trains the original")
+@pytest.mark.parametrize("make", list(_TRAINABLE_COPIES))
+@pytest.mark.parametrize("indices", LAYOUTS)
+def test_trainable_copy_of_detached_weight_is_its_own_parameter(indices, make) -> None:
+    emb = emb_of(indices)
+    student = _TRAINABLE_COPIES[make](emb.weight.detach())  # e.g. a student initialised from the model
+    F.embedding(IDS, student).sum().backward()
+    counts = torch.bincount(IDS, minlength=V).float()[:, None].expand(V, D)
+    assert student.grad is not None and torch.equal(student.grad, counts)
+    assert free_grad(emb) is None
+
+
 # -- 12.2: weight tying with an nn.Linear head ----------------------------------------------
 
 class _TiedLM(nn.Module):
@@ -109,7 +127,13 @@ def test_constrain_with_root_keeps_a_tied_head(indices) -> None:
     logits = model(IDS)
     assert logits.shape == (len(IDS), V)
     assert torch.equal(model.head.weight, model.emb.weight)
-    assert torch.equal(logits, model.emb(IDS) @ model.emb.weight.T)
+    assert torch.equal(logits, F.linear(model.emb(IDS), model.emb.weight))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    F.cross_entropy(logits, torch.tensor([5, 4, 3, 1])).backward()
+    opt.step()
+    logits = model(IDS)
+    assert torch.equal(logits, F.linear(model.emb(IDS), model.emb.weight))  # still tied after a step
+    assert torch.equal(model.emb.weight[pinned_rows(indices)], reference())
     plain = _TiedLM()
     plain.load_state_dict(model.state_dict())  # loads into the plain, tied model
     assert torch.equal(plain.emb.weight, model.emb.weight)
@@ -120,14 +144,19 @@ def test_constrain_with_root_keeps_a_tied_head(indices) -> None:
 @pytest.mark.parametrize("indices", LAYOUTS)
 def test_tied_head_is_never_silently_shrunk(indices) -> None:
     model = _TiedLM()
-    constrain(model.emb, reference(), indices=indices)  # the head is outside what constrain sees
     try:
+        constrain(model.emb, reference(), indices=indices)  # the head is outside what constrain sees
         logits = model(IDS)
     except (RuntimeError, ValueError) as err:  # refusing clearly is acceptable
         assert "tied" in str(err) or "shared" in str(err)
         return
     assert logits.shape == (len(IDS), V)
-    assert torch.equal(logits, model.emb(IDS) @ model.emb.weight.T)
+    assert torch.equal(logits, F.linear(model.emb(IDS), model.emb.weight))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    F.cross_entropy(logits, torch.tensor([5, 4, 3, 1])).backward()
+    opt.step()
+    assert torch.equal(model(IDS), F.linear(model.emb(IDS), model.emb.weight))  # still tied after a step
+    assert torch.equal(model.emb.weight[pinned_rows(indices)], reference())
 
 
 # -- 12.3: out-of-range ids raise in every layout -------------------------------------------

@@ -68,7 +68,7 @@ def test_param_group_naming_embedding_weight_names_the_fix(tmp_path) -> None:
     trainer = pl.Trainer(callbacks=[EmbeddingConstraint(model.embedding, reference())], **trainer_kwargs(tmp_path))
     with pytest.raises(ValueError) as info:
         trainer.fit(model, loader())
-    text = "".join(str(info.value)) + "".join(getattr(info.value, "__notes__", []))
+    text = "\n".join([str(info.value), *getattr(info.value, "__notes__", [])])
     assert "embedding.parameters()" in text
     assert "embedding.parametrizations.weight.original" in text
 
