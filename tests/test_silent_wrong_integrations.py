@@ -21,7 +21,7 @@ from embconstraint.cli import main
 from embconstraint.lightning import EmbeddingConstraint
 
 pytestmark = [
-    pytest.mark.filterwarnings("ignore::UserWarning"),  # Lightning's num_workers/logging hints
+    pytest.mark.filterwarnings("ignore::UserWarning"),  # Lightning's hints; torch's nested-tensor prototype warning
     pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning"),
 ]
 
@@ -169,7 +169,8 @@ def weights(tmp_path):
 
 @pytest.mark.xfail(strict=True, reason="issue 12.9: verify of a sparse/meta tensor ends in a traceback")
 @pytest.mark.parametrize("make", [pytest.param(lambda w: w.to_sparse(), id="sparse"),
-                                  pytest.param(lambda w: torch.empty_like(w, device="meta"), id="meta")])
+                                  pytest.param(lambda w: torch.empty_like(w, device="meta"), id="meta"),
+                                  pytest.param(lambda w: torch.nested.nested_tensor([w, w[:2]]), id="nested")])
 def test_verify_unusual_tensor_is_a_one_line_error(make, weights, tmp_path, capsys) -> None:
     torch.save({"w": make(weights)}, tmp_path / "w.pt")
     code, _, err = _run(["verify", tmp_path / "w.pt", "--reference", tmp_path / "ref.pt"], capsys)
