@@ -3,7 +3,7 @@
 Each test states the behaviour the issue asks for and is marked ``xfail(strict=True)`` while the
 bug is there: a fix makes it pass, and then the marker must go (strict xfail fails otherwise).
 Tests without a marker are regressions for cases of the same class that already hold.
-Every test runs for both layouts: the prefix one (``indices=None``) and a scattered one.
+Most run in both layouts: the prefix one (``indices=None``) and a scattered one.
 """
 
 from __future__ import annotations
