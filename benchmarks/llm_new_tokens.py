@@ -356,7 +356,10 @@ def render_markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
            "the built model", ""]
     for key in sorted({(r["vocab"], r["dim"], r["tied"]) for r in results}):
         rows = {r["method"]: r for r in results if (r["vocab"], r["dim"], r["tied"]) == key}
+        load = next(iter(rows.values()))["loadavg_1min"]
         out += [f"## V={key[0]}, D={key[1]}, {'tied' if key[2] else 'untied'}", "",
+                f"1-minute load average before / after timing: {load[0]} / {load[1]} "
+                f"(machine: {meta['cpu_count']} CPUs; above ~{meta['torch_threads']} the figures are noisy)", "",
                 "| method | median ms/step | x floor | x peft | peak / training MiB | max pinned abs diff |",
                 "|---|---|---|---|---|---|"]
         out += [_row(r, rows.get("floor"), rows.get("peft")) for r in rows.values()] + [""]
@@ -399,9 +402,11 @@ def main(argv: list[str] | None = None) -> int:
         for d in dims:
             for v in sizes:
                 config = Config(vocab=v, dim=d, tied=tying == "tied", new=args.new, device=args.device)
+                load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
                 timed = time_interleaved(args.methods, config, rounds, warmup)
+                load = [load_before, os.getloadavg()[0] if hasattr(os, "getloadavg") else None]
                 for m in args.methods:
-                    r = {"method": m, "vocab": v, "dim": d, "tied": config.tied, **timed[m]}
+                    r = {"method": m, "vocab": v, "dim": d, "tied": config.tied, "loadavg_1min": load, **timed[m]}
                     if args.memory and r["status"] == "ok":
                         r.update(memory_in_fresh_process(ctx, m, config, args.threads))
                         meta["memory_method"] = r.get("memory_method", meta["memory_method"])
