@@ -358,7 +358,7 @@ def render_markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         rows = {r["method"]: r for r in results if (r["vocab"], r["dim"], r["tied"]) == key}
         load = next(iter(rows.values()))["loadavg_1min"]
         out += [f"## V={key[0]}, D={key[1]}, {'tied' if key[2] else 'untied'}", "",
-                f"1-minute load average before / after timing: {load[0]:.2f} / {load[1]:.2f} "
+                f"1-minute load average before / after timing: {' / '.join('n/a' if x is None else f'{x:.2f}' for x in load)} "
                 f"(machine: {meta['cpu_count']} CPUs; above ~{meta['torch_threads']} the figures are noisy)", "",
                 "| method | median ms/step | x floor | x peft | peak / training MiB | max pinned abs diff |",
                 "|---|---|---|---|---|---|"]
