@@ -48,17 +48,19 @@ def _percent(x: float) -> str:
 
 
 def format_table(runs: list[RunResult]) -> str:
-    """The demo's result table (max |Δ| printed with ``repr`` precision).
+    """The demo's result table (max |Δ| printed with 3 significant digits).
 
-    >>> print(format_table([RunResult("model 1", 12, 1.25, 0.9), RunResult("model 2", 16, 2.0, 0.8, 0.5, 0.0)]))
+    >>> print(format_table([RunResult("model 1", 12, 1.25, 0.9), RunResult("model 2", 16, 2.0, 0.8, 0.5, 0.0),
+    ...                     RunResult("model 2", 16, 2.0, 0.8, 0.5, 0.7649759948253632)]))
     model    items  max |Δ| old rows  acc. old items  acc. new items  train time
     -------  -----  ----------------  --------------  --------------  ----------
     model 1     12                 —           90.0%               —       1.2 s
-    model 2     16               0.0           80.0%           50.0%       2.0 s
+    model 2     16                 0           80.0%           50.0%       2.0 s
+    model 2     16             0.765           80.0%           50.0%       2.0 s
     """
     header = ("model", "items", "max |Δ| old rows", "acc. old items", "acc. new items", "train time")
     rows = [header] + [
-        (r.name, str(r.num_items), "—" if r.max_dev is None else repr(r.max_dev),
+        (r.name, str(r.num_items), "—" if r.max_dev is None else f"{r.max_dev:.3g}",
          _percent(r.acc_old), _percent(r.acc_new), f"{r.seconds:.1f} s")
         for r in runs
     ]
@@ -120,7 +122,7 @@ def plot_embeddings(runs: list[RunResult], data: DemoData, path: str | Path) -> 
                        color=colors[data.categories[i]], edgecolors="black", linewidths=0.5, zorder=2)
             ax.annotate(data.items[i] + ("" if old else " (new)"), (x, y), textcoords="offset points",
                         xytext=(5, 4), fontsize=8, fontweight="normal" if old else "bold")
-        dev = "" if run.max_dev is None else f"\nmax |Δ| old rows = {run.max_dev!r}"
+        dev = "" if run.max_dev is None else f"\nmax |Δ| old rows = {run.max_dev:.3g}"
         ax.set_title(f"{run.name} ({run.num_items} items){dev}", fontsize=10)
         ax.set_xlim(lo[0] - pad[0], hi[0] + pad[0])
         ax.set_ylim(lo[1] - pad[1], hi[1] + pad[1])
