@@ -29,6 +29,14 @@ rows ``0 .. n-1`` of the ``(V, D)`` embedding are the *pinned* rows (equal to a 
     rows that never had a gradient, and on this project's CPU ``torch.sqrt`` of 0.0 is about 5x
     slower than of a normal float, so a lower limit whose every row gets a gradient at every step
     would be unfairly fast.)
+``full_table``
+    the second lower limit, for methods that keep the pinned rows in the model: one ``(V, D)``
+    table, never a parameter itself, from which every id is looked up (a plain gather, with
+    the pinned rows' memory traffic), and a parameter that is a view of its free rows and gets
+    the only gradient, built by a separate small path (``embedding_dense_backward`` into the
+    free rows plus one sink row that pinned ids hit). The ids of that path are mapped when the
+    batches are made, outside the timed step. No tensor subclass, no parametrization: the
+    fixed cost a pinning mechanism adds above this is its own.
 
 :func:`run_one` runs one method on one :class:`Config` in the current process and measures it
 (step times, peak memory, optimizer state, pinned-row deviation); ``benchmarks/step_time.py``
@@ -60,7 +68,11 @@ METHODS: dict[str, str] = {
     "peft": "PEFT trainable tokens",
     "embconstraint": "embconstraint.constrain",
     "free_only": "free rows only, (V-n+1, D) with a padding row for pinned ids (lower limit)",
+    "full_table": "full-table limit: frozen (V, D) lookup, gradient for the free rows only (lower limit)",
 }
+
+# The two lower limits: every method's step time is also reported as a ratio to each.
+LIMITS: dict[str, str] = {"free_only": "free", "full_table": "full"}
 
 ID_DISTRIBUTIONS = ("uniform", "new")
 
@@ -77,6 +89,7 @@ _ROW_MODEL: dict[str, Callable[[int, int, int], int]] = {
     # delta's grad, 2 states
     "embconstraint": lambda V, n, f: V + 5 * f,  # table; (f + 1, D) grad, 2 states, 2 temporaries
     "free_only": lambda V, n, f: 6 * (f + 1),
+    "full_table": lambda V, n, f: V + 5 * f,  # table; (f + 1, D) grad, 2 states, 2 temporaries
 }
 
 
@@ -180,6 +193,38 @@ class _Pooled(nn.Module):
         return self.head(self.emb(ids).mean(1))
 
 
+class _FullTableLookup(torch.autograd.Function):
+    """A gather from the whole table; backward: the free rows' gradient only (``fids``: each id's
+    free row, ``k`` = a sink row for pinned ids, sliced off)."""
+
+    @staticmethod
+    def forward(ctx, free: Tensor, table: Tensor, ids: Tensor, fids: Tensor) -> Tensor:
+        ctx.save_for_backward(fids)
+        ctx.num_free = free.shape[0]
+        return torch.embedding(table, ids)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (fids,) = ctx.saved_tensors
+        k = ctx.num_free
+        return torch.ops.aten.embedding_dense_backward(grad, fids, k + 1, k, False)[:k], None, None, None
+
+
+class _FullTable(nn.Module):
+    """The full-table limit: a ``(V, D)`` table (a buffer) looked up directly; the parameter
+    ``free`` is a view of its last ``V - n`` rows, so the optimizer updates the table in place.
+    Takes ``torch.stack([ids, free_ids])`` (the free-row ids are mapped with the batches)."""
+
+    def __init__(self, table: Tensor, num_pinned: int) -> None:
+        super().__init__()
+        self.register_buffer("table", table, persistent=False)
+        self.free = nn.Parameter(table[num_pinned:])
+
+    def forward(self, ids_and_free_ids: Tensor) -> Tensor:
+        ids, fids = ids_and_free_ids
+        return _FullTableLookup.apply(self.free, self.table, ids, fids)
+
+
 class _CatReference(nn.Module):
     """The literal parametrization: ``weight = torch.cat([reference, free])``."""
 
@@ -258,6 +303,11 @@ def _build(method: str, config: Config, reference: Tensor, free_init: Tensor, he
         pad = torch.zeros(1, config.dim, dtype=free_init.dtype, device=free_init.device)
         emb = nn.Embedding(V - n + 1, config.dim, padding_idx=V - n, _weight=torch.cat([free_init, pad]))
         return _Setup(_Pooled(emb, head), map_ids=lambda ids: torch.where(ids >= n, ids - n, V - n))
+    if method == "full_table":
+        emb = _FullTable(full_weight(), n)
+        f = V - n
+        return _Setup(_Pooled(emb, head), pinned_rows=lambda: emb.table[:n],
+                      map_ids=lambda ids: torch.stack([ids, torch.where(ids >= n, ids - n, f)]))
     raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
 
 

@@ -41,9 +41,10 @@ def _result(data: dict, method: str, vocab: int) -> dict:
 def test_quick_run_writes_markdown_json_and_png(quick_run):
     out, stdout, data = quick_run
     md = (out / "results.md").read_text()
-    for section in ("## Targets", "## Median step time", "## Peak memory", "## Optimizer state",
-                    "## Max |pinned row - reference|"):
+    for section in ("## Targets", "## Median step time", "## Median step time (ms; ratio to the full-table limit)",
+                    "## Peak memory", "## Optimizer state", "## Max |pinned row - reference|"):
         assert section in md
+    assert "time vs full-table limit" in md
     for method in methods.METHODS:
         assert method in md
     assert (out / "step_time.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -67,11 +68,17 @@ def test_quick_run_measures_each_method(quick_run):
         assert r["train_bytes"] == r["peak_bytes"] - r["model_bytes"]  # one round: same baseline
     free = _result(data, "free_only", 2000)
     assert free["median_ms_vs_free"] == 1.0
+    full = _result(data, "full_table", 2000)
+    assert full["median_ms_vs_full"] == 1.0
+    ec = _result(data, "embconstraint", 2000)  # both lower limits, as ratios of the same median
+    assert ec["median_ms_vs_free"] == pytest.approx(ec["median_ms"] / free["median_ms"])
+    assert ec["median_ms_vs_full"] == pytest.approx(ec["median_ms"] / full["median_ms"])
     # Optimizer state: AdamW keeps 2 floats per trainable element (+ a step counter per parameter).
     head = 8 * 16 + 16
     n_free = 2000 - 1800
     for method, trainable in (("unconstrained", 2000 * 8 + head), ("embconstraint", n_free * 8 + head),
                               ("cat", n_free * 8 + head), ("peft", n_free * 8 + head),
+                              ("full_table", n_free * 8 + head),
                               ("free_only", (n_free + 1) * 8 + head)):  # + its padding row
         r = _result(data, method, 2000)
         assert r["trainable_params"] == trainable, method
@@ -87,7 +94,7 @@ def test_pinned_rows_exact_for_embconstraint_and_drift_under_grad_hook(quick_run
         assert ec["max_pinned_deviation"] == 0.0 and ec["pinned_exact"] is True
         hook = _result(data, "grad_hook", vocab)  # AdamW's weight decay moves the "frozen" rows
         assert hook["max_pinned_deviation"] > 0 and hook["pinned_exact"] is False
-        for exact in ("callback", "cat", "peft"):
+        for exact in ("callback", "cat", "peft", "full_table"):
             assert _result(data, exact, vocab)["max_pinned_deviation"] == 0.0, exact
         assert _result(data, "unconstrained", vocab)["max_pinned_deviation"] > 0
         assert _result(data, "free_only", vocab)["max_pinned_deviation"] is None
@@ -105,6 +112,9 @@ def test_run_one_in_process_matches_the_semantics():
     # Same batches, same initial weights: the first losses agree across exact methods.
     cat = methods.run_one("cat", config)
     assert cat.final_loss == pytest.approx(ec.final_loss, rel=1e-5)
+    # The full-table limit trains exactly like embconstraint (same rows read, same gradients).
+    full = methods.run_one("full_table", config)
+    assert full.final_loss == ec.final_loss and full.pinned_exact and full.trainable_params == ec.trainable_params
 
 
 def test_interleaved_timing_returns_every_method():
@@ -137,6 +147,7 @@ def test_estimates_order_methods_by_memory():
     c = methods.Config(vocab=1_000_000, dim=128, pinned=0.9)
     est = {m: methods.estimate_bytes(m, c) for m in methods.METHODS}
     assert est["free_only"] < est["embconstraint"] < est["cat"] < est["unconstrained"]
+    assert est["full_table"] == est["embconstraint"]
     assert est["embconstraint"] < est["peft"]
 
 
