@@ -18,6 +18,8 @@ from ._layout import Layout
 __all__ = ["Merge", "embedding", "embedding_bag", "EMBEDDING_BAG_MODES"]
 
 EMBEDDING_BAG_MODES = {"sum": 0, "mean": 1, "max": 2}
+_EMBEDDING_DENSE_BACKWARD = torch.ops.aten.embedding_dense_backward.default  # the overload: no resolution
+_FUNCTION_APPLY = torch._C._FunctionBase.__dict__["apply"]
 MAX_NORM_REFUSED = ("max_norm renormalizes looked-up rows in place, which would change pinned rows; "
                     "it is not supported on a constrained embedding (set max_norm=None)")
 
@@ -37,6 +39,15 @@ class Merge(torch.autograd.Function):
         return grad[ctx.num_pinned:], None
 
 
+def _apply(fn: type[torch.autograd.Function], *args):
+    """``fn.apply(*args)`` without ``Function.apply``'s Python wrapper (it only unwraps dead
+    functorch wrappers and binds defaults for ``setup_context``, which these kernels do not
+    define): the same C++ ``_FunctionBase.apply`` runs. Under functorch transforms, the wrapper."""
+    if torch._C._are_functorch_transforms_active():
+        return fn.apply(*args)
+    return _FUNCTION_APPLY.__get__(None, fn)(*args)
+
+
 def _free_index(lidx: Tensor, num_pinned: int, num_free: int, lpad: int) -> Tensor:
     """Map table rows to free-row positions; pinned and padding rows go to the sink ``num_free``."""
     keep = lidx >= num_pinned
@@ -49,23 +60,24 @@ class _Lookup(torch.autograd.Function):
     """``F.embedding`` on the table with a gradient for the free rows only."""
 
     @staticmethod
-    def forward(ctx, free, table, lidx, lpad, scale_grad_by_freq, sparse):
-        ctx.save_for_backward(lidx)
-        ctx.shape = (table.shape[0] - free.shape[0], free.shape[0])
-        ctx.lpad, ctx.sgbf, ctx.sparse = lpad, scale_grad_by_freq, sparse
+    def forward(ctx, free, table, lidx, lpad, scale_grad_by_freq, sparse, input, free_map):
+        # backward maps the user ids through free_map (user row -> free position, sink k): one
+        # gather instead of the three element-wise kernels of _free_index, same values
+        ctx.save_for_backward(input, free_map)
+        ctx.args = (free.shape[0], lpad, scale_grad_by_freq, sparse)
         return torch.embedding(table, lidx, lpad, scale_grad_by_freq, sparse)
 
     @staticmethod
     def backward(ctx, grad):
-        (lidx,) = ctx.saved_tensors
-        n, k = ctx.shape
-        ridx = _free_index(lidx, n, k, ctx.lpad)
-        if ctx.sparse:
-            g = torch.ops.aten.embedding_sparse_backward(grad, ridx, k, k, ctx.sgbf)
+        input, free_map = ctx.saved_tensors
+        k, lpad, sgbf, sparse = ctx.args
+        ridx = free_map.index_select(0, input.reshape(-1)).view(input.shape)
+        if sparse:
+            g = torch.ops.aten.embedding_sparse_backward(grad, ridx, k, k, sgbf)
         else:
             # One sink row past the end receives nothing (it is the padding row) and is sliced off.
-            g = torch.ops.aten.embedding_dense_backward(grad, ridx, k + 1, k, ctx.sgbf)[:k]
-        return g, None, None, None, None, None
+            g = _EMBEDDING_DENSE_BACKWARD(grad, ridx, k + 1, k, sgbf)[:k]
+        return g, None, None, None, None, None, None, None
 
 
 class _Bag(torch.autograd.Function):
@@ -117,7 +129,8 @@ def embedding(input: Tensor, free: Tensor, table: Tensor, layout: Layout, paddin
     if max_norm is not None:
         raise ValueError(MAX_NORM_REFUSED)
     lidx, lpad = layout.index(input, padding_idx)
-    return _Lookup.apply(free, table, lidx, lpad, scale_grad_by_freq, sparse)
+    free_map = layout.free_map(input.device, input.dtype, lpad)
+    return _apply(_Lookup, free, table, lidx, lpad, scale_grad_by_freq, sparse, input, free_map)
 
 
 def embedding_bag(input: Tensor, free: Tensor, table: Tensor, layout: Layout, offsets: Tensor | None = None,
@@ -161,5 +174,5 @@ def embedding_bag(input: Tensor, free: Tensor, table: Tensor, layout: Layout, of
         )
     lidx, lpad = layout.index(input, padding_idx)
     offsets = offsets.to(lidx.dtype)
-    return _Bag.apply(free, table, per_sample_weights, lidx, offsets, lpad,
+    return _apply(_Bag, free, table, per_sample_weights, lidx, offsets, lpad,
                       scale_grad_by_freq, EMBEDDING_BAG_MODES[mode], sparse, include_last_offset)
