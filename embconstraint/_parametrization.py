@@ -10,7 +10,7 @@ Nothing here synchronizes host and device during a step: aliasing checks read te
 only, and index remapping is element-wise.
 
 Members other modules use (read-only unless said): ``num_rows``, ``num_pinned``, ``layout``,
-``on_mismatch``, ``free_parameter``, ``merged()``, ``table(free)``, ``check_pinned(weight, what)``,
+``on_mismatch``, ``free_parameter``, ``ties()``, ``merged()``, ``table(free)``, ``check_pinned(weight, what)``,
 ``write_free_rows(weight, free)``, ``load_plain(weight, free, what)``; ``TiedTo.embedding``.
 """
 
@@ -71,6 +71,7 @@ class PinnedRows(nn.Module):
         self._reference: Tensor | None = reference  # consumed by the first right_inverse
         self._table: Tensor | None = None
         self._owner: list[nn.Module] = []  # the ParametrizationList, once bound (a list: not a child)
+        self._ties: list[tuple[nn.Module, str]] = []  # (module, name) tied to this weight (not children)
         self.path = "aliased"
 
     # -- read-only members ------------------------------------------------------------------
@@ -98,6 +99,14 @@ class PinnedRows(nn.Module):
     def bind(self, parametrizations: nn.Module) -> None:
         """Remember the ``ParametrizationList`` this parametrization was registered in."""
         self._owner[:] = [parametrizations]
+
+    def add_tie(self, module: nn.Module, name: str) -> None:
+        """Remember that ``module.<name>`` is tied to this weight (``release`` releases it too)."""
+        self._ties.append((module, name))
+
+    def ties(self) -> list[tuple[nn.Module, str]]:
+        """The ``(module, name)`` pairs still tied to this weight."""
+        return [(m, n) for m, n in self._ties if (t := tie_of(m, n)) is not None and t.pin is self]
 
     @property
     def free_parameter(self) -> Tensor:

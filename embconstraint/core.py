@@ -113,8 +113,10 @@ def constrain_tied(root: nn.Module, embedding: Embedding, reference: Reference, 
     Parameter (a tied output head) tied to the merged weight."""
     tied = _shared_with(root, embedding.weight, embedding) if isinstance(embedding, nn.Module) else []
     constrain(embedding, reference, **kwargs)
+    pin = pin_of(embedding)
     for module, name in tied:
-        parametrize.register_parametrization(module, name, TiedTo(embedding, pin_of(embedding)), unsafe=True)
+        parametrize.register_parametrization(module, name, TiedTo(embedding, pin), unsafe=True)
+        pin.add_tie(module, name)
         install_hooks(module)
     return embedding
 
@@ -126,35 +128,77 @@ def tied_modules(root: nn.Module, embedding: nn.Module) -> list[nn.Module]:
                     for n in getattr(m, "parametrizations", {}))]
 
 
-def release(module: nn.Module) -> nn.Module:
+def _widened(value: Tensor, free_rows: Tensor, num_rows: int) -> Tensor:
+    """``value`` (one entry per free row, table order) spread onto ``num_rows`` rows, zeros elsewhere."""
+    rows = free_rows.to(value.device)
+    if value.layout == torch.sparse_coo:  # an nn.Embedding(sparse=True) gradient
+        value = value.coalesce()
+        return torch.sparse_coo_tensor(rows[value.indices()[0]].unsqueeze(0), value.values(),
+                                       (num_rows, *value.shape[1:]))
+    wide = value.new_zeros((num_rows, *value.shape[1:]))
+    wide.index_copy_(0, rows, value)
+    return wide
+
+
+def _check_optimizer(optimizer: object) -> None:
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+
+
+def release(module: nn.Module, *, optimizer: torch.optim.Optimizer | None = None) -> nn.Module:
     """Remove every constraint in ``module`` (an embedding or any module holding some).
 
     Each weight becomes an ordinary ``nn.Parameter`` of shape ``(V, D)``, bitwise equal to the
-    constrained weight; modules tied to a constrained embedding share that Parameter again.
+    constrained weight; modules tied to a constrained embedding share that Parameter again (also
+    when ``module`` is the embedding alone). It stays the same Parameter object, so optimizers
+    and hooks holding it keep it. A pending ``.grad`` becomes the merged ``(V, D)`` gradient
+    (zeros in the pinned rows); no gradient stays ``None``.
+
+    Args:
+        module: a constrained embedding, or a module holding constrained embeddings.
+        optimizer: an optimizer over the trainable rows: each of its per-parameter state
+            tensors shaped like the free rows (Adam's moments, a momentum buffer) is widened to
+            ``(V, D)`` with zero state in the pinned rows (scalar state such as ``step`` is
+            kept), so the same optimizer goes on training every row. Without it, build a new
+            optimizer after ``release`` (or drop its state for the embedding).
 
     >>> import torch
     >>> emb = constrain(torch.nn.Embedding(5, 2), torch.zeros(3, 2))
+    >>> opt = torch.optim.Adam(emb.parameters(), lr=0.1)
+    >>> emb(torch.arange(5)).sum().backward(); opt.step()
     >>> merged = emb.weight.detach().clone()
-    >>> torch.equal(release(emb).weight, merged), type(emb.weight).__name__
+    >>> torch.equal(release(emb, optimizer=opt).weight, merged), type(emb.weight).__name__
     (True, 'Parameter')
+    >>> tuple(emb.weight.grad.shape), tuple(opt.state[emb.weight]["exp_avg"].shape)
+    ((5, 2), (5, 2))
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    _check_optimizer(optimizer)
     pinned = [m for m in module.modules() if is_constrained(m)]
     tied = [(m, n) for m in module.modules() if parametrize.is_parametrized(m)
             for n in list(m.parametrizations.keys()) if tie_of(m, n) is not None]
     if not pinned and not tied:
         raise ValueError(f"release: {type(module).__name__} holds no constrained embedding")
+    tied += [tie for m in pinned for tie in pin_of(m).ties() if tie not in tied]
     for m in pinned:
         pin = pin_of(m)
         free, merged = pin.free_parameter, pin.merged()  # the table itself for the prefix layout
+        rows, num_rows = pin.free_rows(), pin.num_rows
+        grad = None if free.grad is None else _widened(free.grad, rows, num_rows)
+        state = optimizer.state.get(free, {}) if optimizer is not None else {}
+        for key, value in list(state.items()):
+            if isinstance(value, Tensor) and value.dim() > 0 and value.shape == free.shape:
+                state[key] = _widened(value, rows, num_rows)
         remove_hooks(m)
         parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
         with torch.no_grad():
             free.set_(merged)  # same Parameter object, now (V, D): optimizers keep their reference
+        free.grad = grad
     for m, name in tied:
-        remove_hooks(m)
-        parametrize.remove_parametrizations(m, name, leave_parametrized=False)
+        if parametrize.is_parametrized(m, name):
+            remove_hooks(m)
+            parametrize.remove_parametrizations(m, name, leave_parametrized=False)
     return module
 
 

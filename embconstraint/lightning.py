@@ -268,10 +268,9 @@ class EmbeddingConstraint(*_callback_bases()):
         if embedding is None:
             return
         root, self._root = self._root, None
-        tied = tied_modules(root, embedding)
         if is_constrained(embedding):
-            release(embedding)
-        for module in tied:
+            release(embedding)  # its tied heads too; a pending .grad becomes (V, D)
+        for module in tied_modules(root, embedding):  # ties it no longer knows of
             release(module)
 
     # -- the deviation metric --------------------------------------------------------------------

@@ -217,6 +217,9 @@ CASES: list[Case] = [
     # -- release / merged_state_dict --------------------------------------------------------
     Case("`release(x)`: `x` is not a module",
          lambda m: release(m.weight), TypeError, "module must be an nn.Module, got Parameter"),
+    Case("`release(…, optimizer=x)`: `x` is not a `torch.optim.Optimizer`",
+         lambda m: release(m, optimizer=list(m.parameters())), TypeError,
+         "optimizer must be a torch.optim.Optimizer or None, got list", _constrained),
     Case("`release` of a module holding no constrained embedding",
          release, ValueError, "release: Embedding holds no constrained embedding"),
     Case("`release` of a model holding no constrained embedding",

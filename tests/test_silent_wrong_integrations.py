@@ -41,7 +41,6 @@ def _one_line_error(code: int, err: str, *fragments: str) -> None:
 
 # -- 12.4 (Lightning): no stale (V - n, D) grad after fit -------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="issue 12.4: fit with the callback leaves a (V - n, D) .grad")
 def test_backward_after_fit_with_the_callback(tmp_path) -> None:
     model = PLTinyLM()
     pl.Trainer(callbacks=[EmbeddingConstraint(model.embedding, reference())],
@@ -75,7 +74,6 @@ def test_param_group_naming_embedding_weight_names_the_fix(tmp_path) -> None:
 
 # -- 12.10 (hf): releasing the returned embedding releases its tied head ----------------------
 
-@pytest.mark.xfail(strict=True, reason="issue 12.10: release(emb) leaves the tied head parametrized")
 def test_hf_release_of_the_embedding_releases_the_tied_head(tmp_path) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -22,7 +22,6 @@ def _full_grad(weight: torch.Tensor) -> torch.Tensor:
     return plain.weight.grad
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12.4: release() leaves a (V - n, D) .grad")
 @pytest.mark.parametrize("indices", LAYOUTS)
 def test_release_merges_a_pending_grad(indices) -> None:
     emb = emb_of(indices)
@@ -42,7 +41,6 @@ def test_release_without_a_grad_leaves_none(indices) -> None:
     assert emb.weight.grad is None
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12.4: SGD after release broadcasts the one free row's grad")
 def test_sgd_step_after_release_does_not_move_pinned_rows() -> None:
     torch.manual_seed(0)
     ref = torch.randn(V - 1, D)
@@ -79,7 +77,6 @@ def _widened(state: dict, free_rows: list[int], num_free: int) -> dict:
     return out
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12.4: release(module, optimizer=...) does not exist")
 @pytest.mark.parametrize("name", list(_OPTIMIZERS))
 @pytest.mark.parametrize("indices", LAYOUTS)
 def test_release_with_optimizer_keeps_training_all_rows(indices, name) -> None:
@@ -103,3 +100,31 @@ def test_release_with_optimizer_keeps_training_all_rows(indices, name) -> None:
             o.step()
     assert torch.equal(emb.weight, plain.weight)
     assert not torch.equal(emb.weight[pinned_rows(indices)], reference())  # pinned rows moved by real gradients
+
+
+@pytest.mark.parametrize("indices", LAYOUTS)
+def test_release_merges_a_pending_sparse_grad(indices) -> None:
+    emb = emb_of(indices, sparse=True)
+    loss_of(emb).backward()
+    expected = _full_grad(emb.weight)
+    expected[pinned_rows(indices)] = 0
+    release(emb)
+    assert emb.weight.grad.is_sparse and emb.weight.grad.shape == (V, D)
+    assert torch.equal(emb.weight.grad.to_dense(), expected)
+    opt = torch.optim.SparseAdam(emb.parameters(), lr=0.1)
+    opt.step()  # a sparse optimizer takes the widened sparse gradient
+    assert torch.equal(emb.weight[pinned_rows(indices)], reference())  # zero gradient: not moved
+
+
+def test_release_with_an_optimizer_keeps_scalar_state_and_others_untouched() -> None:
+    emb = emb_of(None)
+    other = nn.Parameter(torch.ones(V - N, D))  # same shape as the free rows, another parameter
+    opt = torch.optim.Adam([*emb.parameters(), other], lr=0.1)
+    (loss_of(emb) + other.sum()).backward()
+    opt.step()
+    other_state = {k: v.clone() for k, v in opt.state[other].items()}
+    step = opt.state[emb.parametrizations.weight.original]["step"].clone()
+    release(emb, optimizer=opt)
+    assert torch.equal(opt.state[emb.weight]["step"], step)
+    assert opt.state[emb.weight]["exp_avg"].shape == (V, D)
+    assert all(torch.equal(opt.state[other][k], v) for k, v in other_state.items())
