@@ -70,6 +70,7 @@ class PinnedRows(nn.Module):
         self.on_mismatch = on_mismatch
         self._reference: Tensor | None = reference  # consumed by the first right_inverse
         self._table: Tensor | None = None
+        self._alias_key: tuple | None = None  # see table()
         self._owner: list[nn.Module] = []  # the ParametrizationList, once bound (a list: not a child)
         self._ties: list[tuple[nn.Module, str]] = []  # (module, name) tied to this weight (not children)
         self.path = "aliased"
@@ -133,12 +134,26 @@ class PinnedRows(nn.Module):
             and table.is_contiguous()
         )
 
-    @torch.no_grad()
     def table(self, free: Tensor) -> Tensor:
         """The table, re-built around ``free`` if a conversion (``.to``, ``.half``, a loader,
         a distributed wrapper) separated them. Re-aliases ``free`` when it is a Parameter."""
+        # Fast path: the same free and table objects as at the last positive aliasing check, with
+        # the same addresses and metadata. The key holds both tensors, so neither block of memory
+        # can have been freed and reused meanwhile: free is still the table's free block.
+        table, key = self._table, self._alias_key
+        if (key is not None and key[0] is free and key[1] is table and free.data_ptr() == key[2]
+                and table.data_ptr() == key[3] and free.stride() == key[4] and free.shape == key[5]
+                and free.dtype == key[6] and free.device == key[7]):
+            return table
         if self._aliased(free):
-            return self._table
+            self._alias_key = (free, table, free.data_ptr(), table.data_ptr(), free.stride(), free.shape,
+                               free.dtype, free.device)
+            return table
+        self._alias_key = None
+        with torch.no_grad():
+            return self._rebuild(free)
+
+    def _rebuild(self, free: Tensor) -> Tensor:
         old = self._table
         table = torch.empty((self.num_rows, free.shape[1]), dtype=free.dtype, device=free.device)
         table[: self.num_pinned] = old[: self.num_pinned]
