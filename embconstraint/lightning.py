@@ -50,6 +50,14 @@ from .state import optimizer_state_problem
 __all__ = ["EmbeddingConstraint"]
 
 
+def _add_note(exception: BaseException, note: str) -> None:
+    """``exception.add_note(note)``; before Python 3.11, appended to a one-argument message."""
+    if hasattr(exception, "add_note"):
+        exception.add_note(note)
+    elif len(exception.args) == 1 and isinstance(exception.args[0], str):
+        exception.args = (f"{exception.args[0]}\n{note}",)
+
+
 class _CheckpointError(RuntimeError):
     """A ``ckpt_path`` that cannot be trusted."""
 
@@ -238,7 +246,10 @@ class EmbeddingConstraint(*_callback_bases()):
         When the failure came from an unreadable ``ckpt_path`` or from pinned rows that differ
         from the reference, a note saying so is added to the exception.
         """
+        hint = self._non_leaf_hint(exception)
         self._remove()
+        if hint is not None:
+            _add_note(exception, hint)
         if not hasattr(exception, "add_note") or isinstance(exception, _CheckpointError):  # add_note: 3.11+
             return
         path = getattr(trainer, "ckpt_path", None)
@@ -250,6 +261,22 @@ class EmbeddingConstraint(*_callback_bases()):
                 "EmbeddingConstraint: the checkpoint's pinned rows differ from the reference; pass "
                 "EmbeddingConstraint(..., on_mismatch='checkpoint') to take them from the checkpoint."
             )
+
+    def _non_leaf_hint(self, exception: BaseException) -> str | None:
+        """The fix for torch's "can't optimize a non-leaf Tensor" when ``configure_optimizers``
+        named the constrained ``weight`` (computed from the trainable rows, so not a leaf)."""
+        embedding, root = self._installed, self._root
+        if not (isinstance(exception, ValueError) and "non-leaf Tensor" in str(exception)
+                and embedding is not None and root is not None):
+            return None
+        path = next((name for name, m in root.named_modules() if m is embedding), "")
+        prefix = f"{path}." if path else ""
+        return (
+            f"EmbeddingConstraint: {prefix or 'the embedding.'}weight of a constrained embedding is computed "
+            f"from its trainable rows, so an optimizer cannot hold it: in configure_optimizers pass "
+            f"self.{prefix}parameters() instead (one (V - n, D) Parameter, named "
+            f"'{prefix}parametrizations.weight.original'; name-based param groups must use that name)."
+        )
 
     def on_load_checkpoint(self, trainer: Any, pl_module: nn.Module, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint file that loaded but fails its CRC check (silently flipped bits);

@@ -61,7 +61,6 @@ class _NamedWeightGroups(PLTinyLM):
         return torch.optim.SGD([{"params": [self.embedding.weight], "lr": 0.1}, {"params": rest}], lr=0.1)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12.11: torch's 'non-leaf Tensor' error names no fix")
 def test_param_group_naming_embedding_weight_names_the_fix(tmp_path) -> None:
     model = _NamedWeightGroups()
     trainer = pl.Trainer(callbacks=[EmbeddingConstraint(model.embedding, reference())], **trainer_kwargs(tmp_path))
