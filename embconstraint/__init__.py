@@ -14,9 +14,11 @@ from typing import Any
 
 from ._validate import PinnedRowsError
 from .core import constrain, is_constrained, release
+from .rows import load_rows, save_rows
 from .state import merged_state_dict
 
-__all__ = ["constrain", "release", "is_constrained", "merged_state_dict", "PinnedRowsError", "EmbeddingConstraint"]
+__all__ = ["constrain", "release", "is_constrained", "merged_state_dict", "PinnedRowsError", "EmbeddingConstraint",
+           "save_rows", "load_rows"]
 __version__ = "0.1.0"
 
 

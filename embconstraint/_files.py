@@ -73,6 +73,10 @@ class SafetensorsFile(Mapping):
                 f"{self.what} {path_str(self.path)!r}: cannot read tensor {key!r} ({_one_line(err)})"
             ) from None
 
+    def metadata(self) -> dict[str, str]:
+        """The file's ``__metadata__`` (empty if none)."""
+        return dict(self._file.metadata() or {})
+
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._file.get_slice(key).get_shape())
 
@@ -306,16 +310,17 @@ def writer_kind(out: Path) -> str:
                      f"use {_SAFETENSORS} (safetensors) or {' / '.join(_TORCH_WRITE)} (torch)")
 
 
-def write_atomic(tensors: dict[str, Any], out: Path, kind: str) -> None:
+def write_atomic(tensors: dict[str, Any], out: Path, kind: str, metadata: dict[str, str] | None = None) -> None:
     """Write ``tensors`` to ``out`` through a temporary file in the same folder, renamed when
-    complete: a failed write leaves no partial file."""
+    complete: a failed write leaves no partial file. ``metadata``: extra safetensors metadata."""
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
         if kind == "safetensors":
             import safetensors.torch
 
-            safetensors.torch.save_file(tensors, tmp, metadata={"format": "pt", "producer": "embconstraint export"})
+            safetensors.torch.save_file(tensors, tmp, metadata={"format": "pt", "producer": "embconstraint export",
+                                                                 **(metadata or {})})
         else:
             torch.save(tensors, tmp)
         os.replace(tmp, out)

@@ -1,4 +1,4 @@
-"""The ``embconstraint`` command: ``demo``, ``export`` and ``verify``.
+"""The ``embconstraint`` command: ``demo``, ``export``, ``verify`` and ``rows``.
 
 Exit codes: 0 success (``verify``: every pinned row bitwise equal), 1 (``verify`` only) some
 pinned row deviates, 2 bad usage or unreadable input (one line on stderr, no traceback).
@@ -26,6 +26,7 @@ exactly, train only the new ones). Commands:
   demo     train a tiny model, grow its vocabulary, retrain with and without the constraint
   export   write the merged weights of a Lightning checkpoint as .safetensors or .pt
   verify   check that the pinned rows of a weight file are bitwise equal to a reference
+  rows     write the new rows of a weights file as a rows-only file (for load_rows)
 
 Run 'embconstraint COMMAND --help' for a command's options."""
 
@@ -55,6 +56,14 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def _rows(args: argparse.Namespace) -> int:
+    from .rows import extract_rows
+
+    names = extract_rows(args.weights, args.out, num_pinned=args.pinned, keys=args.key)
+    print(f"wrote the rows {args.pinned}.. of {', '.join(names)} to {args.out}")
+    return 0
+
+
 _COMMANDS = {  # name: (one-line help, description)
     "demo": (
         "run the vocabulary-growth demo (about 20 s on 2 CPU cores)",
@@ -80,6 +89,13 @@ _COMMANDS = {  # name: (one-line help, description)
         "against row indices[i] (default: the first n rows). Prints the max |Δ| over the pinned rows "
         "and the number of rows checked. Exit status: 0 if every pinned row is bitwise equal, "
         "1 if any differs, 2 on an error."
+    ),
+    "rows": (
+        "write the new rows of a weights file as a rows-only file",
+        "Write rows PINNED.. (the new tokens) of each --key weight of WEIGHTS (a .safetensors or .pt "
+        "state dict, e.g. a Trainer checkpoint's model.safetensors) to OUT (.safetensors), with their "
+        "row indices and a SHA-256 fingerprint of rows 0..PINNED-1; embconstraint.load_rows(model, OUT) "
+        "writes them into a model whose first PINNED rows match."
     ),
 }
 
@@ -129,6 +145,17 @@ def _parser() -> argparse.ArgumentParser:
                            help="pinned rows: a text file of integers (whitespace/comma separated) or a .pt tensor")),
     ])
     verify.set_defaults(func=_verify)
+
+    rows = _command(sub, "rows")
+    _arguments(rows, [
+        ("weights", dict(metavar="WEIGHTS", help=".safetensors or .pt file holding a state dict")),
+        ("out", dict(metavar="OUT", help="the rows file to write (.safetensors)")),
+        ("--pinned", dict(metavar="N", type=int, required=True,
+                          help="number of leading rows that are pinned (the old vocabulary size)")),
+        ("--key", dict(metavar="NAME", action="append", default=None,
+                       help="a weight to take the rows of (repeat for several); default: the only 2-D tensor")),
+    ])
+    rows.set_defaults(func=_rows)
     return parser
 
 
@@ -163,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exit_.code if isinstance(exit_.code, int) else 0 if exit_.code is None else 2
     if args.command is None:
         parser.print_usage(sys.stderr)
-        print(f"{_PROG}: error: a command is required (demo, export or verify)", file=sys.stderr)
+        print(f"{_PROG}: error: a command is required (demo, export, verify or rows)", file=sys.stderr)
         return 2
     try:
         return args.func(args)

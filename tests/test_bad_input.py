@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from embconstraint import constrain, is_constrained, merged_state_dict, release
+from embconstraint import constrain, is_constrained, load_rows, merged_state_dict, release, save_rows
 
 V, D, N = 6, 3, 3
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -82,6 +82,20 @@ def _pinned_changed_checkpoint(emb: nn.Module) -> None:
     sd["weight"] = sd["weight"].clone()
     sd["weight"][0] += 1.0
     emb.load_state_dict(sd)
+
+
+def _rows_file(module: nn.Module) -> str:
+    """A rows file saved from ``module`` (constrained), in a fresh temporary folder."""
+    import tempfile
+
+    path = Path(tempfile.mkdtemp()) / "rows.safetensors"
+    save_rows(module, path)
+    return str(path)
+
+
+def _rows_of_other_model() -> str:
+    torch.manual_seed(5)
+    return _rows_file(constrain(nn.Embedding(V, D), torch.randn(N, D)))
 
 
 @dataclass(frozen=True)
@@ -276,6 +290,26 @@ CASES: list[Case] = [
     Case("`F.embedding_bag(…, max_norm=…)` on a constrained weight",
          lambda m: F.embedding_bag(torch.tensor([[0, 4]]), m.weight, max_norm=1.0), ValueError,
          "max_norm renormalizes looked-up rows in place", _constrained),
+    # -- rows files ---------------------------------------------------------------------------
+    Case("`save_rows` of a module holding no constrained weight",
+         lambda m: save_rows(m, "rows.safetensors"), ValueError, "save_rows: Embedding holds no constrained weight"),
+    Case("`save_rows` / `load_rows` with a path not ending in `.safetensors`",
+         lambda m: save_rows(m, "rows.pt"), ValueError,
+         "path 'rows.pt': a rows file is a .safetensors file, got extension '.pt'", _constrained),
+    Case("`load_rows` of a rows file for another model (other pinned rows)",
+         lambda m: load_rows(m, _rows_of_other_model()), ValueError,
+         "load_rows: the pinned rows of weight differ from those the file's rows were trained against "
+         "(SHA-256 fingerprint mismatch)"),
+    Case("`load_rows` of a rows file for a weight of another shape",
+         lambda m: load_rows(m, _rows_file(constrain(nn.Embedding(V + 1, D), _ref()))), ValueError,
+         "load_rows: weight has shape (6, 3) in the model, the file's rows are for shape (7, 3)"),
+    Case("`load_rows` of a rows file naming a module the model lacks",
+         lambda m: load_rows(m, _rows_file(nn.ModuleDict({"emb": _constrained()}))), ValueError,
+         "load_rows: the model has no module 'emb' (entry 'emb.weight')"),
+    Case("`load_rows` into a model constrained with other free rows",
+         lambda m: load_rows(m, _rows_file(constrain(nn.Embedding(V, D), _ref(N - 1, D)))), ValueError,
+         "load_rows: weight is constrained with 3 free rows in the model, other than the file's 4 free rows",
+         _constrained),
 ]
 
 
