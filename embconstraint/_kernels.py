@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ._layout import Layout
 
-__all__ = ["Merge", "embedding", "embedding_bag", "EMBEDDING_BAG_MODES"]
+__all__ = ["Merge", "merge", "embedding", "embedding_bag", "EMBEDDING_BAG_MODES"]
 
 EMBEDDING_BAG_MODES = {"sum": 0, "mean": 1, "max": 2}
 _EMBEDDING_DENSE_BACKWARD = torch.ops.aten.embedding_dense_backward.default  # the overload: no resolution
@@ -46,6 +46,11 @@ def _apply(fn: type[torch.autograd.Function], *args):
     if torch._C._are_functorch_transforms_active():
         return fn.apply(*args)
     return _FUNCTION_APPLY.__get__(None, fn)(*args)
+
+
+def merge(free: Tensor, table: Tensor) -> Tensor:
+    """``Merge.apply(free, table)``: the table as a tensor whose gradient reaches ``free``."""
+    return _apply(Merge, free, table)
 
 
 def _free_index(lidx: Tensor, num_pinned: int, num_free: int, lpad: int) -> Tensor:

@@ -22,7 +22,6 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ._kernels import Merge
 from ._layout import Layout
 from ._tensor import PinnedWeight, plain, storage_ptr, wrap
 from ._validate import PinnedRowsError, bitwise_equal, max_abs_deviation
@@ -170,7 +169,9 @@ class PinnedRows(nn.Module):
     @torch.compiler.disable
     def forward(self, free: Tensor) -> PinnedWeight:
         table = self.table(free)
-        return wrap(Merge.apply(free, table.detach()), self, free, table)
+        # No autograd node here: a lookup never uses one (its kernel takes free and table);
+        # any other use builds the Merge node on demand (see _tensor.merged_of).
+        return wrap(table.detach(), self, free, table)
 
     @torch.no_grad()
     def right_inverse(self, weight: Tensor) -> Tensor:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from ._kernels import embedding, embedding_bag
+from ._kernels import embedding, embedding_bag, merge
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._parametrization import PinnedRows
@@ -49,13 +49,24 @@ _INPLACE_DUNDERS = frozenset(
 )
 
 
+def _merged(w: PinnedWeight) -> Tensor:
+    """The plain tensor ``w`` stands for (layout order): the table through a ``Merge`` node, so
+    that gradients reach the free rows. Built on the first use that is not a handled op (a
+    lookup needs none), in the grad mode of the weight's access, then kept on ``w``."""
+    m = w.__dict__.get("_merged")
+    if m is None:
+        with torch._C.DisableTorchFunctionSubclass(), torch.set_grad_enabled(w._grad_mode):
+            m = w.__dict__["_merged"] = merge(w._free, w._table)
+    return m
+
+
 def plain(t: Tensor) -> Tensor:
     """``t`` seen as a plain ``torch.Tensor`` (same storage and autograd history). A merged
     weight comes back in user order: its storage is the table, in layout order (a gather for
     the scattered layout)."""
     if isinstance(t, PinnedWeight):
         with torch._C.DisableTorchFunctionSubclass():
-            return t._pin.layout.to_user_order(t.as_subclass(Tensor))
+            return t._pin.layout.to_user_order(_merged(t))
     return t.as_subclass(Tensor) if type(t) is not Tensor and not isinstance(t, nn.Parameter) else t
 
 
@@ -94,7 +105,7 @@ def run_plain(func, args: tuple, kwargs: dict) -> Any:
         if not isinstance(a, (PinnedWeight, PinnedView)):
             return a
         with torch._C.DisableTorchFunctionSubclass():
-            t = a.as_subclass(Tensor)
+            t = _merged(a) if isinstance(a, PinnedWeight) else a.as_subclass(Tensor)
             ptrs.add(storage_ptr(t))
             if isinstance(a, PinnedWeight):  # the table is in layout order
                 t = a._pin.layout.to_user_order(t)
@@ -153,6 +164,7 @@ class PinnedWeight(Tensor):
     _pin: PinnedRows
     _free: Tensor
     _table: Tensor
+    _grad_mode: bool  # grad mode of the access: the lazily built Merge node records a graph in it
 
     @classmethod
     @torch.compiler.disable
@@ -170,7 +182,9 @@ class PinnedWeight(Tensor):
         if isinstance(target, cls):
             if func in (Tensor.detach, _DATA_GET):  # `in` compares by ==, as method-wrappers need
                 with torch._C.DisableTorchFunctionSubclass():
-                    return wrap(func(*args, **kwargs), target._pin, target._free, target._table)
+                    detached = wrap(func(*args, **kwargs), target._pin, target._free, target._table)
+                    detached._grad_mode = False  # its Merge node, if built, records no graph
+                    return detached
             if _is_write(func) or func == DATA_SET:
                 return _write(func, args, kwargs)
         return run_plain(func, args, kwargs)
@@ -180,6 +194,7 @@ def wrap(t: Tensor, pin: PinnedRows, free: Tensor, table: Tensor) -> PinnedWeigh
     """``t`` (an alias of ``table``) as the :class:`PinnedWeight` of ``pin``."""
     w = t.as_subclass(PinnedWeight)
     w._pin, w._free, w._table = pin, free, table.detach()
+    w._grad_mode = torch.is_grad_enabled()
     return w
 
 
