@@ -5,6 +5,8 @@ Storage: one ``(V, D)`` tensor, the *table*, holds every row in layout order (se
 (``parametrizations.weight.original``, :attr:`PinnedRows.free_parameter`) is a view of the free
 block, so "concatenating" the two blocks costs nothing: the table *is* the merged weight. For
 the prefix layout the table is in user order and is returned as the weight without any copy.
+The same class pins the entries of an output head's ``(V,)`` bias (a table of 1-element
+"rows" sharing the weight's :class:`~embconstraint._layout.Layout`).
 
 Nothing here synchronizes host and device during a step: aliasing checks read tensor metadata
 only, and index remapping is element-wise.
@@ -127,8 +129,8 @@ class PinnedRows(nn.Module):
             and free.device == table.device
             and free.dtype == table.dtype
             and free.untyped_storage().data_ptr() == table.untyped_storage().data_ptr()
-            and free.storage_offset() == table.storage_offset() + self.num_pinned * table.shape[1]
-            and free.shape == (self.num_rows - self.num_pinned, table.shape[1])
+            and free.storage_offset() == table.storage_offset() + self.num_pinned * table[0].numel()
+            and free.shape == (self.num_rows - self.num_pinned, *table.shape[1:])
             and free.stride() == table.stride()
             and table.is_contiguous()
         )
@@ -154,7 +156,7 @@ class PinnedRows(nn.Module):
 
     def _rebuild(self, free: Tensor) -> Tensor:
         old = self._table
-        table = torch.empty((self.num_rows, free.shape[1]), dtype=free.dtype, device=free.device)
+        table = torch.empty((self.num_rows, *free.shape[1:]), dtype=free.dtype, device=free.device)
         table[: self.num_pinned] = old[: self.num_pinned]
         table[self.num_pinned:] = free
         self._table = table
@@ -185,7 +187,7 @@ class PinnedRows(nn.Module):
                 # table, so constraining allocates no second (V, D) tensor.
                 table = weight.detach()
             else:
-                table = torch.empty((self.num_rows, weight.shape[1]), dtype=weight.dtype, device=weight.device)
+                table = torch.empty((self.num_rows, *weight.shape[1:]), dtype=weight.dtype, device=weight.device)
                 torch.index_select(weight, 0, self.free_rows().to(weight.device), out=table[self.num_pinned:])
             table[: self.num_pinned] = ref  # copies, casting dtype and device
             self._table = table
@@ -199,10 +201,9 @@ class PinnedRows(nn.Module):
     def check_pinned(self, weight: Tensor, what: str) -> None:
         """Raise :class:`PinnedRowsError` if ``weight`` (user order) does not hold the pinned rows
         bitwise; ``ValueError`` if it has another shape."""
-        if tuple(weight.shape) != (self.num_rows, self._table.shape[1]):
-            raise ValueError(
-                f"{what} must have shape {(self.num_rows, self._table.shape[1])}, got {tuple(weight.shape)}"
-            )
+        shape = (self.num_rows, *self._table.shape[1:])
+        if tuple(weight.shape) != shape:
+            raise ValueError(f"{what} must have shape {shape}, got {tuple(weight.shape)}")
         new = self._layout.user_to_layout(weight.to(self._table))[: self.num_pinned]
         old = self._table[: self.num_pinned]
         if not bitwise_equal(new, old):
@@ -224,7 +225,7 @@ class PinnedRows(nn.Module):
         """Free rows to load from a plain ``(V, D)`` weight; pinned rows are checked (or adopted)."""
         table = self.table(free)
         if self.on_mismatch == "checkpoint":
-            if tuple(weight.shape) == (self.num_rows, table.shape[1]):
+            if tuple(weight.shape) == tuple(table.shape):
                 table[: self.num_pinned] = self._layout.user_to_layout(weight.to(table))[: self.num_pinned]
         else:
             self.check_pinned(weight, what)

@@ -33,7 +33,7 @@ from ._tensor import plain
 __all__ = [
     "PinnedRowsError", "bitwise_equal", "equal_bits", "max_abs_deviation",
     "ON_MISMATCH", "check_on_mismatch", "as_reference", "check_reference", "casts_exactly",
-    "index_tensor", "check_rows", "checked_indices", "check_embedding",
+    "index_tensor", "check_rows", "checked_indices", "check_embedding", "reference_bias", "check_bias",
 ]
 
 ON_MISMATCH = ("error", "checkpoint")
@@ -70,12 +70,13 @@ def check_on_mismatch(on_mismatch: Any) -> None:
 
 
 def as_reference(reference: Any) -> Tensor:
-    """The ``(n, D)`` floating-point tensor of an embedding or tensor ``reference`` (detached)."""
-    if isinstance(reference, (nn.Embedding, nn.EmbeddingBag)):
+    """The ``(n, D)`` floating-point tensor of an embedding, output head (``nn.Linear``: its
+    weight rows) or tensor ``reference`` (detached)."""
+    if isinstance(reference, (nn.Embedding, nn.EmbeddingBag, nn.Linear)):
         reference = reference.weight
     if not isinstance(reference, Tensor):
         raise TypeError(
-            "reference must be an nn.Embedding, nn.EmbeddingBag, Tensor or Parameter of shape (n, D), "
+            "reference must be an nn.Embedding, nn.EmbeddingBag, nn.Linear, Tensor or Parameter of shape (n, D), "
             f"got {type(reference).__name__}"
         )
     reference = plain(reference.detach())
@@ -159,10 +160,47 @@ def checked_indices(indices: Any, num_pinned: int, num_rows: int | None) -> Tens
     return idx
 
 
-def check_embedding(embedding: Any, parametrized: bool, constrained: bool) -> None:
-    """What :func:`embconstraint.constrain` refuses of the module itself."""
-    if not isinstance(embedding, (nn.Embedding, nn.EmbeddingBag)):
-        raise TypeError(f"embedding must be an nn.Embedding or nn.EmbeddingBag, got {type(embedding).__name__}")
+def reference_bias(reference: Any) -> Tensor | None:
+    """The bias of an ``nn.Linear`` ``reference`` (detached), None for anything else."""
+    if isinstance(reference, nn.Linear) and reference.bias is not None:
+        return plain(reference.bias.detach())
+    return None
+
+
+def check_bias(module: nn.Module, reference: Any, num_pinned: int) -> None:
+    """A head's bias against an ``nn.Linear`` reference: both or neither have one, and a head
+    bias is a floating-point ``nn.Parameter`` (checked for any reference)."""
+    bias = getattr(module, "bias", None) if isinstance(module, nn.Linear) else None
+    if isinstance(reference, nn.Linear) and reference.bias is not None and bias is None:
+        raise ValueError(
+            f"reference is an nn.Linear with a bias but embedding ({type(module).__name__}) has none; "
+            "pass reference.weight to pin the weight rows only"
+        )
+    if isinstance(reference, nn.Linear) and reference.bias is None and bias is not None:
+        raise ValueError(
+            f"reference is an nn.Linear without a bias but embedding ({type(module).__name__}) has one; "
+            "pass reference.weight to pin the bias entries at their current values"
+        )
+    if bias is None:
+        return
+    if not isinstance(bias, nn.Parameter) or not bias.is_floating_point():
+        raise TypeError("embedding.bias must be a floating-point nn.Parameter")
+    ref_bias = reference_bias(reference)
+    if ref_bias is not None:
+        if ref_bias.shape != (num_pinned,):
+            raise ValueError(f"reference.bias must have shape ({num_pinned},), got {tuple(ref_bias.shape)}")
+        if not bool(torch.isfinite(ref_bias).all()) or not casts_exactly(ref_bias, bias.dtype):
+            raise ValueError("reference.bias must be finite and exactly representable in the module's bias dtype")
+
+
+def check_embedding(embedding: Any, parametrized: bool, constrained: bool, heads: bool = False) -> None:
+    """What :func:`embconstraint.constrain` refuses of the module itself (``heads``: an
+    ``nn.Linear`` output head is accepted too)."""
+    kinds = (nn.Embedding, nn.EmbeddingBag, nn.Linear) if heads else (nn.Embedding, nn.EmbeddingBag)
+    if not isinstance(embedding, kinds):
+        expected = "an nn.Embedding, nn.EmbeddingBag or nn.Linear (an output head)" if heads else \
+            "an nn.Embedding or nn.EmbeddingBag"
+        raise TypeError(f"embedding must be {expected}, got {type(embedding).__name__}")
     if constrained:
         raise ValueError("embedding is already constrained; call release() first")
     if parametrized:
@@ -171,7 +209,7 @@ def check_embedding(embedding: Any, parametrized: bool, constrained: bool) -> No
         raise TypeError("embedding.weight must be an nn.Parameter")
     if not embedding.weight.is_floating_point():
         raise TypeError(f"embedding.weight must be floating point, got {embedding.weight.dtype}")
-    if embedding.max_norm is not None:
+    if getattr(embedding, "max_norm", None) is not None:
         raise ValueError(
             "embedding.max_norm renormalizes rows in place and would move pinned rows; "
             "constrained embeddings need max_norm=None"

@@ -24,17 +24,19 @@ from ._layout import Layout
 from ._parametrization import PinnedRows, TiedTo, parametrization_list, pin_of, tie_of
 from ._validate import (
     as_reference,
+    check_bias,
     check_embedding,
     check_on_mismatch,
     check_reference,
     checked_indices,
+    reference_bias,
 )
 from .state import install_hooks, remove_hooks
 
 __all__ = ["constrain", "release", "is_constrained"]
 
-Embedding = nn.Embedding | nn.EmbeddingBag
-Reference = nn.Embedding | nn.EmbeddingBag | Tensor
+Embedding = nn.Embedding | nn.EmbeddingBag | nn.Linear
+Reference = nn.Embedding | nn.EmbeddingBag | nn.Linear | Tensor
 Indices = Tensor | Sequence[int] | None
 
 
@@ -50,16 +52,35 @@ def is_constrained(embedding: nn.Module) -> bool:
 
 
 def check_constrain_args(embedding: Embedding, reference: Reference, indices: Indices,
-                         on_mismatch: str) -> tuple[Tensor, Tensor | None]:
+                         on_mismatch: str, *, heads: bool = False) -> tuple[Tensor, Tensor | None]:
     """Everything :func:`constrain` refuses, checked without changing anything; returns the
-    reference tensor and the validated indices (None for the first ``n`` rows)."""
-    check_embedding(embedding, parametrize.is_parametrized(embedding, "weight")
-                    if isinstance(embedding, nn.Module) else False,
-                    is_constrained(embedding))
+    reference tensor and the validated indices (None for the first ``n`` rows). ``heads``:
+    accept an ``nn.Linear`` output head (and an ``nn.Linear`` reference with a bias)."""
+    parametrized = isinstance(embedding, nn.Module) and any(
+        parametrize.is_parametrized(embedding, name) for name in ("weight", "bias"))
+    check_embedding(embedding, parametrized, is_constrained(embedding), heads=heads)
     check_on_mismatch(on_mismatch)
     weight = embedding.weight.detach()
     ref = check_reference(as_reference(reference), weight)
+    check_bias(embedding, reference, ref.shape[0])
     return ref, checked_indices(indices, ref.shape[0], weight.shape[0])
+
+
+def _bias_reference(module: nn.Module, reference: Reference, idx: Tensor | None, num_pinned: int) -> Tensor | None:
+    """The pinned entries of a head's bias: the reference head's bias, else their current values."""
+    bias = getattr(module, "bias", None) if isinstance(module, nn.Linear) else None
+    if bias is None:
+        return None
+    ref = reference_bias(reference)
+    if ref is not None:
+        return ref
+    return bias.detach()[:num_pinned] if idx is None else bias.detach().index_select(0, idx.to(bias.device))
+
+
+def _pin(module: nn.Module, name: str, reference: Tensor, layout: Layout, on_mismatch: str) -> None:
+    pin = PinnedRows(reference, layout, on_mismatch)
+    parametrize.register_parametrization(module, name, pin)
+    pin.bind(parametrization_list(module, name))
 
 
 def constrain(
@@ -75,9 +96,15 @@ def constrain(
     pinned rows are a copy of ``reference`` and hold bitwise at every forward pass; only the
     other rows are trainable: ``embedding.parameters()`` yields one ``(V - n, D)`` parameter.
 
+    An output head (``nn.Linear`` whose ``weight`` is ``(V, D)``, one row per vocabulary
+    entry) is constrained the same way; when it has a bias, the bias entries of the pinned rows
+    are pinned too (to the reference head's bias, or at their current values) and its
+    parameters are the ``(V - n, D)`` free rows and the ``(V - n,)`` free bias entries.
+
     Args:
-        embedding: an ``nn.Embedding`` or ``nn.EmbeddingBag`` (subclasses included).
-        reference: an ``nn.Embedding``/``nn.EmbeddingBag`` or a tensor of shape ``(n, D)``.
+        embedding: an ``nn.Embedding``, ``nn.EmbeddingBag`` or ``nn.Linear`` head (subclasses included).
+        reference: an ``nn.Embedding``/``nn.EmbeddingBag``, an ``nn.Linear`` (its weight rows
+            and, for a head with a bias, its bias entries) or a tensor of shape ``(n, D)``.
         indices: ``n`` distinct rows of ``embedding``; a 1-D integer tensor or sequence.
         on_mismatch: what ``load_state_dict`` does when a plain checkpoint's pinned rows differ
             from the reference: ``"error"`` (default) or ``"checkpoint"`` (take them from it).
@@ -88,11 +115,12 @@ def constrain(
     >>> torch.equal(new.weight[:3], old.weight), [tuple(p.shape) for p in new.parameters()]
     (True, [(2, 4)])
     """
-    ref, idx = check_constrain_args(embedding, reference, indices, on_mismatch)
-    num_rows = embedding.weight.shape[0]
-    pin = PinnedRows(ref, Layout.from_indices(idx, ref.shape[0], num_rows), on_mismatch)
-    parametrize.register_parametrization(embedding, "weight", pin)
-    pin.bind(parametrization_list(embedding, "weight"))
+    ref, idx = check_constrain_args(embedding, reference, indices, on_mismatch, heads=True)
+    layout = Layout.from_indices(idx, ref.shape[0], embedding.weight.shape[0])
+    bias = _bias_reference(embedding, reference, idx, ref.shape[0])
+    _pin(embedding, "weight", ref, layout, on_mismatch)
+    if bias is not None:
+        _pin(embedding, "bias", bias, layout, on_mismatch)
     install_hooks(embedding)
     return embedding
 
@@ -182,19 +210,20 @@ def release(module: nn.Module, *, optimizer: torch.optim.Optimizer | None = None
         raise ValueError(f"release: {type(module).__name__} holds no constrained embedding")
     tied += [tie for m in pinned for tie in pin_of(m).ties() if tie not in tied]
     for m in pinned:
-        pin = pin_of(m)
-        free, merged = pin.free_parameter, pin.merged()  # the table itself for the prefix layout
-        rows, num_rows = pin.free_rows(), pin.num_rows
-        grad = None if free.grad is None else _widened(free.grad, rows, num_rows)
-        state = optimizer.state.get(free, {}) if optimizer is not None else {}
-        for key, value in list(state.items()):
-            if isinstance(value, Tensor) and value.dim() > 0 and value.shape == free.shape:
-                state[key] = _widened(value, rows, num_rows)
         remove_hooks(m)
-        parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
-        with torch.no_grad():
-            free.set_(merged)  # same Parameter object, now (V, D): optimizers keep their reference
-        free.grad = grad
+        for name in [n for n in m.parametrizations.keys() if pin_of(m, n) is not None]:
+            pin = pin_of(m, name)
+            free, merged = pin.free_parameter, pin.merged()  # the table itself for the prefix layout
+            rows, num_rows = pin.free_rows(), pin.num_rows
+            grad = None if free.grad is None else _widened(free.grad, rows, num_rows)
+            state = optimizer.state.get(free, {}) if optimizer is not None else {}
+            for key, value in list(state.items()):
+                if isinstance(value, Tensor) and value.dim() > 0 and value.shape == free.shape:
+                    state[key] = _widened(value, rows, num_rows)
+            parametrize.remove_parametrizations(m, name, leave_parametrized=False)
+            with torch.no_grad():
+                free.set_(merged)  # same Parameter object, now (V, D): optimizers keep their reference
+            free.grad = grad
     for m, name in tied:
         if parametrize.is_parametrized(m, name):
             remove_hooks(m)

@@ -32,12 +32,21 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
-from .core import Indices, Reference, constrain_tied, is_constrained, tie_of
+from .core import (
+    Indices,
+    Reference,
+    check_constrain_args,
+    constrain,
+    constrain_tied,
+    is_constrained,
+    pin_of,
+    tie_of,
+)
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; transformers is an optional extra
     from transformers import PreTrainedModel
 
-__all__ = ["constrain_input_embeddings"]
+__all__ = ["constrain_input_embeddings", "constrain_new_tokens"]
 
 
 def constrain_input_embeddings(
@@ -77,20 +86,7 @@ def constrain_input_embeddings(
     >>> bool((model.lm_head.weight[[3, 7]] == 0).all())
     True
     """
-    if not callable(getattr(model, "get_input_embeddings", None)):
-        raise TypeError(
-            "model must have a get_input_embeddings() method (a transformers PreTrainedModel), "
-            f"got {type(model).__name__}"
-        )
-    try:
-        embedding = model.get_input_embeddings()
-    except NotImplementedError as err:
-        raise TypeError(f"model {type(model).__name__} does not expose its input embeddings: {err}") from err
-    if not isinstance(embedding, nn.Embedding):
-        raise TypeError(
-            "model.get_input_embeddings() must return an nn.Embedding, "
-            f"got {type(embedding).__name__}"
-        )
+    embedding = _input_embeddings(model)
     if isinstance(reference, bool) or not isinstance(reference, (int, Tensor, nn.Embedding, nn.EmbeddingBag)):
         raise TypeError(
             "reference must be an int (number of leading rows to pin at their current values), "
@@ -110,6 +106,97 @@ def constrain_input_embeddings(
     _guard(model, "tie_weights", _tie_weights_while_constrained)
     _guard(model, "resize_token_embeddings", _resize_while_constrained)
     return embedding
+
+
+def _input_embeddings(model: Any) -> nn.Embedding:
+    if not callable(getattr(model, "get_input_embeddings", None)):
+        raise TypeError(
+            "model must have a get_input_embeddings() method (a transformers PreTrainedModel), "
+            f"got {type(model).__name__}"
+        )
+    try:
+        embedding = model.get_input_embeddings()
+    except NotImplementedError as err:
+        raise TypeError(f"model {type(model).__name__} does not expose its input embeddings: {err}") from err
+    if not isinstance(embedding, nn.Embedding):
+        raise TypeError(
+            "model.get_input_embeddings() must return an nn.Embedding, "
+            f"got {type(embedding).__name__}"
+        )
+    return embedding
+
+
+def constrain_new_tokens(
+    model: PreTrainedModel | nn.Module,
+    old_vocab_size: int,
+    *,
+    indices: Indices = None,
+) -> list[nn.Parameter]:
+    """After ``model.resize_token_embeddings(...)``: train the new tokens' rows only.
+
+    Pins the first ``old_vocab_size`` rows (or the rows ``indices``) of the input embeddings and
+    of ``model.get_output_embeddings()`` at their current values. A tied head stays tied (it
+    computes with the constrained embedding); an untied ``nn.Linear`` head gets its own pinned
+    rows and, if it has a bias, pinned bias entries. Sets ``requires_grad=True`` on the new-row
+    parameters (and on nothing else) and returns them: one ``(k, D)`` block for a tied model,
+    the embedding's and the head's for an untied one (plus the head's free bias entries).
+    Works on a ``peft.PeftModel`` (e.g. LoRA, which freezes the base model) as on the base
+    model. :func:`embconstraint.release` (on ``model``) undoes it.
+
+    Args:
+        model: a ``transformers`` model (or ``PeftModel``) whose embeddings were resized.
+        old_vocab_size: the number of rows to keep (``0 <= old_vocab_size <= V``).
+        indices: ``old_vocab_size`` distinct rows to keep instead of the first ones.
+
+    >>> import torch
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> cfg = LlamaConfig(vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+    ...                   num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
+    >>> model = LlamaForCausalLM(cfg)
+    >>> _ = model.resize_token_embeddings(12)
+    >>> [tuple(p.shape) for p in constrain_new_tokens(model, 10)]
+    [(2, 8), (2, 8)]
+    """
+    embedding = _input_embeddings(model)
+    if isinstance(old_vocab_size, bool) or not isinstance(old_vocab_size, int):
+        raise TypeError(f"old_vocab_size must be an int, got {type(old_vocab_size).__name__}")
+    num_rows = embedding.num_embeddings
+    if not 0 <= old_vocab_size <= num_rows:
+        raise ValueError(f"old_vocab_size must lie in [0, {num_rows}], got {old_vocab_size}")
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    tied = head is not None and getattr(head, "weight", None) is embedding.weight
+    if head is not None and not tied and not isinstance(head, nn.Linear):
+        raise TypeError(
+            "model.get_output_embeddings() must be an nn.Linear or share the input embedding's weight, "
+            f"got {type(head).__name__}"
+        )
+
+    if head is not None and not tied and head.weight.shape[0] != num_rows:
+        raise ValueError(
+            f"model.get_output_embeddings() has {head.weight.shape[0]} rows but the input embeddings have "
+            f"{num_rows}; resize both (model.resize_token_embeddings) first"
+        )
+    # everything is checked before anything changes
+    _, rows = check_constrain_args(embedding, embedding.weight.detach()[:old_vocab_size], indices, "error")
+
+    def _reference(weight: Tensor) -> Tensor:
+        weight = weight.detach()
+        return weight[:old_vocab_size] if rows is None else weight.index_select(0, rows.to(weight.device))
+
+    if head is not None and not tied:
+        check_constrain_args(head, _reference(head.weight), rows, "error", heads=True)
+    constrain_tied(model, embedding, _reference(embedding.weight), indices=rows)
+    modules = [embedding]
+    if head is not None and not tied:
+        constrain(head, _reference(head.weight), indices=rows)
+        modules.append(head)
+    _guard(model, "tie_weights", _tie_weights_while_constrained)
+    _guard(model, "resize_token_embeddings", _resize_while_constrained)
+    params = [pin.free_parameter for m in modules for name in list(m.parametrizations.keys())
+              if (pin := pin_of(m, name)) is not None]
+    for p in params:
+        p.requires_grad_(True)
+    return params
 
 
 def _constrained(model: nn.Module) -> bool:

@@ -7,6 +7,7 @@ or, with ``on_mismatch="checkpoint"``, adopted); :func:`merged_state_dict` is th
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -19,6 +20,7 @@ from ._validate import PinnedRowsError
 __all__ = ["merged_state_dict", "install_hooks", "remove_hooks", "optimizer_state_problem"]
 
 _HOOKS = "_embconstraint_hooks"
+_PREFIXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> prefix of the load under way
 
 
 def install_hooks(module: nn.Module) -> None:
@@ -26,6 +28,7 @@ def install_hooks(module: nn.Module) -> None:
     setattr(module, _HOOKS, [
         module.register_state_dict_post_hook(_merged_keys),
         module.register_load_state_dict_pre_hook(_load_plain),
+        module.register_load_state_dict_post_hook(_tied_not_missing),
     ])
 
 
@@ -65,13 +68,14 @@ def _load_plain(module: nn.Module, state_dict: dict, prefix: str, local_metadata
     what an unconstrained model saves), loading its free rows and checking its pinned rows.
     A shape mismatch is reported the way torch reports one; pinned rows that differ raise
     :class:`PinnedRowsError` before this module's weight changes."""
+    _PREFIXES[module] = prefix  # for _tied_not_missing
     for name, pin in _constrained_names(module):
         key, okey = prefix + name, original_key(prefix, name)
         if key not in state_dict:
             continue
         value = state_dict.pop(key)
         free = pin.free_parameter
-        expected = (pin.num_rows, free.shape[1])
+        expected = (pin.num_rows, *free.shape[1:])
         if not isinstance(value, Tensor) or tuple(value.shape) != expected:
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             error_msgs.append(
@@ -86,6 +90,18 @@ def _load_plain(module: nn.Module, state_dict: dict, prefix: str, local_metadata
             raise PinnedRowsError(
                 f"{err}. Pass on_mismatch='checkpoint' to constrain() to take them from the checkpoint."
             ) from None
+
+
+def _tied_not_missing(module: nn.Module, incompatible_keys) -> None:
+    """load_state_dict post-hook: a tied weight's raw key is the embedding's free rows, loaded
+    through the embedding (checkpoints, e.g. ``save_pretrained``'s, drop tied keys): not missing."""
+    prefix = _PREFIXES.pop(module, None)
+    if prefix is None:
+        return
+    for name in list(module.parametrizations.keys()):
+        key = original_key(prefix, name)
+        if tie_of(module, name) is not None and key in incompatible_keys.missing_keys:
+            incompatible_keys.missing_keys.remove(key)
 
 
 def optimizer_state_problem(pin: Any, optimizers: Iterable[Any], saved_states: Iterable[Mapping]) -> str | None:

@@ -109,12 +109,24 @@ class Case:
 
 CASES: list[Case] = [
     # -- constrain: the embedding -----------------------------------------------------------
-    Case("`constrain(embedding, …)`: `embedding` is not an `nn.Embedding`/`nn.EmbeddingBag` (e.g. `nn.Linear`)",
+    Case("`constrain(embedding, …)`: `embedding` is not an `nn.Embedding`/`nn.EmbeddingBag`/`nn.Linear` (e.g. `nn.Conv1d`)",
          lambda m: constrain(m, _ref(N, 4)), TypeError,
-         "embedding must be an nn.Embedding or nn.EmbeddingBag, got Linear", lambda: nn.Linear(4, V)),
+         "embedding must be an nn.Embedding, nn.EmbeddingBag or nn.Linear (an output head), got Conv1d",
+         lambda: nn.Conv1d(4, V, 1)),
     Case("`constrain(embedding, …)`: `embedding` is a tensor",
          lambda m: constrain(m.weight, _ref()), TypeError,
-         "embedding must be an nn.Embedding or nn.EmbeddingBag, got Parameter"),
+         "embedding must be an nn.Embedding, nn.EmbeddingBag or nn.Linear (an output head), got Parameter"),
+    Case("`constrain(head, reference)`: `reference` has another `D` than the head",
+         lambda m: constrain(m, nn.Linear(D + 1, N)), ValueError,
+         "reference has embedding dimension 4 but the embedding has 3", lambda: nn.Linear(D, V)),
+    Case("`constrain(head, reference)`: `reference` is an `nn.Linear` with a bias, the head has none",
+         lambda m: constrain(m, nn.Linear(D, N)), ValueError,
+         "reference is an nn.Linear with a bias but embedding (Linear) has none; "
+         "pass reference.weight to pin the weight rows only", lambda: nn.Linear(D, V, bias=False)),
+    Case("`constrain(head, reference)`: `reference` is an `nn.Linear` without a bias, the head has one",
+         lambda m: constrain(m, nn.Linear(D, N, bias=False)), ValueError,
+         "reference is an nn.Linear without a bias but embedding (Linear) has one; "
+         "pass reference.weight to pin the bias entries at their current values", lambda: nn.Linear(D, V)),
     Case("`constrain` on an embedding that is already constrained",
          lambda m: constrain(m, _ref()), ValueError,
          "embedding is already constrained; call release() first", _constrained),
@@ -137,13 +149,18 @@ CASES: list[Case] = [
     # -- constrain: the reference -----------------------------------------------------------
     Case("`reference` is not a tensor or an embedding (a list)",
          lambda m: constrain(m, _ref().tolist()), TypeError,
-         "reference must be an nn.Embedding, nn.EmbeddingBag, Tensor or Parameter of shape (n, D), got list"),
+         "reference must be an nn.Embedding, nn.EmbeddingBag, nn.Linear, Tensor or Parameter of shape (n, D), got list"),
     Case("`reference` is a NumPy array",
          lambda m: constrain(m, _ref().numpy()), TypeError,
-         "reference must be an nn.Embedding, nn.EmbeddingBag, Tensor or Parameter of shape (n, D), got ndarray"),
-    Case("`reference` is a module other than an embedding",
-         lambda m: constrain(m, nn.Linear(D, N)), TypeError,
-         "reference must be an nn.Embedding, nn.EmbeddingBag, Tensor or Parameter of shape (n, D), got Linear"),
+         "reference must be an nn.Embedding, nn.EmbeddingBag, nn.Linear, Tensor or Parameter of shape (n, D), "
+         "got ndarray"),
+    Case("`reference` is a module other than an embedding or a head",
+         lambda m: constrain(m, nn.Conv1d(D, N, 1)), TypeError,
+         "reference must be an nn.Embedding, nn.EmbeddingBag, nn.Linear, Tensor or Parameter of shape (n, D), "
+         "got Conv1d"),
+    Case("`reference` is an `nn.Linear` with a bias for an embedding",
+         lambda m: constrain(m, nn.Linear(D, N)), ValueError,
+         "reference is an nn.Linear with a bias but embedding (Embedding) has none"),
     Case("`reference` is 1-D",
          lambda m: constrain(m, _ref(D)), ValueError, "reference must have shape (n, D), got shape (3,)"),
     Case("`reference` is 3-D",
