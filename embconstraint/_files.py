@@ -119,17 +119,18 @@ def load_tensors(path: PathLike, *, what: str = "file") -> Mapping[str, Any] | T
     {'w': (2, 3)}
     """
     p = _existing(path, what)
-    suffix = _suffix(p)
-    if suffix == _SAFETENSORS:
-        return SafetensorsFile(p, what)
-    if suffix not in _TORCH_READ:
+    suffix, content = _suffix(p), _sniff(p)
+    if content == "safetensors" or (suffix == _SAFETENSORS and content != "torch"):
+        return SafetensorsFile(p, what)  # by content first: a renamed file is read for what it is
+    if suffix not in _TORCH_READ and content != "torch":
         raise ValueError(
             f"{what} {path_str(path)!r}: unknown extension {p.suffix!r}; expected "
             f"{_SAFETENSORS} or one of {', '.join(_TORCH_READ)}"
         )
     _check_zip(p, what)
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        with open(p, "rb") as f:  # a file object: torch.load reads it as a torch file whatever its name
+            obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as err:  # UnpicklingError, RuntimeError (bad zip), EOFError (truncated) ...
         msg = _one_line(err)
         if "weights_only" in msg.lower() or "unsupported global" in msg.lower():
@@ -143,6 +144,21 @@ def load_tensors(path: PathLike, *, what: str = "file") -> Mapping[str, Any] | T
     raise ValueError(
         f"{what} {path_str(path)!r} holds a {type(obj).__name__}, expected a tensor or a dict of tensors"
     )
+
+
+def _sniff(path: Path) -> str | None:
+    """``"torch"`` (a zip archive, what ``torch.save`` writes), ``"safetensors"`` (an 8-byte
+    header length, then a JSON header) or None, from the first bytes of ``path``."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return None
+    if head[:4] == b"PK\x03\x04":
+        return "torch"
+    if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= path.stat().st_size - 8:
+        return "safetensors"
+    return None
 
 
 def checkpoint_problem(path: PathLike) -> str | None:
@@ -231,7 +247,30 @@ def _shape(container: Mapping[str, Any], key: str) -> tuple[int, ...] | None:
     if isinstance(container, SafetensorsFile):
         return container.shape(key)
     value = container[key]
-    return tuple(value.shape) if isinstance(value, Tensor) else None
+    return tuple(value.shape) if isinstance(value, Tensor) and not value.is_nested else None
+
+
+def _unusable(value: Any) -> str | None:
+    """Why ``value`` is not a dense tensor with data (what verify and export compare), else None."""
+    if not isinstance(value, Tensor):
+        return None
+    if value.is_nested:
+        return "a nested tensor"
+    if value.layout != torch.strided:
+        return f"a sparse tensor (layout {value.layout})"
+    if value.is_meta:
+        return "a meta tensor (it holds no data)"
+    if value.is_quantized:
+        return "a quantized tensor"
+    return None
+
+
+def _usable(where: str, key: str | None, value: Any) -> tuple[str | None, Any]:
+    problem = _unusable(value)
+    if problem is not None:
+        name = f"{where}: tensor {key!r}" if key is not None else where
+        raise ValueError(f"{name} is {problem}; expected a dense tensor (save it with .to_dense() / on a real device)")
+    return key, value
 
 
 def listing(names: list[str]) -> str:
@@ -250,23 +289,27 @@ def _candidates(container: Mapping[str, Any]) -> list[str]:
 
 def pick(container: Mapping[str, Any] | Tensor, key: str | None, where: str,
           prefer_single: bool) -> tuple[str | None, Tensor]:
-    """Choose one tensor: ``key`` if given (and present), else the only 2-D tensor."""
+    """Choose one tensor: ``key`` if given (and present), else the only 2-D tensor. A chosen
+    tensor that is sparse, nested, meta or quantized is a ``ValueError``."""
     if isinstance(container, Tensor):
-        return None, container
+        return _usable(where, None, container)
     tensor_keys = [k for k in container if _shape(container, k) is not None]
     if prefer_single and len(tensor_keys) == 1:
-        return tensor_keys[0], container[tensor_keys[0]]
+        return _usable(where, tensor_keys[0], container[tensor_keys[0]])
     if key is not None and key in container:
         value = container[key]
         if not isinstance(value, Tensor):
             raise ValueError(f"{where}: entry {key!r} is a {type(value).__name__}, not a tensor")
-        return key, value
+        return _usable(where, key, value)
     candidates = _candidates(container)
     if key is not None and not prefer_single:
         raise ValueError(f"{where} has no tensor {key!r}; its 2-D tensors: {listing(candidates) or 'none'}")
     if len(candidates) == 1:
-        return candidates[0], container[candidates[0]]
+        return _usable(where, candidates[0], container[candidates[0]])
     if not candidates:
+        if not isinstance(container, SafetensorsFile):  # a sparse/nested/meta tensor is the news
+            for k, value in container.items():
+                _usable(where, k, value)
         raise ValueError(f"{where} holds no 2-D tensor")
     missing = f"has no tensor {key!r} and " if key is not None else ""
     raise ValueError(
@@ -310,6 +353,12 @@ def writer_kind(out: Path) -> str:
                      f"use {_SAFETENSORS} (safetensors) or {' / '.join(_TORCH_WRITE)} (torch)")
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it back at once
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(tensors: dict[str, Any], out: Path, kind: str, metadata: dict[str, str] | None = None) -> None:
     """Write ``tensors`` to ``out`` through a temporary file in the same folder, renamed when
     complete: a failed write leaves no partial file. ``metadata``: extra safetensors metadata."""
@@ -323,6 +372,7 @@ def write_atomic(tensors: dict[str, Any], out: Path, kind: str, metadata: dict[s
                                                                  **(metadata or {})})
         else:
             torch.save(tensors, tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600: give the file the mode open() would
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ._files import PathLike, as_indices, pick, tensor_source
+from ._parametrization import RAW_KEY
 from ._validate import casts_exactly, check_rows, equal_bits
 
 __all__ = ["Verification", "verify", "exact_cast"]
@@ -66,6 +67,7 @@ def verify(
     reference: PathLike | Mapping[str, Any] | Tensor,
     key: str | None = None,
     indices: PathLike | Tensor | list[int] | None = None,
+    reference_key: str | None = None,
 ) -> Verification:
     """Check that the pinned rows of a weight are bitwise equal to a reference.
 
@@ -76,9 +78,13 @@ def verify(
         weights: a ``.safetensors``/torch file path, a dict of tensors (a Lightning checkpoint's
             ``"state_dict"`` is used) or a ``(V, D)`` tensor.
         reference: the same kinds, holding the ``(n, D)`` reference.
-        key: the tensor to check in ``weights`` (and in ``reference`` when it holds several
-            tensors). Without it, the only 2-D tensor is used.
+        key: the tensor to check in ``weights``. Without it, the only 2-D tensor is used.
         indices: a path (text file of integers or a torch file), a 1-D integer tensor or a list.
+        reference_key: the tensor to use in ``reference`` when it is a dict (default: ``key``;
+            without either, its only tensor). A name missing from ``reference`` is an error.
+
+    A raw ``*.parametrizations.<name>.original`` entry (a constrained embedding's free rows,
+    without its pinned rows) is refused, as are sparse, nested and meta tensors.
 
     >>> import torch
     >>> old = torch.randn(3, 2)
@@ -91,7 +97,14 @@ def verify(
     w_src, w_where = tensor_source(weights, "weights")
     r_src, r_where = tensor_source(reference, "reference")
     w_key, w = pick(w_src, key, w_where, prefer_single=False)
-    r_key, ref = pick(r_src, key, r_where, prefer_single=True)
+    r_wanted = reference_key if reference_key is not None else key
+    r_key, ref = pick(r_src, r_wanted, r_where, prefer_single=r_wanted is None)
+    if w_key is not None and RAW_KEY.match(w_key):
+        raise ValueError(
+            f"{w_where} tensor {w_key!r} is a raw parametrization entry (a constrained embedding's free rows only, "
+            "without its pinned rows): verify the merged weight (model.state_dict() or "
+            "embconstraint.merged_state_dict(model)), or merge it first with export --reference"
+        )
     w_name = f"{w_where} tensor {w_key!r}" if w_key else w_where
     r_name = f"{r_where} tensor {r_key!r}" if r_key else r_where
     for t, name in ((w, w_name), (ref, r_name)):

@@ -51,7 +51,8 @@ def _export(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from .export import verify
 
-    result = verify(args.weights, args.reference, key=args.key, indices=args.indices)
+    result = verify(args.weights, args.reference, key=args.key, indices=args.indices,
+                    reference_key=args.reference_key)
     print(result.summary())
     return 0 if result.ok else 1
 
@@ -139,8 +140,11 @@ def _parser() -> argparse.ArgumentParser:
                          help=".safetensors or .pt file: a state dict, a Lightning checkpoint or a bare tensor")),
         ("--reference", dict(metavar="REF", required=True, help=".safetensors or .pt file holding the reference rows")),
         ("--key", dict(metavar="NAME", default=None,
-                       help="tensor to check in WEIGHTS (and in REF if it holds several tensors); "
+                       help="tensor to check in WEIGHTS (and to use in REF, unless --reference-key); "
                             "default: the only 2-D tensor")),
+        ("--reference-key", dict(metavar="NAME", default=None,
+                                 help="tensor to use in REF when it holds a dict (default: --key, "
+                                      "or REF's only tensor)")),
         ("--indices", dict(metavar="FILE", default=None,
                            help="pinned rows: a text file of integers (whitespace/comma separated) or a .pt tensor")),
     ])

@@ -24,6 +24,7 @@ every public name stays importable from here.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -61,11 +62,27 @@ __all__ = [
 ]
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name one file (a symlink or a hard link included)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return a.resolve() == b.resolve()
+
+
+def _foreign(state_dict: Mapping[str, Any], key: str) -> bool:
+    """Whether the raw entry ``key`` belongs to another parametrization (torch's ``orthogonal``,
+    ``spectral_norm``, ...): those keep state of their own (``...parametrizations.weight.0.base``),
+    which embconstraint's never does. They are exported as they are."""
+    siblings = key[: -len("original")]
+    return any(k != key and k.startswith(siblings) for k in state_dict)
+
+
 def _merge_raw(state_dict: dict[str, Any], reference: Tensor | None, indices: Tensor | None,
                where: str) -> dict[str, Any]:
     """Replace ``*.parametrizations.<name>.original`` entries (the free rows of a constrained
     embedding) by the merged ``*.<name>`` weight, built with ``reference`` as pinned rows."""
-    raw = [k for k in state_dict if RAW_KEY.match(k)]
+    raw = [k for k in state_dict if RAW_KEY.match(k) and not _foreign(state_dict, k)]
     if not raw:
         return state_dict
     out = dict(state_dict)
@@ -173,6 +190,9 @@ def export_checkpoint(
     """
     writer_kind(Path(out))  # refuse a bad output name before reading anything
     where = f"checkpoint {path_str(checkpoint)!r}"
+    if _same_file(Path(out), Path(checkpoint)):
+        raise ValueError(f"output {path_str(out)!r} is the checkpoint itself: exporting onto it would replace "
+                         "the checkpoint by its weights only; write to another file")
     obj = load_tensors(checkpoint, what="checkpoint")
     sd = state_dict_of(obj, where)
     if isinstance(sd, Tensor):

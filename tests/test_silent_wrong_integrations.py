@@ -105,7 +105,6 @@ def _torch_parametrized(kind: str) -> dict:
     return model.state_dict()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12.9: export refuses torch's own parametrizations")
 @pytest.mark.parametrize("kind", ["orthogonal", "spectral_norm"])
 def test_export_passes_torch_parametrizations_through(kind, tmp_path, capsys) -> None:
     sd = _torch_parametrized(kind)
@@ -117,7 +116,6 @@ def test_export_passes_torch_parametrizations_through(kind, tmp_path, capsys) ->
     assert all(torch.equal(written[k], sd[k]) for k in sd)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12.9: --reference is merged into an orthogonal layer")
 def test_export_never_merges_a_reference_into_torch_parametrizations(tmp_path, capsys) -> None:
     sd = _torch_parametrized("orthogonal")
     torch.save({"state_dict": sd}, tmp_path / "a.ckpt")
@@ -132,7 +130,6 @@ def test_export_never_merges_a_reference_into_torch_parametrizations(tmp_path, c
     assert all(torch.equal(written[k], sd[k]) for k in sd)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12.9: exported files are always mode 0600")
 def test_exported_file_mode_follows_the_umask(tmp_path, capsys) -> None:
     torch.save({"state_dict": {"e.weight": torch.ones(5, 3)}}, tmp_path / "a.ckpt")
     old = os.umask(0o022)
@@ -144,7 +141,6 @@ def test_exported_file_mode_follows_the_umask(tmp_path, capsys) -> None:
     assert (tmp_path / "a.safetensors").stat().st_mode & 0o777 == 0o644
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12.9: export IN IN replaces a training checkpoint")
 def test_export_onto_its_own_input_is_refused(tmp_path, capsys) -> None:
     path = tmp_path / "train.pt"  # a full Lightning checkpoint saved with a .pt name
     torch.save({"state_dict": {"e.weight": torch.ones(5, 3)}, "epoch": 4, "optimizer_states": [{}]}, path)
@@ -164,7 +160,6 @@ def weights(tmp_path):
     return w
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12.9: verify of a sparse/meta tensor ends in a traceback")
 @pytest.mark.parametrize("make", [pytest.param(lambda w: w.to_sparse(), id="sparse"),
                                   pytest.param(lambda w: torch.empty_like(w, device="meta"), id="meta"),
                                   pytest.param(lambda w: torch.nested.nested_tensor([w, w[:2]]), id="nested")])
@@ -174,7 +169,6 @@ def test_verify_unusual_tensor_is_a_one_line_error(make, weights, tmp_path, caps
     _one_line_error(code, err, "'w'")
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12.9: a --key missing from REF compares REF's only tensor")
 def test_verify_key_missing_from_reference_is_an_error(weights, tmp_path, capsys) -> None:
     torch.save({"w": weights}, tmp_path / "w.pt")
     torch.save({"other.weight": weights[:2].clone()}, tmp_path / "ref2.pt")
@@ -182,14 +176,12 @@ def test_verify_key_missing_from_reference_is_an_error(weights, tmp_path, capsys
     _one_line_error(code, err, "'w'", "ref2.pt")
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12.9: a raw free-rows entry is reported as 'rows differ'")
 def test_verify_raw_parametrization_entry_is_an_error(weights, tmp_path, capsys) -> None:
     torch.save({"e.parametrizations.weight.original": weights[2:].clone()}, tmp_path / "raw.pt")
     code, _, err = _run(["verify", tmp_path / "raw.pt", "--reference", tmp_path / "ref.pt"], capsys)
     _one_line_error(code, err, "e.parametrizations.weight.original")
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12.9: a renamed .safetensors gets advice about export_state_dict")
 def test_verify_safetensors_renamed_pt(weights, tmp_path, capsys) -> None:
     save_file({"w": weights}, str(tmp_path / "w.pt"))
     code, out, err = _run(["verify", tmp_path / "w.pt", "--reference", tmp_path / "ref.pt"], capsys)
@@ -198,3 +190,40 @@ def test_verify_safetensors_renamed_pt(weights, tmp_path, capsys) -> None:
         return
     _one_line_error(code, err, "safetensors")
     assert "export_state_dict" not in err
+
+
+def test_export_onto_a_hard_link_of_its_input_is_refused(tmp_path, capsys) -> None:
+    path = tmp_path / "train.pt"
+    torch.save({"state_dict": {"e.weight": torch.ones(5, 3)}, "epoch": 4}, path)
+    os.link(path, tmp_path / "link.pt")
+    before = path.read_bytes()
+    code, _, err = _run(["export", path, tmp_path / "link.pt"], capsys)
+    _one_line_error(code, err, "link.pt", "checkpoint itself")
+    assert path.read_bytes() == before
+
+
+def test_torch_file_renamed_safetensors_is_read_by_content(weights, tmp_path, capsys) -> None:
+    torch.save({"w": weights}, tmp_path / "w.safetensors")
+    code, out, err = _run(["verify", tmp_path / "w.safetensors", "--reference", tmp_path / "ref.pt"], capsys)
+    assert code == 0 and "all bitwise equal" in out, err
+
+
+def test_verify_reference_key_names_the_tensor_in_ref(weights, tmp_path, capsys) -> None:
+    torch.save({"w": weights}, tmp_path / "w.pt")
+    torch.save({"other.weight": weights[:2].clone()}, tmp_path / "ref2.pt")
+    code, out, err = _run(["verify", tmp_path / "w.pt", "--reference", tmp_path / "ref2.pt", "--key", "w",
+                           "--reference-key", "other.weight"], capsys)
+    assert code == 0 and out.startswith("w: 2 pinned rows checked"), err
+
+
+def test_export_merges_an_embconstraint_raw_entry_next_to_a_torch_parametrization(tmp_path, capsys) -> None:
+    sd = _torch_parametrized("spectral_norm")
+    free, ref = torch.randn(2, 3), torch.randn(3, 3)
+    sd["e.parametrizations.weight.original"] = free
+    torch.save(sd, tmp_path / "a.pt")
+    torch.save(ref, tmp_path / "ref.pt")
+    code, _, err = _run(["export", tmp_path / "a.pt", tmp_path / "b.pt", "--reference", tmp_path / "ref.pt"], capsys)
+    assert code == 0, err
+    written = torch.load(tmp_path / "b.pt")
+    assert torch.equal(written["e.weight"], torch.cat([ref, free]))
+    assert "0.parametrizations.weight.original" in written  # torch's own: passed through
