@@ -46,7 +46,7 @@ from .core import (
 if TYPE_CHECKING:  # pragma: no cover - typing only; transformers is an optional extra
     from transformers import PreTrainedModel
 
-__all__ = ["constrain_input_embeddings", "constrain_new_tokens"]
+__all__ = ["constrain_input_embeddings", "constrain_new_tokens", "SaveRowsCallback", "ROWS_FILE"]  # noqa: F822 (lazy)
 
 
 def constrain_input_embeddings(
@@ -262,3 +262,12 @@ def _resize_while_constrained(model: nn.Module, *args: Any, **kwargs: Any) -> No
         "model.resize_token_embeddings() would replace the weight of a constrained embedding; "
         "call embconstraint.release(model) first, resize, then constrain the input embeddings again"
     )
+
+
+def __getattr__(name: str) -> Any:
+    # SaveRowsCallback subclasses transformers.TrainerCallback: imported on first use only.
+    if name in ("SaveRowsCallback", "ROWS_FILE"):
+        from . import _trainer_callback
+
+        return getattr(_trainer_callback, name)
+    raise AttributeError(f"module 'embconstraint.hf' has no attribute {name!r}")
