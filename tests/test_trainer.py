@@ -11,15 +11,13 @@ import pytest
 import torch
 from torch import nn
 
-import embconstraint.hf as hf
 from embconstraint import is_constrained, load_rows, release
-from embconstraint.hf import ROWS_FILE, SaveRowsCallback, constrain_input_embeddings
+from embconstraint.hf import ROWS_FILE, SaveRowsCallback, constrain_new_tokens
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
 OLD, NEW, DIM, SEQ = 40, 6, 16, 8
-HAS_NEW_TOKENS = hasattr(hf, "constrain_new_tokens")
 
 
 def _base(tied: bool) -> nn.Module:
@@ -40,10 +38,7 @@ def _constrained(tied: bool, peft: bool = False) -> nn.Module:
         model = peft_.get_peft_model(model, peft_.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
     else:
         model.requires_grad_(False)
-    if tied and not HAS_NEW_TOKENS:
-        constrain_input_embeddings(model, OLD).requires_grad_(True)
-    else:
-        hf.constrain_new_tokens(model, OLD)
+    constrain_new_tokens(model, OLD)
     return model
 
 
@@ -75,9 +70,7 @@ def _tables(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
             model.get_output_embeddings().weight.detach().clone())
 
 
-TIED = [pytest.param(True, id="tied"),
-        pytest.param(False, id="untied", marks=pytest.mark.skipif(not HAS_NEW_TOKENS,
-                                                                 reason="needs constrain_new_tokens (heads)"))]
+TIED = [pytest.param(True, id="tied"), pytest.param(False, id="untied")]
 
 
 @pytest.mark.slow
@@ -94,8 +87,6 @@ def test_trainer_resume_is_bit_exact_and_quiet(tmp_path, tied, transformers_log)
     for a, b in zip(_tables(resumed), trained, strict=True):
         assert torch.equal(a, b)
     log = transformers_log.getvalue()
-    if "missing keys" in log and tied and "parametrizations.weight.original" in log:
-        pytest.xfail("the tied head's missing-key message (issue 10, item 1: a load post-hook) is not on main yet")
     assert "missing keys" not in log and "unexpected keys" not in log, log
 
 
