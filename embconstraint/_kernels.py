@@ -2,7 +2,10 @@
 
 Every kernel works on ``(free, table, layout)``: ``free`` is the trainable ``(V - n, D)`` tensor
 (the gradient's target), ``table`` the ``(V, D)`` rows in layout order (see :mod:`._layout`),
-``layout`` the :class:`~embconstraint._layout.Layout` that maps user ids to table rows. Pinned
+``layout`` the :class:`~embconstraint._layout.Layout` that maps user ids to table rows. With the
+split storage (sharded training, see :mod:`._parametrization`) there is no table: ``table`` is
+None and ``pinned`` holds the ``(n, D)`` pinned rows; a lookup is then two batch-sized gathers
+and a select (bitwise the table lookup), a bag bags the looked-up rows. Pinned
 rows never receive a gradient and no ``(V, D)`` gradient is built by a lookup. A new op (e.g.
 ``F.linear`` for an output head) is one more function here plus one entry in
 ``_tensor.HANDLED``.
@@ -85,6 +88,41 @@ class _Lookup(torch.autograd.Function):
         return g, None, None, None, None, None, None, None
 
 
+def _gather(free: Tensor, pinned: Tensor, lidx: Tensor) -> Tensor:
+    """Rows ``lidx`` (layout order) of ``cat([pinned, free])``, without building it."""
+    n, k = pinned.shape[0], free.shape[0]
+    if n == 0 or k == 0:
+        return torch.embedding(free if n == 0 else pinned, lidx)
+    return torch.where((lidx >= n).unsqueeze(-1), torch.embedding(free, (lidx - n).clamp_min(0)),
+                       torch.embedding(pinned, lidx.clamp_max(n - 1)))
+
+
+class _SplitLookup(_Lookup):
+    """:class:`_Lookup` on the split storage: ``pinned`` instead of the table (same backward)."""
+
+    @staticmethod
+    def forward(ctx, free, pinned, lidx, lpad, scale_grad_by_freq, sparse, input, free_map):
+        ctx.save_for_backward(input, free_map)  # as _Lookup.forward
+        ctx.args = (free.shape[0], lpad, scale_grad_by_freq, sparse)
+        return _gather(free, pinned, lidx)
+
+
+def _split_bag(free, pinned, per_sample_weights, lidx, offsets, lpad, sgbf, mode, sparse, last, input, free_map):
+    """``_Bag`` on the split storage: look the rows up (batch-sized; ``scale_grad_by_freq`` and
+    sparsity apply there, counted over the real ids), then bag them by position; padding entries
+    point at one appended zero row. The forward is bitwise the table's bag; the gradient is
+    summed in another order (equal to rounding)."""
+    rows = _apply(_SplitLookup, free, pinned, lidx, lpad, sgbf, sparse, input, free_map)
+    pos = torch.arange(lidx.numel(), device=lidx.device, dtype=lidx.dtype)
+    pad = None
+    if lpad >= 0:
+        rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
+        pad = lidx.numel()
+        pos = torch.where(lidx == lpad, pad, pos)
+    return torch.nn.functional.embedding_bag(pos, rows, offsets, mode=mode, per_sample_weights=per_sample_weights,
+                                             include_last_offset=last, padding_idx=pad)
+
+
 class _Bag(torch.autograd.Function):
     """``F.embedding_bag`` on the table with a gradient for the free rows only."""
 
@@ -128,22 +166,28 @@ class _Bag(torch.autograd.Function):
         return g_free, None, g_psw, None, None, None, None, None, None, None
 
 
-def embedding(input: Tensor, free: Tensor, table: Tensor, layout: Layout, padding_idx: int | None = None,
-              max_norm: float | None = None, scale_grad_by_freq: bool = False, sparse: bool = False) -> Tensor:
-    """``F.embedding(input, weight, ...)`` for the weight that ``(free, table, layout)`` stand for."""
+def embedding(input: Tensor, free: Tensor, table: Tensor | None, layout: Layout, padding_idx: int | None = None,
+              max_norm: float | None = None, scale_grad_by_freq: bool = False, sparse: bool = False,
+              pinned: Tensor | None = None) -> Tensor:
+    """``F.embedding(input, weight, ...)`` for the weight that ``(free, table, layout)`` stand for
+    (``(free, pinned, layout)`` when ``table`` is None: the split storage)."""
     if max_norm is not None:
         raise ValueError(MAX_NORM_REFUSED)
     lidx, lpad = layout.index(input, padding_idx)
     free_map = layout.free_map(input.device, input.dtype, lpad)
+    if table is None:
+        return _apply(_SplitLookup, free, pinned, lidx, lpad, scale_grad_by_freq, sparse, input, free_map)
     return _apply(_Lookup, free, table, lidx, lpad, scale_grad_by_freq, sparse, input, free_map)
 
 
-def embedding_bag(input: Tensor, free: Tensor, table: Tensor, layout: Layout, offsets: Tensor | None = None,
+def embedding_bag(input: Tensor, free: Tensor, table: Tensor | None, layout: Layout, offsets: Tensor | None = None,
                   max_norm: float | None = None, scale_grad_by_freq: bool = False, mode: str = "mean",
                   sparse: bool = False, per_sample_weights: Tensor | None = None,
-                  include_last_offset: bool = False, padding_idx: int | None = None) -> Tensor:
+                  include_last_offset: bool = False, padding_idx: int | None = None,
+                  pinned: Tensor | None = None) -> Tensor:
     """``F.embedding_bag(input, weight, ...)`` for the weight that ``(free, table, layout)`` stand
-    for (a non-nested ``input``). Argument handling mirrors ``torch.nn.functional.embedding_bag``."""
+    for (a non-nested ``input``; ``(free, pinned, layout)`` when ``table`` is None). Argument
+    handling mirrors ``torch.nn.functional.embedding_bag``."""
     if per_sample_weights is not None and input.size() != per_sample_weights.size():
         raise ValueError(
             f"embedding_bag: If per_sample_weights ({per_sample_weights.shape}) is not None, "
@@ -179,5 +223,9 @@ def embedding_bag(input: Tensor, free: Tensor, table: Tensor, layout: Layout, of
         )
     lidx, lpad = layout.index(input, padding_idx)
     offsets = offsets.to(lidx.dtype)
+    if table is None:
+        free_map = layout.free_map(input.device, input.dtype, lpad)
+        return _split_bag(free, pinned, per_sample_weights, lidx, offsets, lpad, scale_grad_by_freq,
+                          mode, sparse, include_last_offset, input, free_map)
     return _apply(_Bag, free, table, per_sample_weights, lidx, offsets, lpad,
                       scale_grad_by_freq, EMBEDDING_BAG_MODES[mode], sparse, include_last_offset)

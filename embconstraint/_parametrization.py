@@ -8,11 +8,20 @@ the prefix layout the table is in user order and is returned as the weight witho
 The same class pins the entries of an output head's ``(V,)`` bias (a table of 1-element
 "rows" sharing the weight's :class:`~embconstraint._layout.Layout`).
 
+Split storage (sharded training): under FSDP2 (``fully_shard``) the free rows are a sharded
+``DTensor`` outside forward and FSDP's all-gathered Parameter inside it, so they cannot alias a
+table. The parametrization then drops the table and keeps the pinned rows apart, as a plain
+``(n, D)`` tensor attribute: not a Parameter (FSDP would shard it, optimizers would see it) and
+not a buffer (DDP broadcasts every buffer at each forward). The kernels compute from
+``(pinned, free)`` without a ``(V, D)`` tensor; ``storage`` says which scheme is in use. A
+Parameter is never re-pointed (``set_``) while FSDP manages it.
+
 Nothing here synchronizes host and device during a step: aliasing checks read tensor metadata
 only, and index remapping is element-wise.
 
 Members other modules use (read-only unless said): ``num_rows``, ``num_pinned``, ``layout``,
-``on_mismatch``, ``free_parameter``, ``ties()``, ``merged()``, ``table(free)``, ``check_pinned(weight, what)``,
+``on_mismatch``, ``free_parameter``, ``ties()``, ``merged()``, ``table(free)``, ``storage``, ``is_split(free)``,
+``pinned_block(like)``, ``split_storage()``, ``check_pinned(weight, what)``,
 ``write_free_rows(weight, free)``, ``load_plain(weight, free, what)``; ``TiedTo.embedding``.
 """
 
@@ -25,6 +34,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ._layout import Layout
+from ._sharded import fsdp_managed, full, is_sharded, like
 from ._tensor import PinnedWeight, plain, storage_ptr, wrap
 from ._validate import PinnedRowsError, bitwise_equal, max_abs_deviation
 
@@ -72,6 +82,8 @@ class PinnedRows(nn.Module):
         self._reference: Tensor | None = reference  # consumed by the first right_inverse
         self._table: Tensor | None = None
         self._alias_key: tuple | None = None  # see table()
+        self._pinned: Tensor | None = None  # the split storage's pinned rows (layout order)
+        self._cast: dict[tuple, Tensor] = {}  # the pinned rows on other devices/dtypes (split storage)
         self._owner: list[nn.Module] = []  # the ParametrizationList, once bound (a list: not a child)
         self._ties: list[tuple[nn.Module, str]] = []  # (module, name) tied to this weight (not children)
         self.path = "aliased"
@@ -121,11 +133,50 @@ class PinnedRows(nn.Module):
         itself for the prefix layout: clone it before writing)."""
         return self._layout.to_user_order(self.table(self.free_parameter))
 
+    # -- the storage ----------------------------------------------------------------------------
+    @property
+    def storage(self) -> str:
+        """``"aliased"`` (one table, the free rows a view of it) or ``"split"`` (sharded training)."""
+        return "aliased" if self._table is not None else "split"
+
+    def is_split(self, free: Tensor) -> bool:
+        """Whether ``free`` is computed with the split storage; switches to it (once, for good)
+        when ``free`` is sharded or FSDP manages the parameter."""
+        if self._table is None:
+            return True
+        if is_sharded(free) or (self._owner and fsdp_managed(self._owner[0])):
+            self.split_storage()
+            return True
+        return False
+
+    @torch.no_grad()
+    def split_storage(self) -> None:
+        """Keep the pinned rows apart and drop the table (what sharded training needs)."""
+        if self._table is None:
+            return
+        table, n = self._table, self.num_pinned
+        self._pinned, self._table, self._cast, self._alias_key = table[:n].clone(), None, {}, None
+        free = self.free_parameter if self._owner else None
+        if isinstance(free, nn.Parameter) and not is_sharded(free) and storage_ptr(free) == storage_ptr(table):
+            free.set_(free.clone())  # its own storage, so that the table is freed
+
+    def pinned_block(self, like: Tensor | None = None) -> Tensor:
+        """The pinned rows ``(n, D)`` in layout order (on ``like``'s device and dtype if given:
+        cached, the pinned rows never change)."""
+        rows = self._table[: self.num_pinned] if self._table is not None else self._pinned
+        if like is None or (rows.device == like.device and rows.dtype == like.dtype):
+            return rows
+        key = (like.device, like.dtype)
+        if key not in self._cast:
+            self._cast[key] = rows.to(device=like.device, dtype=like.dtype)
+        return self._cast[key]
+
     # -- the table ------------------------------------------------------------------------------
     def _aliased(self, free: Tensor) -> bool:
         table = self._table
         return (
             table is not None
+            and not is_sharded(free)  # (a DTensor has no storage to compare)
             and free.device == table.device
             and free.dtype == table.dtype
             and free.untyped_storage().data_ptr() == table.untyped_storage().data_ptr()
@@ -137,7 +188,8 @@ class PinnedRows(nn.Module):
 
     def table(self, free: Tensor) -> Tensor:
         """The table, re-built around ``free`` if a conversion (``.to``, ``.half``, a loader,
-        a distributed wrapper) separated them. Re-aliases ``free`` when it is a Parameter."""
+        a distributed wrapper) separated them. Re-aliases ``free`` when it is a Parameter.
+        With the split storage: a new ``(V, D)`` tensor (sharded free rows are all-gathered)."""
         # Fast path: the same free and table objects as at the last positive aliasing check, with
         # the same addresses and metadata. The key holds both tensors, so neither block of memory
         # can have been freed and reused meanwhile: free is still the table's free block.
@@ -152,6 +204,9 @@ class PinnedRows(nn.Module):
             return table
         self._alias_key = None
         with torch.no_grad():
+            if self.is_split(free):
+                free = full(free)
+                return torch.cat([self.pinned_block(free), free])
             return self._rebuild(free)
 
     def _rebuild(self, free: Tensor) -> Tensor:
@@ -170,6 +225,10 @@ class PinnedRows(nn.Module):
     # -- the parametrization ----------------------------------------------------------------
     @torch.compiler.disable
     def forward(self, free: Tensor) -> PinnedWeight:
+        if self.is_split(free):
+            free = full(free)  # outside forward under FSDP2 (inside, FSDP hands over the whole rows)
+            stub = free.new_zeros(()).expand(self.num_rows, *free.shape[1:])  # no (V, D) memory
+            return wrap(stub.requires_grad_(free.requires_grad), self, free, None)
         table = self.table(free)
         # No autograd node here: a lookup never uses one (its kernel takes free and table);
         # any other use builds the Merge node on demand (see _tensor.merged_of).
@@ -178,7 +237,7 @@ class PinnedRows(nn.Module):
     @torch.no_grad()
     def right_inverse(self, weight: Tensor) -> Tensor:
         weight = plain(weight)
-        if self._table is None:  # registration: build the table around a copy of the reference
+        if self._reference is not None:  # registration: build the table around a copy of the reference
             ref, self._reference = self._reference, None
             if storage_ptr(ref) == storage_ptr(weight):  # e.g. "pin the rows at their current values"
                 ref = ref.clone()
@@ -195,17 +254,20 @@ class PinnedRows(nn.Module):
         # assignment ``module.weight = value``: value must keep the pinned rows
         table = self._table
         self.check_pinned(weight, "weight")
+        if table is None:
+            rows = self._layout.user_to_layout(weight.to(self._pinned))[self.num_pinned:].clone()
+            return like(rows, self.free_parameter)
         table[self.num_pinned:] = self._layout.user_to_layout(weight.to(table))[self.num_pinned:]
         return table[self.num_pinned:]
 
     def check_pinned(self, weight: Tensor, what: str) -> None:
         """Raise :class:`PinnedRowsError` if ``weight`` (user order) does not hold the pinned rows
         bitwise; ``ValueError`` if it has another shape."""
-        shape = (self.num_rows, *self._table.shape[1:])
+        old = self.pinned_block()
+        shape = (self.num_rows, *old.shape[1:])
         if tuple(weight.shape) != shape:
             raise ValueError(f"{what} must have shape {shape}, got {tuple(weight.shape)}")
-        new = self._layout.user_to_layout(weight.to(self._table))[: self.num_pinned]
-        old = self._table[: self.num_pinned]
+        new = self._layout.user_to_layout(weight.to(old))[: self.num_pinned]
         if not bitwise_equal(new, old):
             raise PinnedRowsError(
                 f"{what} would change pinned rows of a constrained embedding "
@@ -216,6 +278,10 @@ class PinnedRows(nn.Module):
     @torch.no_grad()
     def write_free_rows(self, weight: Tensor, free: Tensor) -> None:
         """Write the free rows of ``weight`` (user order; pinned rows already checked)."""
+        if self.is_split(free):
+            rows = self._layout.user_to_layout(weight)[self.num_pinned:]
+            free.copy_(like(rows.to(device=free.device, dtype=free.dtype), free))
+            return
         self.table(free)[self.num_pinned:] = self._layout.user_to_layout(weight)[self.num_pinned:]
         if not self._aliased(free):  # the copy path: free rows live apart from the table
             free.copy_(self._table[self.num_pinned:])
@@ -223,17 +289,20 @@ class PinnedRows(nn.Module):
     @torch.no_grad()
     def load_plain(self, weight: Tensor, free: Tensor, what: str) -> Tensor:
         """Free rows to load from a plain ``(V, D)`` weight; pinned rows are checked (or adopted)."""
-        table = self.table(free)
+        if not self.is_split(free):
+            self.table(free)  # re-aliased first: the pinned rows are then on free's device
+        pinned = self.pinned_block()
         if self.on_mismatch == "checkpoint":
-            if tuple(weight.shape) == tuple(table.shape):
-                table[: self.num_pinned] = self._layout.user_to_layout(weight.to(table))[: self.num_pinned]
+            if tuple(weight.shape) == (self.num_rows, *pinned.shape[1:]):
+                pinned[:] = self._layout.user_to_layout(weight.to(pinned))[: self.num_pinned]
+                self._cast = {}
         else:
             self.check_pinned(weight, what)
-        return self._layout.user_to_layout(weight.to(table))[self.num_pinned:]
+        return self._layout.user_to_layout(weight.to(pinned))[self.num_pinned:]
 
     def extra_repr(self) -> str:
         return (f"rows={self.num_rows}, pinned={self.num_pinned}, layout={self._layout.kind}, "
-                f"path={self.path}")
+                f"path={self.path if self._table is not None else 'split'}")
 
 
 class TiedTo(nn.Module):

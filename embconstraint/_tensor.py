@@ -8,6 +8,10 @@ output head, ``weight.sum()``, ...) runs on the plain merged tensor in user orde
 writes are applied to a scratch copy and handed to the parametrization, which writes back
 the free rows only if the pinned rows are unchanged.
 
+With the split storage (sharded training) the weight has no table: it is a zero-stride
+``(V, D)`` stand-in (``_table`` is None) and the merged tensor is built from the pinned and
+free rows only where a use needs it (:func:`plain`).
+
 The parametrization is reached through its public members only: ``layout``, ``check_pinned``,
 ``table`` and ``write_free_rows``.
 """
@@ -56,7 +60,11 @@ def _merged(w: PinnedWeight) -> Tensor:
     m = w.__dict__.get("_merged")
     if m is None:
         with torch._C.DisableTorchFunctionSubclass(), torch.set_grad_enabled(w._grad_mode):
-            m = w.__dict__["_merged"] = merge(w._free, w._table)
+            if w._table is None:  # split storage: built from the pinned and free rows
+                m = torch.cat([w._pin.pinned_block(w._free), w._free])
+            else:
+                m = merge(w._free, w._table)
+            w.__dict__["_merged"] = m
     return m
 
 
@@ -183,6 +191,8 @@ class PinnedWeight(Tensor):
             if func in (Tensor.detach, _DATA_GET):  # `in` compares by ==, as method-wrappers need
                 with torch._C.DisableTorchFunctionSubclass():
                     detached = wrap(func(*args, **kwargs), target._pin, target._free, target._table)
+                    if target._table is None:  # (split storage: no Merge node to keep out of the graph)
+                        detached._free = target._free.detach()
                     detached._grad_mode = False  # its Merge node, if built, records no graph
                     return detached
             if _is_write(func) or func == DATA_SET:
@@ -190,10 +200,11 @@ class PinnedWeight(Tensor):
         return run_plain(func, args, kwargs)
 
 
-def wrap(t: Tensor, pin: PinnedRows, free: Tensor, table: Tensor) -> PinnedWeight:
-    """``t`` (an alias of ``table``) as the :class:`PinnedWeight` of ``pin``."""
+def wrap(t: Tensor, pin: PinnedRows, free: Tensor, table: Tensor | None) -> PinnedWeight:
+    """``t`` (an alias of ``table``; a stand-in with the split storage, ``table`` None) as the
+    :class:`PinnedWeight` of ``pin``."""
     w = t.as_subclass(PinnedWeight)
-    w._pin, w._free, w._table = pin, free, table.detach()
+    w._pin, w._free, w._table = pin, free, table.detach() if table is not None else None
     w._grad_mode = torch.is_grad_enabled()
     return w
 
@@ -216,6 +227,8 @@ def _write(func, args: tuple, kwargs: dict) -> Tensor:
         )
     # (grad mode is checked above, before no_grad: a decorator would hide the caller's mode)
     pin, free = target._pin, target._free
+    if target._table is None:  # split storage: write the registered (maybe sharded) free rows
+        free = pin.free_parameter
     with torch.no_grad():
         scratch = pin.layout.to_user_order(pin.table(free)).clone()
         if slot == 0:
@@ -242,10 +255,15 @@ class Handled:
         self.handler, self.position, self.name = handler, position, name
 
 
+def _split_pinned(weight: PinnedWeight) -> Tensor | None:
+    """The pinned rows the kernels take with the split storage (None with the table)."""
+    return weight._pin.pinned_block(weight._free) if weight._table is None else None
+
+
 def _embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
                scale_grad_by_freq=False, sparse=False):
     return embedding(input, weight._free, weight._table, weight._pin.layout, padding_idx,
-                              max_norm, scale_grad_by_freq, sparse)
+                     max_norm, scale_grad_by_freq, sparse, pinned=_split_pinned(weight))
 
 
 def _embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2, scale_grad_by_freq=False,
@@ -256,8 +274,8 @@ def _embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2, scal
             return F.embedding_bag(input, weight, offsets, max_norm, norm_type, scale_grad_by_freq,
                                    mode, sparse, per_sample_weights, include_last_offset, padding_idx)
     return embedding_bag(input, weight._free, weight._table, weight._pin.layout, offsets, max_norm,
-                                  scale_grad_by_freq, mode, sparse, per_sample_weights,
-                                  include_last_offset, padding_idx)
+                         scale_grad_by_freq, mode, sparse, per_sample_weights,
+                         include_last_offset, padding_idx, pinned=_split_pinned(weight))
 
 
 HANDLED: dict[Callable[..., Any], Handled] = {

@@ -22,6 +22,7 @@ from torch.nn.utils import parametrize
 
 from ._layout import Layout
 from ._parametrization import PinnedRows, TiedTo, parametrization_list, pin_of, tie_of
+from ._sharded import is_sharded
 from ._validate import (
     as_reference,
     check_bias,
@@ -60,6 +61,11 @@ def check_constrain_args(embedding: Embedding, reference: Reference, indices: In
         parametrize.is_parametrized(embedding, name) for name in ("weight", "bias"))
     check_embedding(embedding, parametrized, is_constrained(embedding), heads=heads)
     check_on_mismatch(on_mismatch)
+    if is_sharded(embedding.weight):
+        raise ValueError(
+            f"embedding.weight is already sharded (a {type(embedding.weight).__name__}, e.g. by fully_shard); "
+            "call constrain() before fully_shard(), which then shards only the free rows"
+        )
     weight = embedding.weight.detach()
     ref = check_reference(as_reference(reference), weight)
     check_bias(embedding, reference, ref.shape[0])
@@ -210,6 +216,12 @@ def release(module: nn.Module, *, optimizer: torch.optim.Optimizer | None = None
         raise ValueError(f"release: {type(module).__name__} holds no constrained embedding")
     tied += [tie for m in pinned for tie in pin_of(m).ties() if tie not in tied]
     for m in pinned:
+        if any(pin_of(m, n) is not None and pin_of(m, n).storage == "split" for n in m.parametrizations.keys()):
+            raise RuntimeError(
+                "release: a constrained module in sharded training (fully_shard) cannot be released in "
+                "place; save merged_state_dict(model) (or a full state dict) and load it into a plain model"
+            )
+    for m in pinned:
         remove_hooks(m)
         for name in [n for n in m.parametrizations.keys() if pin_of(m, n) is not None]:
             pin = pin_of(m, name)
@@ -234,6 +246,8 @@ def release(module: nn.Module, *, optimizer: torch.optim.Optimizer | None = None
 def pinned_values(embedding: nn.Module) -> Tensor:
     """The pinned rows of a constrained ``embedding`` as they are, in reference order ``(n, D)``."""
     pin = pin_of(embedding)
+    if pin.storage == "split":  # read apart from the free rows: no collective under FSDP2
+        return pin.pinned_block()
     weight = embedding.weight  # user order through its __torch_function__
     if pin.layout.kind == "prefix":
         return weight[: pin.num_pinned]

@@ -3,6 +3,11 @@
 The state-dict hooks that :func:`embconstraint.constrain` installs save a constrained (or tied)
 weight under its plain key and load a plain weight back (free rows loaded, pinned rows checked
 or, with ``on_mismatch="checkpoint"``, adopted); :func:`merged_state_dict` is the detached copy.
+
+Sharded (FSDP2) free rows: the saved weight is the merged ``(V, D)`` as a DTensor sharded on
+dim 0 over the same mesh (the free rows are all-gathered once; each rank keeps its chunk), so
+``get_model_state_dict`` (full or sharded) and DCP see the plain key; a loaded weight (plain or
+DTensor) is sharded back the way the live free rows are, without communication.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ._parametrization import original_key, pin_of, tie_of
+from ._sharded import as_shards, full, like
 from ._tensor import plain
 from ._validate import PinnedRowsError
 
@@ -58,7 +64,8 @@ def _merged_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadat
             continue
         keep_vars = state_dict[key].requires_grad
         del state_dict[key]
-        merged = pin.layout.to_user_order(pin.table(pin.free_parameter))
+        free = pin.free_parameter
+        merged = as_shards(pin.layout.to_user_order(pin.table(free)), free)
         state_dict[prefix + name] = merged if keep_vars else merged.detach()
 
 
@@ -73,7 +80,7 @@ def _load_plain(module: nn.Module, state_dict: dict, prefix: str, local_metadata
         key, okey = prefix + name, original_key(prefix, name)
         if key not in state_dict:
             continue
-        value = state_dict.pop(key)
+        value = full(state_dict.pop(key))  # (a collective for a DTensor: all ranks load)
         free = pin.free_parameter
         expected = (pin.num_rows, *free.shape[1:])
         if not isinstance(value, Tensor) or tuple(value.shape) != expected:
@@ -85,7 +92,7 @@ def _load_plain(module: nn.Module, state_dict: dict, prefix: str, local_metadata
             state_dict[okey] = free.detach()
             continue
         try:
-            state_dict[okey] = pin.load_plain(plain(value), free, key)
+            state_dict[okey] = like(pin.load_plain(plain(value), free, key), free)
         except PinnedRowsError as err:  # raised as it is (not collected): callers can catch it by type
             raise PinnedRowsError(
                 f"{err}. Pass on_mismatch='checkpoint' to constrain() to take them from the checkpoint."
@@ -125,7 +132,8 @@ def merged_state_dict(module: nn.Module) -> dict[str, Tensor]:
 
     Keys and shapes are the plain ones (``...embedding.weight``, shape ``(V, D)``), and no
     tensor shares storage with the live model, so the result can be saved (``torch.save``,
-    ``safetensors``) or loaded into a plain model.
+    ``safetensors``) or loaded into a plain model. Sharded (DTensor) values are all-gathered:
+    under FSDP2 every rank must call it, and every rank gets plain, whole tensors.
 
     >>> import torch
     >>> from embconstraint import constrain
@@ -136,4 +144,4 @@ def merged_state_dict(module: nn.Module) -> dict[str, Tensor]:
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
-    return {k: v.detach().clone() if isinstance(v, Tensor) else v for k, v in module.state_dict().items()}
+    return {k: full(v).detach().clone() if isinstance(v, Tensor) else v for k, v in module.state_dict().items()}

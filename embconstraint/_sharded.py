@@ -1,0 +1,54 @@
+"""Sharded tensors (FSDP2 ``fully_shard``, DTensor): the few conversions the split storage needs.
+
+Under FSDP2 the free rows (``parametrizations.weight.original``) are a sharded ``DTensor``
+outside forward and FSDP's all-gathered plain Parameter inside it; the pinned rows are never
+sharded (see :mod:`._parametrization`). Everything here is a no-op for plain tensors, and
+nothing here communicates except :func:`full` on a DTensor (an all-gather: a collective, every
+rank must call it). Works where ``torch.distributed`` is unavailable (then nothing is sharded).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+try:  # torch.distributed may be missing on some builds
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+except ImportError:  # pragma: no cover
+    DTensor = None
+
+__all__ = ["is_sharded", "full", "like", "as_shards", "fsdp_managed"]
+
+# FSDP2's fully_shard marks every module whose parameters it manages (torch >= 2.4; used by Dynamo).
+_FSDP_MANAGED = "_is_fsdp_managed_module"
+
+
+def is_sharded(t: object) -> bool:
+    """Whether ``t`` is a ``DTensor`` (a sharded or replicated distributed tensor)."""
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def fsdp_managed(module: nn.Module) -> bool:
+    """Whether FSDP2 (``fully_shard``) manages ``module``'s parameters."""
+    return bool(getattr(module, _FSDP_MANAGED, False))
+
+
+def full(t: Tensor) -> Tensor:
+    """``t`` as a plain, whole tensor: a DTensor is all-gathered (a collective), anything else
+    is returned as it is."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def like(value: Tensor, live: Tensor) -> Tensor:
+    """The plain, whole ``value`` sharded the way ``live`` is (the same mesh and placements;
+    each rank keeps its own chunk, nothing is communicated); ``value`` itself if ``live`` is plain."""
+    if not is_sharded(live):
+        return value
+    return distribute_tensor(value, live.device_mesh, live.placements, src_data_rank=None)
+
+
+def as_shards(value: Tensor, live: Tensor) -> Tensor:
+    """The plain, whole ``value`` sharded on dim 0 over ``live``'s mesh (how a merged ``(V, D)``
+    weight of sharded free rows is saved); ``value`` itself if ``live`` is plain."""
+    if not is_sharded(live):
+        return value
+    return distribute_tensor(value, live.device_mesh, [Shard(0)] * live.device_mesh.ndim, src_data_rank=None)
