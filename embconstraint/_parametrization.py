@@ -38,7 +38,7 @@ from ._sharded import fsdp_managed, full, is_sharded, like
 from ._tensor import PinnedWeight, plain, storage_ptr, wrap
 from ._validate import PinnedRowsError, bitwise_equal, max_abs_deviation
 
-__all__ = ["PinnedRows", "TiedTo", "original_key", "RAW_KEY", "pin_of", "tie_of"]
+__all__ = ["PinnedRows", "TiedTo", "original_key", "RAW_KEY", "pin_of", "tie_of", "install_fast_getter"]
 
 # The one place that spells out where parametrize keeps the trainable tensor.
 _ORIGINAL = "original"
@@ -67,6 +67,37 @@ def tie_of(module: nn.Module, name: str) -> TiedTo | None:
     """The :class:`TiedTo` of ``module.<name>``, or None if it is not tied to a constrained embedding."""
     plist = parametrization_list(module, name)
     return next((p for p in plist if isinstance(p, TiedTo)), None) if plist is not None else None
+
+
+def _no_module_hooks(m: nn.Module) -> bool:
+    """True when ``m(x)`` would run ``m.forward(x)`` directly (``Module.__call__``'s own test)."""
+    g = nn.modules.module
+    return not (m._backward_hooks or m._backward_pre_hooks or m._forward_hooks or m._forward_pre_hooks
+                or g._global_backward_pre_hooks or g._global_backward_hooks
+                or g._global_forward_hooks or g._global_forward_pre_hooks)
+
+
+def install_fast_getter(module: nn.Module, name: str = "weight") -> None:
+    """Replace the property that parametrize injected for ``module.<name>`` (on the per-module
+    class it created) by one that calls :meth:`PinnedRows.forward` directly when that is what
+    parametrize's getter would compute: caching off, no tracing, the list holds only our
+    ``PinnedRows`` with no hooks, ``original`` a registered tensor. Anything else (another
+    parametrization appended, ``parametrize.cached()``, hooks) takes parametrize's own getter."""
+    cls = type(module)
+    prop = cls.__dict__[name]
+    slow = prop.fget
+
+    def get(self: nn.Module) -> Tensor:
+        if not parametrize._cache_enabled and torch._C._get_tracing_state() is None:
+            plist = self._modules["parametrizations"]._modules[name]
+            mods, orig = plist._modules, plist._parameters.get(_ORIGINAL)
+            if orig is not None and len(mods) == 1:
+                pin = mods["0"]  # resolved per call: deepcopy keeps the class, not the PinnedRows
+                if type(pin) is PinnedRows and _no_module_hooks(pin):
+                    return pin.forward(orig)
+        return slow(self)
+
+    setattr(cls, name, property(get, prop.fset, prop.fdel, prop.__doc__))
 
 
 class PinnedRows(nn.Module):

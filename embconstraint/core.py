@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ._layout import Layout
-from ._parametrization import PinnedRows, TiedTo, parametrization_list, pin_of, tie_of
+from ._parametrization import PinnedRows, TiedTo, install_fast_getter, parametrization_list, pin_of, tie_of
 from ._sharded import is_sharded
 from ._validate import (
     as_reference,
@@ -87,6 +87,7 @@ def _pin(module: nn.Module, name: str, reference: Tensor, layout: Layout, on_mis
     pin = PinnedRows(reference, layout, on_mismatch)
     parametrize.register_parametrization(module, name, pin)
     pin.bind(parametrization_list(module, name))
+    install_fast_getter(module, name)
 
 
 def constrain(
