@@ -184,8 +184,9 @@ def release(module: nn.Module, *, optimizer: torch.optim.Optimizer | None = None
     """Remove every constraint in ``module`` (an embedding or any module holding some).
 
     Each weight becomes an ordinary ``nn.Parameter`` of shape ``(V, D)``, bitwise equal to the
-    constrained weight; modules tied to a constrained embedding share that Parameter again (also
-    when ``module`` is the embedding alone). It stays the same Parameter object, so optimizers
+    constrained weight; modules tied to a constrained embedding share that Parameter again:
+    releasing an embedding releases the modules tied to it, and releasing a tied module (an
+    output head) releases its embedding. It stays the same Parameter object, so optimizers
     and hooks holding it keep it. A pending ``.grad`` becomes the merged ``(V, D)`` gradient
     (zeros in the pinned rows); no gradient stays ``None``.
 
@@ -215,7 +216,14 @@ def release(module: nn.Module, *, optimizer: torch.optim.Optimizer | None = None
             for n in list(m.parametrizations.keys()) if tie_of(m, n) is not None]
     if not pinned and not tied:
         raise ValueError(f"release: {type(module).__name__} holds no constrained embedding")
-    tied += [tie for m in pinned for tie in pin_of(m).ties() if tie not in tied]
+    # A tie is one Parameter shared by two modules: releasing either side releases both, so that
+    # neither keeps the (V - n, D) free rows as its weight.
+    for m, name in tied:
+        embedding = tie_of(m, name).embedding
+        if not any(embedding is p for p in pinned):
+            pinned.append(embedding)
+    tied += [tie for m in pinned for n in m.parametrizations.keys() if (pin := pin_of(m, n)) is not None
+             for tie in pin.ties() if tie not in tied]
     for m in pinned:
         if any(pin_of(m, n) is not None and pin_of(m, n).storage == "split" for n in m.parametrizations.keys()):
             raise RuntimeError(

@@ -93,6 +93,23 @@ def test_hf_release_of_the_embedding_releases_the_tied_head(tmp_path) -> None:
     assert torch.equal(again.lm_head.weight, merged)
 
 
+def test_hf_release_of_the_tied_head_releases_its_embedding() -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from embconstraint import is_constrained
+    from embconstraint.hf import constrain_input_embeddings
+
+    config = GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=12, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config)
+    emb = constrain_input_embeddings(model, torch.zeros(2, 8), indices=[3, 7])
+    merged = emb.weight.detach().clone()
+    release(model.lm_head)  # never a head left holding the (V - n, D) free rows
+    assert not is_constrained(emb) and not hasattr(model.lm_head, "parametrizations")
+    assert model.lm_head.weight is emb.weight and torch.equal(emb.weight, merged)
+    assert model(torch.tensor([[1, 2]])).logits.shape == (1, 2, 12)
+
+
 # -- 12.9: CLI export ------------------------------------------------------------------------
 
 def _torch_parametrized(kind: str) -> dict:
