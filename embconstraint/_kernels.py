@@ -6,9 +6,9 @@ Every kernel works on ``(free, table, layout)``: ``free`` is the trainable ``(V 
 split storage (sharded training, see :mod:`._parametrization`) there is no table: ``table`` is
 None and ``pinned`` holds the ``(n, D)`` pinned rows; a lookup is then two batch-sized gathers
 and a select (bitwise the table lookup), a bag bags the looked-up rows. Pinned
-rows never receive a gradient and no ``(V, D)`` gradient is built by a lookup. A new op (e.g.
-``F.linear`` for an output head) is one more function here plus one entry in
-``_tensor.HANDLED``.
+rows never receive a gradient and no ``(V, D)`` gradient is built by a lookup or by an output
+head's ``F.linear`` (table layout only; with the split storage a head takes the generic path).
+A new op is one more function here plus one entry in ``_tensor.HANDLED``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ._layout import Layout
 
-__all__ = ["Merge", "merge", "embedding", "embedding_bag", "EMBEDDING_BAG_MODES"]
+__all__ = ["Merge", "merge", "embedding", "embedding_bag", "linear", "EMBEDDING_BAG_MODES"]
 
 EMBEDDING_BAG_MODES = {"sum": 0, "mean": 1, "max": 2}
 _EMBEDDING_DENSE_BACKWARD = torch.ops.aten.embedding_dense_backward.default  # the overload: no resolution
@@ -229,3 +229,48 @@ def embedding_bag(input: Tensor, free: Tensor, table: Tensor | None, layout: Lay
                           mode, sparse, include_last_offset, input, free_map)
     return _apply(_Bag, free, table, per_sample_weights, lidx, offsets, lpad,
                       scale_grad_by_freq, EMBEDDING_BAG_MODES[mode], sparse, include_last_offset)
+
+
+class _Linear(torch.autograd.Function):
+    """``F.linear`` with a constrained weight ``(V, D)`` (an output head): the plain forward; in
+    backward, the weight gradient of the free rows only (the free output columns of the incoming
+    gradient against the inputs), the bias gradient of the free entries only (or of every entry
+    for a plain bias), the input gradient as usual. Each product is the one PyTorch's own
+    backward computes, restricted to the free rows, so the gradients are bitwise those of a plain
+    head."""
+
+    @staticmethod
+    def forward(ctx, input, free, bias_free, weight, bias, free_cols, num_pinned):
+        ctx.save_for_backward(input, weight)
+        ctx.free_cols, ctx.num_pinned = free_cols, num_pinned
+        return torch._C._nn.linear(input, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        input, weight = ctx.saved_tensors
+        cols, n = ctx.free_cols, ctx.num_pinned
+        grad2 = grad.reshape(-1, grad.shape[-1])
+        g_in = g_free = g_bfree = g_bias = None
+        if ctx.needs_input_grad[0]:
+            g_in = grad2.mm(weight).reshape(input.shape)
+        if ctx.needs_input_grad[1]:
+            g_cols = grad2[:, n:] if cols is None else grad2.index_select(1, cols)
+            g_free = g_cols.t().mm(input.reshape(-1, input.shape[-1]))
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[4]:
+            g_sum = grad2.sum(0)
+            if ctx.needs_input_grad[4]:
+                g_bias = g_sum
+            if ctx.needs_input_grad[2]:
+                g_bfree = g_sum[n:] if cols is None else g_sum.index_select(0, cols)
+        return g_in, g_free, g_bfree, None, g_bias, None, None
+
+
+def linear(input: Tensor, free: Tensor, table: Tensor, layout: Layout, bias: Tensor | None = None,
+           bias_free: Tensor | None = None) -> Tensor:
+    """``F.linear(input, weight, bias)`` for the weight that ``(free, table, layout)`` stand for.
+    ``bias`` is a plain bias, or (with ``bias_free``, its free entries) the merged bias of a
+    constrained one, in user order. For the scattered layout the forward gathers the weight into
+    user order (the logits' columns are the user's); the backward builds nothing of size (V, D)."""
+    weight = layout.to_user_order(table)
+    cols = None if layout.rows is None else layout.free_rows_on(table.device)
+    return _apply(_Linear, input, free, bias_free, weight, bias, cols, layout.num_pinned)

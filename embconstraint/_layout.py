@@ -31,6 +31,7 @@ class Layout:
         self.rows = rows
         self.pos = None if rows is None else torch.empty_like(rows).index_copy_(0, rows, torch.arange(num_rows))
         self._device_pos: dict[torch.device, Tensor] = {}
+        self._device_free: dict[torch.device, Tensor] = {}
         self._free_maps: dict[tuple[torch.device, torch.dtype, int], Tensor] = {}
 
     @classmethod
@@ -64,6 +65,13 @@ class Layout:
     def cached_devices(self) -> tuple[torch.device, ...]:
         """The devices that hold a copy of the user row -> table row map."""
         return tuple(self._device_pos)
+
+    def free_rows_on(self, device: torch.device) -> Tensor:
+        """:meth:`free_rows` on ``device`` (cached)."""
+        rows = self._device_free.get(device)
+        if rows is None:
+            rows = self._device_free[device] = self.free_rows().to(device)
+        return rows
 
     def pos_on(self, device: torch.device) -> Tensor:
         """The user row -> table row map on ``device`` (cached; scattered layout only)."""

@@ -2,8 +2,8 @@
 
 ``weight`` is returned as a :class:`PinnedWeight` whose storage is the table. Its
 ``__torch_function__`` sends the ops listed in :data:`HANDLED` (``F.embedding``,
-``F.embedding_bag``) to the kernels of :mod:`._kernels`; any other use of ``weight`` (a tied
-output head, ``weight.sum()``, ...) runs on the plain merged tensor in user order
+``F.embedding_bag``, ``F.linear`` of an output head, tied or not) to the kernels of
+:mod:`._kernels`; any other use of ``weight`` (``weight @ h``, ``weight.sum()``, ...) runs on the plain merged tensor in user order
 (:func:`run_plain`), whose results that alias it come back as :class:`PinnedView`. In-place
 writes are applied to a scratch copy and handed to the parametrization, which writes back
 the free rows only if the pinned rows are unchanged.
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from ._kernels import embedding, embedding_bag, merge
+from ._kernels import embedding, embedding_bag, linear, merge
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._parametrization import PinnedRows
@@ -278,7 +278,20 @@ def _embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2, scal
                          include_last_offset, padding_idx, pinned=_split_pinned(weight))
 
 
+def _linear(input, weight, bias=None):
+    split = weight._table is None or (isinstance(bias, PinnedWeight) and bias._table is None)
+    if split or torch.is_autocast_enabled(input.device.type) or isinstance(bias, PinnedView):
+        # the generic path: autocast casts the merged weight; the split storage has no table
+        return run_plain(F.linear, (input, weight, bias), {})
+    bias_free = None
+    if isinstance(bias, PinnedWeight):  # a constrained head's bias: its free entries train
+        bias_free = bias._free
+        bias = bias._pin.layout.to_user_order(bias._table)
+    return linear(input, weight._free, weight._table, weight._pin.layout, bias, bias_free)
+
+
 HANDLED: dict[Callable[..., Any], Handled] = {
     F.embedding: Handled(_embedding),
     F.embedding_bag: Handled(_embedding_bag),
+    F.linear: Handled(_linear),
 }

@@ -80,7 +80,10 @@ def test_logits_and_gradients_match_a_plain_head(layout):
     ref.backward(g)
     free = _free_rows(indices)
     assert torch.equal(x.grad, x2.grad)
-    assert torch.equal(free_param(head).grad, plain.weight.grad[free])
+    w_free = plain.weight.detach()[free].requires_grad_(True)  # F.linear's own backward, free rows only
+    (g_free,) = torch.autograd.grad(nn.functional.linear(x2.detach(), w_free), w_free, g[..., free])
+    assert torch.equal(free_param(head).grad, g_free)
+    torch.testing.assert_close(free_param(head).grad, plain.weight.grad[free])
     assert torch.equal(pin_of(head, "bias").free_parameter.grad, plain.bias.grad[free])
 
 
@@ -126,3 +129,158 @@ def test_deepcopy_and_dtype_conversion(bias):
     assert torch.equal(clone.weight, head.weight.double())
     clone(torch.randn(2, D, dtype=torch.float64)).sum().backward()
     assert [tuple(p.grad.shape) for p in clone.parameters()] == [(V - N, D)] + ([(V - N,)] if bias else [])
+
+
+# -- the F.linear kernel --------------------------------------------------------------------------
+
+OPTIMIZERS = {  # the dense optimizers of tests/test_core.py (SparseAdam needs a sparse embedding)
+    "adamw": lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.1),
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.1),
+    "adagrad": lambda p: torch.optim.Adagrad(p, lr=0.1, weight_decay=0.01),
+    "rmsprop": lambda p: torch.optim.RMSprop(p, lr=0.01, momentum=0.5, weight_decay=0.01),
+}
+
+
+class _TiedLM(nn.Module):
+    """A lookup and an output head sharing one (V, D) weight, with a head bias."""
+
+    def __init__(self, dim: int = D, vocab: int = V) -> None:
+        super().__init__()
+        self.emb, self.head = nn.Embedding(vocab, dim), nn.Linear(dim, vocab)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.emb(ids)))
+
+
+def _constrained_model(tied: bool, indices, dim: int = D, vocab: int = V, n: int = N):
+    from embconstraint.core import constrain_tied
+
+    torch.manual_seed(0)
+    model = _TiedLM(dim, vocab)
+    if tied:
+        constrain_tied(model, model.emb, torch.randn(n, dim), indices=indices)
+    else:
+        model.head.weight = nn.Parameter(torch.randn(vocab, dim))
+        constrain(model.head, torch.randn(n, dim), indices=indices)
+    return model
+
+
+def _at_table_offset(value: torch.Tensor, num_pinned: int) -> nn.Parameter:
+    """A Parameter holding ``value`` at the memory offset the free rows have in the table (after
+    ``num_pinned`` rows): an optimizer's vectorized loops then split it as they split ours."""
+    row = value[0].numel() if value.dim() > 1 else 1
+    buf = torch.empty(num_pinned * row + value.numel(), dtype=value.dtype)
+    return nn.Parameter(buf[num_pinned * row:].view(value.shape).copy_(value))
+
+
+def _reference_steps(model: nn.Module, tied: bool, indices, opt_name: str, batches):
+    """An independent computation with plain PyTorch: the (V, D) weight rebuilt every step from
+    the pinned rows and separate free-row parameters (the optimizer sees only those); the logits,
+    the input and bias gradients come from a plain head; the free rows' weight gradient from
+    PyTorch's own ``F.linear`` backward over the free rows' logits (a BLAS may pick another
+    kernel for the full (V, D) product, so its free rows can differ in the last bit)."""
+    rows, free = _rows(indices), _free_rows(indices)
+    w0, b0 = model.head.weight.detach().clone(), model.head.bias.detach().clone()
+    emb_w = model.emb.weight.detach().clone()
+    params = [_at_table_offset(w0[free], len(rows)), _at_table_offset(b0, 0) if tied else
+              _at_table_offset(b0[free], len(rows))]
+    if not tied:
+        params.append(nn.Parameter(emb_w.clone()))
+    opt = OPTIMIZERS[opt_name](params)
+    outs, weights = [], []
+    for ids in batches:
+        w = w0.clone()
+        w[free] = params[0].detach()
+        b = b0.clone()
+        if tied:
+            b = params[1].detach().clone()
+        else:
+            b[free] = params[1].detach()
+        b.requires_grad_(True)
+        e = (w.clone() if tied else params[2].detach().clone()).requires_grad_(True)
+        h = torch.tanh(nn.functional.embedding(ids, e))
+        out = nn.functional.linear(h, w, b)
+        out.retain_grad()
+        out.pow(2).mean().backward()
+        w_free = params[0].detach().clone().requires_grad_(True)
+        (g_free,) = torch.autograd.grad(nn.functional.linear(h.detach(), w_free), w_free, out.grad[..., free])
+        params[0].grad = g_free + e.grad[free] if tied else g_free
+        params[1].grad = b.grad if tied else b.grad[free]
+        if not tied:
+            params[2].grad = e.grad
+        opt.step()
+        opt.zero_grad()
+        outs.append(out.detach())
+        weights.append(w)
+    return outs, weights, rows
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("opt_name", OPTIMIZERS)
+def test_training_is_bitwise_the_reference_computation(opt_name, tied, layout):
+    indices = LAYOUTS[layout]
+    model = _constrained_model(tied, indices)
+    batches = [torch.randint(0, V, (3, 4), generator=torch.Generator().manual_seed(s)) for s in range(4)]
+    ref_outs, ref_weights, rows = _reference_steps(model, tied, indices, opt_name, batches)
+    pinned = model.head.weight[rows].detach().clone()
+    opt = OPTIMIZERS[opt_name](model.parameters())
+    for ids, ref_out, ref_w in zip(batches, ref_outs, ref_weights, strict=True):
+        assert torch.equal(model.head.weight, ref_w)
+        out = model(ids)
+        assert torch.equal(out, ref_out)  # the logits, bitwise
+        out.pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert torch.equal(model.head.weight[rows], pinned)
+
+
+def test_the_head_kernel_is_used_not_the_generic_path(monkeypatch):
+    """The generic path's Merge node would back-propagate a (V, D) gradient: it must not run."""
+    from embconstraint import _kernels
+
+    def refuse(*args):
+        raise AssertionError("the generic Merge path ran for F.linear")
+
+    for tied in (True, False):
+        model = _constrained_model(tied, None)
+        monkeypatch.setattr(_kernels.Merge, "backward", staticmethod(refuse))
+        model(torch.arange(V)).sum().backward()
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("layout", ["prefix", "scattered"])
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_no_full_size_tensor_in_the_backward(tied, layout):
+    from test_core import _Recorder
+
+    big_v, n, dim = 1000, 900, 64
+    indices = None if layout == "prefix" else torch.randperm(big_v, generator=torch.Generator().manual_seed(0))[:n]
+    model = _constrained_model(tied, indices, dim=dim, vocab=big_v, n=n)
+    if not tied:
+        model.emb.requires_grad_(False)  # a plain trainable embedding has a (V, D) gradient of its own
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1, weight_decay=0.1)
+    ids = torch.randint(0, big_v, (2, 2))
+    model(ids).sum().backward()  # warm up (lazy per-device caches, optimizer state)
+    opt.step()
+    loss = model(ids).pow(2).sum()
+    opt.zero_grad()
+    with _Recorder() as rec:
+        loss.backward()
+        opt.step()
+    too_big = [(f, s) for f, s in rec.sizes if s >= big_v * dim // 2]
+    assert too_big == []
+    assert rec.sizes  # the recorder did see the backward
+
+
+def test_autocast_falls_back_and_keeps_pinned_rows():
+    model = _constrained_model(False, SCATTERED)
+    pinned = model.head.weight[SCATTERED].detach().clone()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.arange(V))
+    assert out.dtype == torch.bfloat16
+    out.float().pow(2).sum().backward()
+    opt.step()
+    assert torch.equal(model.head.weight[SCATTERED], pinned)
