@@ -223,3 +223,46 @@ def test_extract_rows_matches_save_rows_and_the_cli(tmp_path):
                  "--key", "model.embed_tokens.weight"]) == 2
     with pytest.raises(ValueError, match=r"num_pinned must lie in \[0, 46\]"):
         extract_rows(weights, tmp_path / "e.safetensors", num_pinned=-1, keys=["model.embed_tokens.weight"])
+
+
+def test_head_weight_and_bias_rows_round_trip(tmp_path):
+    """An nn.Linear head with a bias: free weight rows and free bias entries, k values each."""
+    torch.manual_seed(0)
+    old = nn.Linear(DIM, OLD)
+    head = constrain(nn.Linear(DIM, OLD + NEW), old)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(1.0)
+    path = tmp_path / "head.safetensors"
+    assert sorted(save_rows(nn.ModuleDict({"lm_head": head}), path)) == ["lm_head.bias", "lm_head.weight"]
+    with safe_open(str(path), "pt") as f:
+        assert tuple(f.get_tensor("lm_head.weight").shape) == (NEW, DIM)
+        assert tuple(f.get_tensor("lm_head.bias").shape) == (NEW,)
+    fresh = nn.Linear(DIM, OLD + NEW)
+    with torch.no_grad():
+        fresh.weight[:OLD], fresh.bias[:OLD] = old.weight, old.bias
+    load_rows(nn.ModuleDict({"lm_head": fresh}), path)
+    assert torch.equal(fresh.weight, head.weight) and torch.equal(fresh.bias, head.bias)
+    other = nn.Linear(DIM, OLD + NEW)
+    with torch.no_grad():
+        other.weight[:OLD] = old.weight  # the bias's pinned entries differ
+    _refused(nn.ModuleDict({"lm_head": other}), path, r"pinned rows of lm_head\.bias differ")
+
+
+def test_untied_new_tokens_with_peft_save_both_tables(tmp_path):
+    peft = pytest.importorskip("peft")
+    from embconstraint.hf import constrain_new_tokens
+
+    torch.manual_seed(1)
+    wrapped = peft.get_peft_model(_llama(tied=False), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    constrain_new_tokens(wrapped, OLD)
+    _train(wrapped)
+    path = tmp_path / "rows.safetensors"
+    assert sorted(save_rows(wrapped, path)) == ["lm_head.weight", "model.embed_tokens.weight"]
+    assert path.stat().st_size < 2 * NEW * DIM * 4 + 4096
+    torch.manual_seed(9)
+    base = _llama(tied=False)
+    load_rows(base, path)
+    for a, b in ((base.get_input_embeddings(), wrapped.get_input_embeddings()),
+                 (base.get_output_embeddings(), wrapped.get_output_embeddings())):
+        assert torch.equal(a.weight, b.weight)
