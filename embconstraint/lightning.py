@@ -19,6 +19,7 @@ EmbeddingConstraint(embedding='encoder.tok_emb', pinned=3, on_mismatch='error')
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.module import register_module_module_registration_hook
 
 from ._files import checkpoint_problem
 from ._validate import (
@@ -58,26 +60,46 @@ def _add_note(exception: BaseException, note: str) -> None:
         exception.args = (f"{exception.args[0]}\n{note}",)
 
 
+def _defer_until_configured(pl_module: nn.Module, path: str) -> bool:
+    """Whether the embedding at ``path`` is missing and ``pl_module`` overrides ``configure_model``
+    (which may create it)."""
+    try:
+        pl_module.get_submodule(path)
+        return False
+    except AttributeError:
+        configure = getattr(type(pl_module), "configure_model", None)
+        return configure is not None and all(
+            configure is not getattr(base, "configure_model", None) for base in _lightning_classes("LightningModule")
+        )
+
+
 class _CheckpointError(RuntimeError):
     """A ``ckpt_path`` that cannot be trusted."""
 
 LOG_KEY = "constraint/max_abs_deviation"
 
-# Strategies that shard or flatten parameters: the free rows would no longer be the embedding's
-# own Parameter, which the constraint relies on.
-_UNSUPPORTED_STRATEGIES = frozenset({"FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy",
-                                     "XLAFSDPStrategy"})
+# Strategies that flatten parameters (FSDP1 FlatParameter, DeepSpeed partitions, XLA FSDP): the free
+# rows would no longer be the embedding's own Parameter, and their state dicts are post-processed by
+# parameter name, after the constraint's hooks renamed it. ModelParallelStrategy (FSDP2 fully_shard,
+# applied in configure_model) is supported with data parallelism only.
+_UNSUPPORTED_STRATEGIES = frozenset({"FSDPStrategy", "DeepSpeedStrategy", "XLAFSDPStrategy"})
 # Precisions that cast the whole module (the pinned rows too) to another dtype after setup.
 _TRUE_PRECISION_DTYPES = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}
 
 
-def _callback_bases() -> tuple[type, ...]:
-    bases = []
+def _lightning_classes(attr: str) -> list[type]:
+    """``attr`` (e.g. ``"Callback"``) of each installed Lightning package."""
+    classes = []
     for name in ("pytorch_lightning", "lightning.pytorch"):
         try:
-            bases.append(importlib.import_module(name).Callback)
+            classes.append(getattr(importlib.import_module(name), attr))
         except ImportError:
             pass
+    return classes
+
+
+def _callback_bases() -> tuple[type, ...]:
+    bases = _lightning_classes("Callback")
     if not bases:
         raise ImportError(
             "EmbeddingConstraint needs pytorch-lightning (or lightning): pip install 'embconstraint[lightning]'"
@@ -196,7 +218,7 @@ class EmbeddingConstraint(*_callback_bases()):
         except AttributeError as err:
             raise ValueError(
                 f"EmbeddingConstraint: {type(pl_module).__name__} has no submodule {self.embedding!r} ({err}); "
-                "the embedding must exist when the Trainer calls setup (before LightningModule.configure_model)"
+                "the embedding must exist when the Trainer calls setup, or be created by LightningModule.configure_model"
             ) from None
         if not isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
             raise TypeError(
@@ -210,9 +232,17 @@ class EmbeddingConstraint(*_callback_bases()):
         refused = sorted(names & _UNSUPPORTED_STRATEGIES)
         if refused:
             raise ValueError(
-                f"EmbeddingConstraint does not support {refused[0]}: it shards or flattens parameters, and the "
+                f"EmbeddingConstraint does not support {refused[0]}: it flattens parameters, and the "
                 "constrained embedding's trainable rows must stay its own Parameter. Use strategy='ddp' "
-                "(the pinned rows are not buffers, so DDP never broadcasts them)."
+                "(the pinned rows are not buffers, so DDP never broadcasts them), or ModelParallelStrategy "
+                "with fully_shard applied in configure_model (sharded training)."
+            )
+        mesh = getattr(trainer.strategy, "_device_mesh", None) if "ModelParallelStrategy" in names else None
+        if mesh is not None and "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
+            raise ValueError(
+                "EmbeddingConstraint supports ModelParallelStrategy with data parallelism only "
+                f"(tensor_parallel_size={mesh['tensor_parallel'].size()}): use "
+                "ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)"
             )
         dtype = _TRUE_PRECISION_DTYPES.get(str(getattr(trainer, "precision", "")))
         if dtype is not None:
@@ -224,10 +254,49 @@ class EmbeddingConstraint(*_callback_bases()):
 
     # -- install / remove -----------------------------------------------------------------------
     def setup(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
-        """Install the constraint (runs before ``configure_optimizers`` and checkpoint restore)."""
+        """Install the constraint (runs before ``configure_optimizers`` and checkpoint restore).
+
+        An embedding (named by its path) that does not exist yet is constrained while the
+        module's ``configure_model`` creates it: the moment it (or its parent) is assigned, so
+        before a ``fully_shard`` there, and at the latest right after ``configure_model``.
+        """
         if self._installed is not None and is_constrained(self._installed):
             return
-        embedding = self._resolve(pl_module)
+        if isinstance(self.embedding, str) and _defer_until_configured(pl_module, self.embedding):
+            self._install_in_configure_model(trainer, pl_module)
+            return
+        self._install(trainer, pl_module, self._resolve(pl_module))
+
+    def _install_in_configure_model(self, trainer: Any, pl_module: nn.Module) -> None:
+        original = pl_module.configure_model
+        busy: list[bool] = []
+
+        def on_register(module: nn.Module, name: str, submodule: nn.Module) -> None:
+            # (constrain itself registers modules: `busy` stops the recursion)
+            if busy or self._installed is not None or not any(m is module for m in pl_module.modules()):
+                return
+            busy.append(True)
+            try:
+                module._modules[name] = submodule  # the hook runs before the assignment: attach first
+                if _defer_until_configured(pl_module, self.embedding) is False:
+                    self._install(trainer, pl_module, self._resolve(pl_module))
+            finally:
+                busy.clear()
+
+        @functools.wraps(original)
+        def configure_model() -> None:
+            handle = register_module_module_registration_hook(on_register)
+            try:
+                original()
+            finally:
+                handle.remove()
+                pl_module.__dict__.pop("configure_model", None)
+            if self._installed is None:
+                self._install(trainer, pl_module, self._resolve(pl_module))
+
+        pl_module.configure_model = configure_model  # Lightning looks the hook up on the instance
+
+    def _install(self, trainer: Any, pl_module: nn.Module, embedding: nn.Module) -> None:
         self._check_trainer(trainer, embedding)
         try:
             constrain_tied(pl_module, embedding, self.reference, indices=self.indices,
@@ -295,6 +364,8 @@ class EmbeddingConstraint(*_callback_bases()):
         if embedding is None:
             return
         root, self._root = self._root, None
+        if is_constrained(embedding) and pin_of(embedding).storage == "split":
+            return  # sharded (fully_shard): stays constrained; its state dicts are already plain
         if is_constrained(embedding):
             release(embedding)  # its tied heads too; a pending .grad becomes (V, D)
         for module in tied_modules(root, embedding):  # ties it no longer knows of
