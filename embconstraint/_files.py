@@ -24,7 +24,7 @@ from ._validate import index_tensor
 
 __all__ = [
     "PathLike", "SafetensorsFile", "load_tensors", "checkpoint_problem", "read_indices", "state_dict_of",
-    "pick", "listing", "path_str", "tensor_source", "as_indices", "writer_kind", "write_atomic",
+    "pick", "tensor_problem", "listing", "path_str", "tensor_source", "as_indices", "writer_kind", "write_atomic",
 ]
 
 PathLike = str | os.PathLike
@@ -250,7 +250,7 @@ def _shape(container: Mapping[str, Any], key: str) -> tuple[int, ...] | None:
     return tuple(value.shape) if isinstance(value, Tensor) and not value.is_nested else None
 
 
-def _unusable(value: Any) -> str | None:
+def tensor_problem(value: Any) -> str | None:
     """Why ``value`` is not a dense tensor with data (what verify and export compare), else None."""
     if not isinstance(value, Tensor):
         return None
@@ -266,7 +266,7 @@ def _unusable(value: Any) -> str | None:
 
 
 def _usable(where: str, key: str | None, value: Any) -> tuple[str | None, Any]:
-    problem = _unusable(value)
+    problem = tensor_problem(value)
     if problem is not None:
         name = f"{where}: tensor {key!r}" if key is not None else where
         raise ValueError(f"{name} is {problem}; expected a dense tensor (save it with .to_dense() / on a real device)")

@@ -43,6 +43,7 @@ from ._files import (
     pick,
     read_indices,
     state_dict_of,
+    tensor_problem,
     tensor_source,
     write_atomic,
     writer_kind,
@@ -151,6 +152,12 @@ def _export(state_dict: Mapping[str, Any], out: Path, reference: Tensor | None, 
         raise ValueError(f"output {path_str(out)!r} is a directory, expected a file name")
     if not out.parent.is_dir():
         raise FileNotFoundError(f"output directory {path_str(out.parent)!r} does not exist")
+    for k, v in state_dict.items():  # before merging: a raw entry must be dense too
+        problem = tensor_problem(v)
+        if problem is not None and (kind == "safetensors" or v.is_meta or RAW_KEY.match(k)):
+            fix = "it cannot be exported" if v.is_meta or RAW_KEY.match(k) else \
+                "safetensors holds dense tensors only (export to .pt, or save it with .to_dense())"
+            raise ValueError(f"{where}: tensor {k!r} is {problem}; {fix}")
     sd = _merge_raw(dict(state_dict), reference, idx, where)
     if reference is not None and sd.keys() == state_dict.keys():
         raise ValueError(f"a reference was given, but {where} holds no raw "

@@ -244,3 +244,23 @@ def test_export_merges_an_embconstraint_raw_entry_next_to_a_torch_parametrizatio
     written = torch.load(tmp_path / "b.pt")
     assert torch.equal(written["e.weight"], torch.cat([ref, free]))
     assert "0.parametrizations.weight.original" in written  # torch's own: passed through
+
+
+@pytest.mark.parametrize(("make", "ext"), [
+    pytest.param(lambda w: w.to_sparse(), "safetensors", id="sparse-safetensors"),
+    pytest.param(lambda w: torch.nested.nested_tensor([w, w[:2]]), "safetensors", id="nested-safetensors"),
+    pytest.param(lambda w: torch.empty_like(w, device="meta"), "pt", id="meta-pt"),
+    pytest.param(lambda w: torch.empty_like(w, device="meta"), "safetensors", id="meta-safetensors"),
+])
+def test_export_unusable_tensor_is_a_one_line_error(make, ext, weights, tmp_path, capsys) -> None:
+    torch.save({"state_dict": {"w": make(weights)}}, tmp_path / "a.ckpt")
+    code, _, err = _run(["export", tmp_path / "a.ckpt", tmp_path / f"a.{ext}"], capsys)
+    _one_line_error(code, err, "'w'")
+    assert not (tmp_path / f"a.{ext}").exists()
+
+
+def test_export_sparse_tensor_to_pt_passes_through(weights, tmp_path, capsys) -> None:
+    torch.save({"state_dict": {"w": weights.to_sparse()}}, tmp_path / "a.ckpt")
+    code, _, err = _run(["export", tmp_path / "a.ckpt", tmp_path / "a.pt"], capsys)
+    assert code == 0, err
+    assert torch.equal(torch.load(tmp_path / "a.pt")["w"].to_dense(), weights)
