@@ -98,6 +98,25 @@ def _rows_of_other_model() -> str:
     return _rows_file(constrain(nn.Embedding(V, D), torch.randn(N, D)))
 
 
+def _constrain_sharded(module: nn.Module) -> None:
+    """``constrain`` on a copy of ``module`` whose weight is a sharded DTensor (what fully_shard
+    leaves), in a one-process gloo group that is torn down afterwards."""
+    import copy
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        twin = copy.deepcopy(module)
+        mesh = init_device_mesh("cpu", (1,))
+        twin.weight = nn.Parameter(distribute_tensor(twin.weight.detach(), mesh, [Shard(0)]))
+        constrain(twin, _ref())
+    finally:
+        dist.destroy_process_group()
+
+
 @dataclass(frozen=True)
 class Case:
     input: str  # the README "input" column (Markdown)
@@ -136,6 +155,10 @@ CASES: list[Case] = [
          _other_parametrization),
     Case("`constrain` on an embedding whose `weight` is not an `nn.Parameter`",
          lambda m: constrain(m, _ref()), TypeError, "embedding.weight must be an nn.Parameter", _tensor_weight),
+    Case("`constrain` on an embedding already sharded by `fully_shard` (its weight a `DTensor`)",
+         _constrain_sharded, ValueError,
+         "embedding.weight is already sharded (a DTensor, e.g. by fully_shard); call constrain() before "
+         "fully_shard(), which then shards only the free rows"),
     Case("`constrain` on an embedding with an integer `weight`",
          lambda m: constrain(m, _ref()), TypeError,
          "embedding.weight must be floating point, got torch.int64", _integer_weight),
