@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -47,7 +48,7 @@ from .core import (
     release,
     tied_modules,
 )
-from .state import optimizer_state_problem
+from .state import optimizer_groups_problem, optimizer_state_problem
 
 __all__ = ["EmbeddingConstraint"]
 
@@ -406,6 +407,12 @@ class EmbeddingConstraint(*_callback_bases()):
     def on_fit_start(self, trainer: Any, pl_module: nn.Module) -> None:
         # Runs after the optimizers are built and before Lightning loads their checkpointed state.
         self._capture_target()
+        if self._installed is not None and self._root is not None:
+            name = next((n for n, p in self._root.named_parameters() if p is pin_of(self._installed).free_parameter),
+                        "parametrizations.weight.original")
+            problem = optimizer_groups_problem(pin_of(self._installed), name, trainer.optimizers)
+            if problem is not None:
+                warnings.warn(f"EmbeddingConstraint: {problem}", UserWarning, stacklevel=2)
         checkpoint, self._loaded = self._loaded, None
         if checkpoint is not None and self._installed is not None:
             problem = optimizer_state_problem(pin_of(self._installed), trainer.optimizers,

@@ -23,7 +23,7 @@ from ._sharded import as_shards, full, like
 from ._tensor import plain
 from ._validate import PinnedRowsError
 
-__all__ = ["merged_state_dict", "install_hooks", "remove_hooks", "optimizer_state_problem"]
+__all__ = ["merged_state_dict", "install_hooks", "remove_hooks", "optimizer_state_problem", "optimizer_groups_problem"]
 
 _HOOKS = "_embconstraint_hooks"
 _PREFIXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> prefix of the load under way
@@ -124,6 +124,23 @@ def optimizer_state_problem(pin: Any, optimizers: Iterable[Any], saved_states: I
             if isinstance(value, Tensor) and value.dim() == free.dim() and value.shape != free.shape:
                 return (f"the checkpoint's optimizer state {name!r} for the embedding has shape "
                         f"{tuple(value.shape)}, but its trainable rows have shape {tuple(free.shape)}")
+    return None
+
+
+def optimizer_groups_problem(pin: Any, name: str, optimizers: Iterable[Any]) -> str | None:
+    """Why the optimizers look built from names that miss the free rows of ``pin`` (named
+    ``name``), or None: a param group is empty (a group selected by the plain name
+    ``...embedding.weight`` ends up so), or the free rows, trainable, are in no group."""
+    free = pin.free_parameter
+    groups = [group for optimizer in optimizers for group in optimizer.param_groups]
+    if not groups:
+        return None
+    fix = (f"the embedding's trainable rows are the Parameter named {name!r} (select them with "
+           "self.embedding.parameters() or by that name)")
+    if any(not group["params"] for group in groups):
+        return f"an optimizer param group is empty; if it was selected by name, {fix}"
+    if free.requires_grad and not any(p is free for group in groups for p in group["params"]):
+        return f"the trainable rows are in no optimizer param group, so they will not train; {fix}"
     return None
 
 

@@ -71,6 +71,38 @@ def test_param_group_naming_embedding_weight_names_the_fix(tmp_path) -> None:
     assert "embedding.parametrizations.weight.original" in text
 
 
+class _NameBasedNoDecay(PLTinyLM):
+    """The usual "no weight decay for embeddings" groups, selected by the plain name."""
+
+    def configure_optimizers(self):
+        named = list(self.named_parameters())
+        no_decay = [p for n, p in named if n.endswith("embedding.weight")]  # empty while constrained
+        decay = [p for n, p in named if not n.endswith("embedding.weight")]
+        return torch.optim.AdamW([{"params": no_decay, "weight_decay": 0.0}, {"params": decay}], lr=0.1)
+
+
+class _EmbeddingLeftOut(PLTinyLM):
+    def configure_optimizers(self):
+        return torch.optim.SGD([p for n, p in self.named_parameters() if not n.startswith("embedding.")], lr=0.1)
+
+
+@pytest.mark.parametrize(("cls", "fragment"), [(_NameBasedNoDecay, "param group is empty"),
+                                               (_EmbeddingLeftOut, "in no optimizer param group")])
+def test_name_based_param_groups_that_miss_the_rows_warn(cls, fragment, tmp_path) -> None:
+    model = cls()
+    trainer = pl.Trainer(callbacks=[EmbeddingConstraint(model.embedding, reference())], **trainer_kwargs(tmp_path))
+    with pytest.warns(UserWarning, match="EmbeddingConstraint: .*" + fragment) as record:
+        trainer.fit(model, loader())
+    assert any("'embedding.parametrizations.weight.original'" in str(w.message) for w in record)
+
+
+def test_parameters_based_groups_do_not_warn(tmp_path, recwarn) -> None:
+    model = PLTinyLM()
+    pl.Trainer(callbacks=[EmbeddingConstraint(model.embedding, reference())],
+               **trainer_kwargs(tmp_path)).fit(model, loader())
+    assert not [w for w in recwarn if "EmbeddingConstraint" in str(w.message)]
+
+
 # -- 12.10 (hf): releasing the returned embedding releases its tied head ----------------------
 
 def test_hf_release_of_the_embedding_releases_the_tied_head(tmp_path) -> None:
