@@ -278,7 +278,22 @@ def _embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2, scal
                          include_last_offset, padding_idx, pinned=_split_pinned(weight))
 
 
+def _split_linear(input: Tensor, weight: PinnedWeight, bias: Tensor | None) -> Tensor:
+    """``F.linear`` on the split storage (sharded training): the logits of the pinned rows and of
+    the free rows, concatenated, then in user order; no ``(V, D)`` weight is built (equal to the
+    plain head to rounding: two matmuls)."""
+    pin, free = weight._pin, weight._free
+    with torch._C.DisableTorchFunctionSubclass():
+        out = torch.cat([F.linear(input, pin.pinned_block(free)), F.linear(input, free)], dim=-1)
+        if pin.layout.pos is not None:
+            out = out.index_select(-1, pin.layout.pos_on(out.device))
+    return out if bias is None else out + plain(bias)
+
+
 def _linear(input, weight, bias=None):
+    if (weight._table is None and weight._free.dim() == 2 and not isinstance(bias, PinnedView)
+            and not torch.is_autocast_enabled(input.device.type)):
+        return _split_linear(input, weight, bias)
     split = weight._table is None or (isinstance(bias, PinnedWeight) and bias._table is None)
     if split or torch.is_autocast_enabled(input.device.type) or isinstance(bias, PinnedView):
         # the generic path: autocast casts the merged weight; the split storage has no table

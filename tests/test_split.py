@@ -108,3 +108,52 @@ def test_writes_are_checked_and_release_is_refused():
         from embconstraint import release
         release(split)
     assert torch.equal(split.weight[:N], ref)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("tied", [False, True])
+def test_head_split_storage_matches_the_aliased_head(layout, tied):
+    """A constrained (or tied) output head on the split storage: logits and gradients equal to
+    the aliased head to rounding (two matmuls), and no (V, D) weight built."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from embconstraint.core import constrain_tied
+
+    def build():
+        torch.manual_seed(0)
+        emb, head = nn.Embedding(V, D), nn.Linear(D, V, bias=not tied)
+        if tied:
+            head.weight = emb.weight
+            model = nn.ModuleDict({"emb": emb, "head": head})
+            constrain_tied(model, emb, torch.randn(N, D), indices=LAYOUTS[layout])
+        else:
+            model = nn.ModuleDict({"emb": emb, "head": constrain(head, torch.randn(N, D), indices=LAYOUTS[layout])})
+        return model
+
+    aliased, split = build(), build()
+    pin_of(split["emb"] if tied else split["head"]).split_storage()
+    x = torch.randn(3, D)
+
+    class Shapes(TorchDispatchMode):
+        seen: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and tuple(out.shape) == (V, D) and out.stride() != (0, 0):
+                self.seen.append(str(func))
+            return out
+
+    outs = []
+    for model in (aliased, split):
+        model.zero_grad()
+        with Shapes() as probe:
+            out = model["head"](x)
+            out.pow(2).sum().backward()
+        outs.append((out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None],
+                     probe.seen[:]))
+        Shapes.seen = []
+    (a, ga, _), (s, gs, seen) = outs
+    assert torch.allclose(a, s, rtol=0, atol=1e-6)
+    assert len(ga) == (1 if tied else 2)
+    assert all(torch.allclose(x_, y_, rtol=0, atol=1e-5) for x_, y_ in zip(ga, gs, strict=True))
+    assert seen == []
