@@ -32,6 +32,7 @@ V, D, N_TOK = 98, 16, 60          # token embedding: the first 60 rows pinned (v
 V_BAG, N_BAG = 50, 20             # bag embedding: 20 scattered rows pinned
 BAG_ROWS = list(range(1, 40, 2))  # 20 rows
 H = 24
+N_HEAD = 40                       # output head (V, H): its first 40 rows pinned (root FSDP unit)
 STEPS, BATCH, SEQ, LR = 4, 4, 6, 0.5
 
 
@@ -55,6 +56,7 @@ def build(constrained: bool, refs) -> TinyLM:
     if constrained:
         constrain(model.tok, refs["tok"])
         constrain(model.bag, refs["bag"], indices=BAG_ROWS)
+        constrain(model.head, refs["head"])
     return model
 
 
@@ -138,7 +140,7 @@ def train(model, rank: int, record: dict, name: str, refs=None, single=None) -> 
     for step in range(STEPS):
         x, feats, y = batch(step)
         part = slice(rank * BATCH, (rank + 1) * BATCH)
-        with _Comm() as comm, _Shapes([(V, D), (V_BAG, D)]) as shapes:
+        with _Comm() as comm, _Shapes([(V, D), (V_BAG, D), (V, H)]) as shapes:
             loss_fn(model, x[part], feats[part], y[part]).backward()
             opt.step()
             opt.zero_grad()
@@ -151,14 +153,15 @@ def train(model, rank: int, record: dict, name: str, refs=None, single=None) -> 
             s_opt.zero_grad()
             diffs = [(full(getattr(model, m).parametrizations.weight.original.detach())
                       - getattr(s_model, m).parametrizations.weight.original.detach()).abs().max().item()
-                     for m in ("tok", "bag")]
+                     for m in ("tok", "bag", "head")]
             entry["free_maxdiff"] = max(diffs)
         if refs is not None:
             try:  # the merged weights, read outside forward
                 with torch.no_grad():
-                    tok, bag = full(model.tok.weight), full(model.bag.weight)
+                    tok, bag, head = full(model.tok.weight), full(model.bag.weight), full(model.head.weight)
                 entry["pinned_exact"] = (torch.equal(tok[:N_TOK], refs["tok"])
-                                         and torch.equal(bag[BAG_ROWS], refs["bag"]))
+                                         and torch.equal(bag[BAG_ROWS], refs["bag"])
+                                         and torch.equal(head[:N_HEAD], refs["head"]))
             except Exception as err:
                 entry["pinned_exact"] = f"error: {type(err).__name__}: {err}"[:300]
         steps.append(entry)
@@ -183,7 +186,7 @@ def state_checks(model, refs, mesh, out_dir: Path, rank: int, record: dict) -> N
 
     def read_weights():
         with torch.no_grad():
-            merged.update({"tok.weight": full(model.tok.weight).clone(), "bag.weight": full(model.bag.weight).clone()})
+            merged.update({f"{m}.weight": full(getattr(model, m).weight).clone() for m in ("tok", "bag", "head")})
         return True
 
     def full_sd():
@@ -201,7 +204,7 @@ def state_checks(model, refs, mesh, out_dir: Path, rank: int, record: dict) -> N
 
     def set_full():
         sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-        fresh = shard(build(True, {"tok": refs["tok"], "bag": refs["bag"]}), mesh)
+        fresh = shard(build(True, refs), mesh)
         set_model_state_dict(fresh, sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         return all(torch.equal(full(fresh.get_submodule(k[:-7]).weight), v) for k, v in merged.items())
 
@@ -258,7 +261,8 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     mesh = init_device_mesh("cpu", (2,))
     out = Path(out_dir)
     g = torch.Generator().manual_seed(7)
-    refs = {"tok": torch.randn(N_TOK, D, generator=g), "bag": torch.randn(N_BAG, D, generator=g)}
+    refs = {"tok": torch.randn(N_TOK, D, generator=g), "bag": torch.randn(N_BAG, D, generator=g),
+            "head": torch.randn(N_HEAD, H, generator=g)}
     record: dict = {"rank": rank, "refs": refs}
     try:
         plain = shard(build(False, refs), mesh)
@@ -273,7 +277,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
             m.register_forward_pre_hook(lambda mod, args: seen.append(
                 type(mod.parametrizations.weight.original).__name__))
         train(model, rank, record, "constrained", refs, (single, single_opt))
-        record["storage"] = [m.parametrizations.weight[0].storage for m in (model.tok, model.bag)]
+        record["storage"] = [m.parametrizations.weight[0].storage for m in (model.tok, model.bag, model.head)]
         state_checks(model, refs, mesh, out, rank, record)
     except Exception:
         record["error"] = traceback.format_exc()[-3000:]

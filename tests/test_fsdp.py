@@ -1,5 +1,6 @@
 """FSDP2 (``fully_shard``) on 2 CPU processes (gloo): a constrained model trains exactly, only the
-free rows are communicated, and state dicts / DCP / merged_state_dict work (issue 11).
+free rows are communicated, and state dicts / DCP / merged_state_dict work (issue 11). The model
+has a token embedding (prefix), an EmbeddingBag (scattered rows) and a constrained output head.
 
 One spawned run (~6 s on an idle machine); tests/_fsdp_script.py records, this file asserts.
 """
@@ -15,11 +16,12 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _fsdp_script import N_BAG, N_TOK, STEPS, V_BAG, D, V  # noqa: E402
+from _fsdp_script import N_BAG, N_HEAD, N_TOK, STEPS, V_BAG, D, H, V  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parent / "_fsdp_script.py"
 ROOT = SCRIPT.parent.parent
-PINNED = (N_TOK + N_BAG) * D  # pinned elements in the model
+PINNED = (N_TOK + N_BAG) * D  # pinned elements of the embeddings (each its own FSDP unit)
+PINNED_HEAD = N_HEAD * H  # pinned elements of the head (in the root unit, not resharded after forward)
 
 pytestmark = pytest.mark.distributed
 
@@ -53,14 +55,15 @@ def test_only_free_rows_are_sharded_and_communicated(ranks):
         params = dict(r["fsdp_params"])
         assert params["tok.parametrizations.weight.original"] == (V - N_TOK, D)
         assert params["bag.parametrizations.weight.original"] == (V_BAG - N_BAG, D)
-        assert r["storage"] == ["split", "split"]  # the (V, D) tables were dropped: no unsharded copy
+        assert params["head.parametrizations.weight.original"] == (V - N_HEAD, H)
+        assert r["storage"] == ["split", "split", "split"]  # the (V, D) tables were dropped: no unsharded copy
         # forward sees FSDP's all-gathered plain free rows, never the sharded DTensor
         assert r["free_in_forward"] == ["Parameter"] * (2 * STEPS)
         for plain, con in zip(r["plain"], r["constrained"], strict=True):
             # the embeddings' groups are all-gathered twice a step (forward, and again in backward
             # since non-root modules reshard after forward), reduce-scattered once
-            assert plain["all_gather"] - con["all_gather"] == 2 * PINNED
-            assert plain["reduce_scatter"] - con["reduce_scatter"] == PINNED
+            assert plain["all_gather"] - con["all_gather"] == 2 * PINNED + PINNED_HEAD
+            assert plain["reduce_scatter"] - con["reduce_scatter"] == PINNED + PINNED_HEAD
 
 
 def test_no_vocab_sized_table_is_built_per_step(ranks):
