@@ -27,12 +27,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from ._kernels import embedding, embedding_bag, linear, merge
+from ._kernels import MAX_NORM_REFUSED, embedding, embedding_bag, linear, merge
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._parametrization import PinnedRows
 
-__all__ = ["PinnedWeight", "PinnedView", "HANDLED", "DATA_SET", "wrap", "plain", "storage_ptr"]
+__all__ = ["PinnedWeight", "PinnedView", "PinnedConstant", "HANDLED", "DATA_SET", "wrap", "constant", "plain",
+           "storage_ptr"]
 
 _DATA_GET = Tensor.data.__get__
 DATA_SET = Tensor.data.__set__  # ``weight.data = value``: a write like ``weight.data.copy_(value)``
@@ -110,7 +111,7 @@ def run_plain(func, args: tuple, kwargs: dict) -> Any:
     ptrs: set[int | None] = set()
 
     def unwrap(a: Any) -> Any:
-        if not isinstance(a, (PinnedWeight, PinnedView)):
+        if not isinstance(a, (PinnedWeight, PinnedView, PinnedConstant)) or getattr(a, "_own", False):
             return a
         with torch._C.DisableTorchFunctionSubclass():
             t = _merged(a) if isinstance(a, PinnedWeight) else a.as_subclass(Tensor)
@@ -189,6 +190,8 @@ class PinnedWeight(Tensor):
         target = _target(args, kwargs)
         if isinstance(target, cls):
             if func in (Tensor.detach, _DATA_GET):  # `in` compares by ==, as method-wrappers need
+                if target._table is not None:  # aliased storage: a guarded constant
+                    return constant(target._pin, target._free)
                 with torch._C.DisableTorchFunctionSubclass():
                     detached = wrap(func(*args, **kwargs), target._pin, target._free, target._table)
                     if target._table is None:  # (split storage: no Merge node to keep out of the graph)
@@ -198,6 +201,94 @@ class PinnedWeight(Tensor):
             if _is_write(func) or func == DATA_SET:
                 return _write(func, args, kwargs)
         return run_plain(func, args, kwargs)
+
+    def set_(self, *args: Any, **kwargs: Any) -> Tensor:  # set_ does not reach __torch_function__
+        raise RuntimeError(_SET_REFUSED)
+
+
+_SET_REFUSED = ("set_ on the weight of a constrained embedding is not supported (it would replace the "
+                "pinned rows); write the free rows under torch.no_grad() (emb.weight[rows] = values), "
+                "or release() the embedding first")
+
+
+class PinnedConstant(Tensor):
+    """``weight.detach()`` / ``weight.data`` (and a state dict's weight) of a constrained module:
+    the merged ``(V, D)`` weight in user order, as a constant (no autograd history; for the
+    prefix layout an alias of the table, no copy). Every op reads it as a plain tensor, lookups
+    included; in-place writes go through the pinned-row check into the module's free rows.
+
+    ``requires_grad_(True)`` (``nn.Parameter(weight.detach())``, ``from_pretrained(...,
+    freeze=False)``, a new leaf) makes it a tensor of its own: its values are copied once and it
+    behaves as a plain tensor from then on, unconnected to the module.
+    """
+
+    _pin: PinnedRows
+    _free: Tensor
+    _own: bool = False
+
+    @classmethod
+    @torch.compiler.disable
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        target = _target(args, kwargs)
+        if isinstance(target, cls) and target._own:
+            return _run_own(func, args, kwargs)
+        handled = HANDLED.get(func)
+        weight = _arg(args, kwargs, 1, "weight") if handled is not None else None
+        if isinstance(weight, cls) and not weight._own and _arg(args, kwargs, 3, "max_norm") is not None:
+            raise ValueError(MAX_NORM_REFUSED)
+        out = kwargs.get("out")
+        if isinstance(out, cls) and not out._own:
+            return _write(func, args, kwargs)
+        if isinstance(out, PinnedView):
+            return PinnedView.__torch_function__(func, types, args, kwargs)
+        if isinstance(target, cls):
+            if func in (Tensor.detach, _DATA_GET):
+                return constant(target._pin, target._free)
+            if func == Tensor.requires_grad_ and _arg(args, kwargs, 1, "requires_grad", True):
+                return _own_copy(target)
+            if _is_write(func) or func == DATA_SET:
+                return _write(func, args, kwargs)
+        return run_plain(func, args, kwargs)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:  # saved (torch.save, pickle) as the plain tensor
+        with torch._C.DisableTorchFunctionSubclass():
+            return self.as_subclass(Tensor).__reduce_ex__(protocol)
+
+    def __deepcopy__(self, memo: dict) -> Tensor:  # a copy is a plain tensor of its own
+        with torch._C.DisableTorchFunctionSubclass():
+            out = self.as_subclass(Tensor).clone().requires_grad_(self.requires_grad)
+        memo[id(self)] = out
+        return out
+
+    def set_(self, *args: Any, **kwargs: Any) -> Tensor:  # set_ does not reach __torch_function__
+        if not self._own:
+            raise RuntimeError(_SET_REFUSED)
+        return Tensor.set_(self, *args, **kwargs)
+
+
+def _run_own(func, args: tuple, kwargs: dict) -> Any:
+    """``func`` on a constant that became a tensor of its own: plain torch semantics."""
+    with torch._C.DisableTorchFunctionSubclass():
+        return func(*args, **kwargs)
+
+
+def _own_copy(c: PinnedConstant) -> PinnedConstant:
+    """Make ``c`` a tensor of its own (a new leaf): copy its values out of the table."""
+    with torch._C.DisableTorchFunctionSubclass():
+        Tensor.set_(c, c.clone())  # allowed: the constant comes from _make_subclass
+        c._own = True
+        Tensor.requires_grad_(c, True)
+    return c
+
+
+def constant(pin: PinnedRows, free: Tensor) -> PinnedConstant:
+    """The merged weight of ``pin`` as a :class:`PinnedConstant` (user order, no grad)."""
+    with torch._C.DisableTorchFunctionSubclass():
+        t = pin.layout.to_user_order(pin.table(free)).detach()
+    c = Tensor._make_subclass(PinnedConstant, t, False)
+    c._pin, c._free = pin, free
+    return c
 
 
 def wrap(t: Tensor, pin: PinnedRows, free: Tensor, table: Tensor | None) -> PinnedWeight:
@@ -213,7 +304,7 @@ def _write(func, args: tuple, kwargs: dict) -> Tensor:
     """An in-place op on the merged weight: applied to a scratch copy, then only the free rows
     are written back, and only if the pinned rows are left unchanged."""
     name = ".data assignment" if func == DATA_SET else getattr(func, "__name__", str(func))
-    if "out" in kwargs and isinstance(kwargs["out"], PinnedWeight):
+    if "out" in kwargs and isinstance(kwargs["out"], (PinnedWeight, PinnedConstant)):
         target, slot = kwargs["out"], "out"
     elif args:
         target, slot = args[0], 0
@@ -239,6 +330,9 @@ def _write(func, args: tuple, kwargs: dict) -> Tensor:
             func(*args, **kwargs)
         pin.check_pinned(scratch, f"in-place {name}")
         pin.write_free_rows(scratch, free)
+        if isinstance(target, PinnedConstant) and storage_ptr(target) != storage_ptr(pin.table(free)):
+            with torch._C.DisableTorchFunctionSubclass():
+                target.copy_(scratch)  # a gathered (scattered-layout) or stale constant: keep it current
         return target
 
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ._parametrization import original_key, pin_of, tie_of
 from ._sharded import as_shards, full, like
-from ._tensor import plain
+from ._tensor import constant, plain
 from ._validate import PinnedRowsError
 
 __all__ = ["merged_state_dict", "install_hooks", "remove_hooks", "optimizer_state_problem", "optimizer_groups_problem"]
@@ -56,8 +56,9 @@ def _constrained_names(module: nn.Module):
 
 def _merged_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
     """state_dict post-hook: a constrained (or tied) weight is saved under its plain key, as
-    the merged ``(V, D)`` tensor. Nothing is copied for the prefix layout, and no view of a
-    larger storage is saved."""
+    the merged ``(V, D)`` tensor, a :class:`~._tensor.PinnedConstant`: it reads and saves as a plain
+    tensor, and writes into it cannot move pinned rows. Nothing is copied for the prefix layout,
+    and no view of a larger storage is saved."""
     for name, pin in _constrained_names(module):
         key = original_key(prefix, name)
         if key not in state_dict:
@@ -65,6 +66,9 @@ def _merged_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadat
         keep_vars = state_dict[key].requires_grad
         del state_dict[key]
         free = pin.free_parameter
+        if not pin.is_split(free):  # guarded: writes into it go through the pinned-row check (no copy: prefix)
+            state_dict[prefix + name] = constant(pin, free)
+            continue
         merged = as_shards(pin.layout.to_user_order(pin.table(free)), free)
         state_dict[prefix + name] = merged if keep_vars else merged.detach()
 
