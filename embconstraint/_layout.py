@@ -77,7 +77,8 @@ class Layout:
         """The user row -> table row map on ``device`` (cached; scattered layout only)."""
         pos = self._device_pos.get(device)
         if pos is None:
-            pos = self._device_pos[device] = self.pos.to(device)
+            with torch.inference_mode(False):  # cached: a normal tensor whatever the caller's mode
+                pos = self._device_pos[device] = self.pos.to(device)
         return pos
 
     def free_map(self, device: torch.device, dtype: torch.dtype, lpad: int) -> Tensor:
@@ -90,13 +91,14 @@ class Layout:
         key = (device, dtype, lpad)
         fmap = self._free_maps.get(key)
         if fmap is None:
-            num_free = self.num_rows - self.num_pinned
-            by_table_row = torch.full((self.num_rows,), num_free, dtype=torch.int64)
-            by_table_row[self.num_pinned:] = torch.arange(num_free)
-            if lpad >= 0:
-                by_table_row[lpad] = num_free
-            fmap = by_table_row if self.pos is None else by_table_row[self.pos]
-            fmap = self._free_maps[key] = fmap.to(device=device, dtype=dtype)
+            with torch.inference_mode(False):  # cached: a normal tensor whatever the caller's mode
+                num_free = self.num_rows - self.num_pinned
+                by_table_row = torch.full((self.num_rows,), num_free, dtype=torch.int64)
+                by_table_row[self.num_pinned:] = torch.arange(num_free)
+                if lpad >= 0:
+                    by_table_row[lpad] = num_free
+                fmap = by_table_row if self.pos is None else by_table_row[self.pos]
+                fmap = self._free_maps[key] = fmap.to(device=device, dtype=dtype)
         return fmap
 
     def index(self, input: Tensor, padding_idx: int | None) -> tuple[Tensor, int]:
@@ -109,7 +111,10 @@ class Layout:
                 lpad = int(self.pos[lpad])
         if self.pos is None:
             return input, lpad
-        return self.pos_on(input.device)[input], lpad
+        # An id outside [0, V) (negative ones included: no wrapping) maps to row V, which the lookup
+        # refuses exactly as plain torch refuses the id itself.
+        valid = (input >= 0) & (input < self.num_rows)
+        return torch.where(valid, self.pos_on(input.device)[input.clamp(0, self.num_rows - 1)], self.num_rows), lpad
 
     def to_user_order(self, table: Tensor) -> Tensor:
         """The table's rows in user order (the table itself for the prefix layout, a gather otherwise)."""

@@ -115,6 +115,9 @@ class PinnedRows(nn.Module):
         self._alias_key: tuple | None = None  # see table()
         self._pinned: Tensor | None = None  # the split storage's pinned rows (layout order)
         self._cast: dict[tuple, Tensor] = {}  # the pinned rows on other devices/dtypes (split storage)
+        # The pinned rows as pinned (their own dtype), while the table cannot hold them exactly: after
+        # a cast to a lower precision, or on the meta device. None while the table's own rows are exact.
+        self._exact: Tensor | None = None
         self._owner: list[nn.Module] = []  # the ParametrizationList, once bound (a list: not a child)
         self._ties: list[tuple[nn.Module, str]] = []  # (module, name) tied to this weight (not children)
         self.path = "aliased"
@@ -199,7 +202,8 @@ class PinnedRows(nn.Module):
             return rows
         key = (like.device, like.dtype)
         if key not in self._cast:
-            self._cast[key] = rows.to(device=like.device, dtype=like.dtype)
+            with torch.inference_mode(False):  # cached: a normal tensor whatever the caller's mode
+                self._cast[key] = rows.to(device=like.device, dtype=like.dtype)
         return self._cast[key]
 
     # -- the table ------------------------------------------------------------------------------
@@ -240,14 +244,20 @@ class PinnedRows(nn.Module):
                 return torch.cat([self.pinned_block(free), free])
             return self._rebuild(free)
 
+    @torch.inference_mode(False)  # a normal tensor whatever the caller's mode (evaluating first, then training)
+    @torch.no_grad()  # (inference_mode(False) turns grad mode on)
     def _rebuild(self, free: Tensor) -> Tensor:
-        old = self._table
+        old, n = self._table, self.num_pinned
+        if self._exact is None and old.dtype != free.dtype:
+            self._exact = old[:n].clone()  # cast from these, once, by every later conversion
         table = torch.empty((self.num_rows, *free.shape[1:]), dtype=free.dtype, device=free.device)
-        table[: self.num_pinned] = old[: self.num_pinned]
-        table[self.num_pinned:] = free
+        table[:n] = self._exact if self._exact is not None else old[:n]
+        table[n:] = free
         self._table = table
+        if self._exact is not None and self._exact.dtype == table.dtype and not table.is_meta:
+            self._exact = None  # exact again in the table (e.g. after .half().float())
         if isinstance(free, nn.Parameter) and free.is_leaf:
-            free.set_(table[self.num_pinned:])
+            free.set_(table[n:])
             self.path = "aliased"
         else:
             self.path = "copy"
@@ -281,6 +291,8 @@ class PinnedRows(nn.Module):
                 torch.index_select(weight, 0, self.free_rows().to(weight.device), out=table[self.num_pinned:])
             table[: self.num_pinned] = ref  # copies, casting dtype and device
             self._table = table
+            if table.is_meta:  # kept until the module is materialised (to_empty)
+                self._exact = ref.to(table.dtype).clone()
             return table[self.num_pinned:]
         # assignment ``module.weight = value``: value must keep the pinned rows
         table = self._table
@@ -326,7 +338,7 @@ class PinnedRows(nn.Module):
         if self.on_mismatch == "checkpoint":
             if tuple(weight.shape) == (self.num_rows, *pinned.shape[1:]):
                 pinned[:] = self._layout.user_to_layout(weight.to(pinned))[: self.num_pinned]
-                self._cast = {}
+                self._cast, self._exact = {}, None
         else:
             self.check_pinned(weight, what)
         return self._layout.user_to_layout(weight.to(pinned))[self.num_pinned:]

@@ -318,7 +318,7 @@ def _write(func, args: tuple, kwargs: dict) -> Tensor:
         )
     # (grad mode is checked above, before no_grad: a decorator would hide the caller's mode)
     pin, free = target._pin, target._free
-    if target._table is None:  # split storage: write the registered (maybe sharded) free rows
+    if isinstance(target, PinnedWeight) and target._table is None:  # split storage: write the registered free rows
         free = pin.free_parameter
     with torch.no_grad():
         scratch = pin.layout.to_user_order(pin.table(free)).clone()

@@ -173,11 +173,7 @@ def _params_3() -> list:
                             (nn.EmbeddingBag, {}), (nn.EmbeddingBag, {"padding_idx": 1})):
             for ids in ([-1], [2, -V], [V], [-V - 1]):
                 name = f"{'prefix' if layout is None else 'scattered'}-{cls.__name__}-{kwargs}-{ids}"
-                # the scattered layout wraps -1..-V (reads row V + id) and, for bags, raises
-                # IndexError where nn.EmbeddingBag raises RuntimeError
-                bug = layout is not None and (-V <= min(ids) < 0 or cls is nn.EmbeddingBag)
-                marks = [pytest.mark.xfail(strict=True, reason="issue 12.3: scattered layout, out-of-range ids")] * bug
-                params.append(pytest.param(layout, cls, kwargs, ids, id=name, marks=marks))
+                params.append(pytest.param(layout, cls, kwargs, ids, id=name))
     return params
 
 
@@ -188,7 +184,6 @@ def test_out_of_range_ids_raise_like_plain_torch(indices, cls, kwargs, ids) -> N
         emb(torch.tensor([ids]))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12.3: F.embedding on the scattered weight wraps negative ids")
 @pytest.mark.parametrize("fn", [pytest.param(lambda w: F.embedding(torch.tensor([-1]), w), id="F.embedding"),
                                 pytest.param(lambda w: F.embedding_bag(torch.tensor([-1]), w, torch.tensor([0])),
                                              id="F.embedding_bag-offsets")])
@@ -200,7 +195,6 @@ def test_negative_ids_raise_in_functional_calls(fn) -> None:
 
 # -- 12.5: a first forward under inference_mode after .to() ---------------------------------
 
-@pytest.mark.xfail(strict=True, reason="issue 12.5: table rebuilt under inference_mode is an inference tensor")
 @pytest.mark.parametrize("cast", [pytest.param(lambda e: e.double(), id="double"),
                                   pytest.param(lambda e: e.to("cpu", torch.float64), id="to-device-dtype"),
                                   pytest.param(lambda e: e.half().float(), id="half-float")])
@@ -221,7 +215,6 @@ def test_inference_mode_first_forward_after_to(indices, cast) -> None:
 
 # -- 12.6: half / bfloat16 round trips keep the reference -----------------------------------
 
-@pytest.mark.xfail(strict=True, reason="issue 12.6: .half()/.bfloat16() round the pinned rows for good")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("indices", LAYOUTS)
 def test_low_precision_round_trip_restores_the_reference(indices, dtype) -> None:
@@ -234,7 +227,6 @@ def test_low_precision_round_trip_restores_the_reference(indices, dtype) -> None
     assert torch.equal(emb.state_dict()["weight"][pinned_rows(indices)], reference())
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12.6: chained casts round the pinned rows twice")
 @pytest.mark.parametrize("indices", LAYOUTS)
 def test_chained_casts_cast_the_reference_once(indices) -> None:
     ref = reference()
@@ -248,7 +240,6 @@ def test_chained_casts_cast_the_reference_once(indices) -> None:
 
 # -- 12.7: meta device, to_empty, load --------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="issue 12.7: constrained meta embedding is unusable after to_empty")
 @pytest.mark.parametrize("indices", LAYOUTS)
 def test_meta_embedding_materialises_after_to_empty(indices) -> None:
     with torch.device("meta"):
