@@ -22,6 +22,7 @@ Every check runs before anything changes. "Bitwise equal" means equal bits
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -79,6 +80,10 @@ def as_reference(reference: Any) -> Tensor:
             "reference must be an nn.Embedding, nn.EmbeddingBag, nn.Linear, Tensor or Parameter of shape (n, D), "
             f"got {type(reference).__name__}"
         )
+    if reference.layout != torch.strided or reference.is_nested:
+        raise ValueError(f"reference must be a dense (strided) tensor, got layout {reference.layout}")
+    if reference.is_meta:
+        raise ValueError("reference is on the meta device (no values); pass a materialised tensor")
     reference = plain(reference.detach())
     if reference.dim() != 2:
         raise ValueError(f"reference must have shape (n, D), got shape {tuple(reference.shape)}")
@@ -119,7 +124,12 @@ def check_reference(reference: Tensor, weight: Tensor) -> Tensor:
 
 
 def index_tensor(indices: Any) -> Tensor:
-    """``indices`` (a 1-D integer tensor or a sequence of ints) as a CPU int64 tensor."""
+    """``indices`` (a 1-D integer tensor or NumPy array, or a sequence of ints) as a CPU int64 tensor."""
+    np = sys.modules.get("numpy")
+    if np is not None and isinstance(indices, np.ndarray):
+        if not np.issubdtype(indices.dtype, np.integer):
+            raise TypeError(f"indices must hold integers, got NumPy dtype {indices.dtype}")
+        indices = torch.as_tensor(indices)
     if isinstance(indices, Tensor):
         idx = indices.detach().cpu()
     elif isinstance(indices, Sequence) and not isinstance(indices, (str, bytes)):

@@ -105,14 +105,20 @@ def _load_plain(module: nn.Module, state_dict: dict, prefix: str, local_metadata
 
 def _tied_not_missing(module: nn.Module, incompatible_keys) -> None:
     """load_state_dict post-hook: a tied weight's raw key is the embedding's free rows, loaded
-    through the embedding (checkpoints, e.g. ``save_pretrained``'s, drop tied keys): not missing."""
+    through the embedding (checkpoints, e.g. ``save_pretrained``'s, drop tied keys): not missing.
+    A constrained weight that is missing is named by its plain key (``0.weight``)."""
     prefix = _PREFIXES.pop(module, None)
     if prefix is None:
         return
+    missing = incompatible_keys.missing_keys
     for name in list(module.parametrizations.keys()):
         key = original_key(prefix, name)
-        if tie_of(module, name) is not None and key in incompatible_keys.missing_keys:
-            incompatible_keys.missing_keys.remove(key)
+        if key not in missing:
+            continue
+        if tie_of(module, name) is not None:
+            missing.remove(key)
+        elif pin_of(module, name) is not None:  # reported under the plain key, the one a checkpoint has
+            missing[missing.index(key)] = prefix + name
 
 
 def optimizer_state_problem(pin: Any, optimizers: Iterable[Any], saved_states: Iterable[Mapping]) -> str | None:

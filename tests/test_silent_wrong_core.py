@@ -302,7 +302,6 @@ def test_parameter_vectors_only_reach_the_free_rows(indices) -> None:
 
 # -- 12.12 (core part) ----------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="issue 12.12: missing-key error names the parametrization key")
 def test_missing_key_error_names_the_plain_key() -> None:
     model = nn.Sequential(emb_of(None))
     with pytest.raises(RuntimeError) as info:
@@ -319,14 +318,12 @@ def test_set_on_weight_raises(indices) -> None:
         emb.weight.set_(torch.zeros(V, D))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12.12: NumPy integer arrays are refused as indices")
 @pytest.mark.parametrize("dtype", [np.int64, np.int32])
 def test_numpy_indices_are_accepted(dtype) -> None:
     emb = constrain(nn.Embedding(V, D), reference(), indices=np.array([4, 0, 2], dtype=dtype))
     assert torch.equal(emb.weight[[4, 0, 2]], reference())
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12.12: meta/sparse reference leaks internals")
 @pytest.mark.parametrize("reference", [pytest.param(lambda: torch.empty(N, D, device="meta"), id="meta"),
                                        pytest.param(lambda: reference().to_sparse(), id="sparse")])
 def test_meta_or_sparse_reference_is_refused_in_one_line(reference) -> None:
