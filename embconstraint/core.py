@@ -112,7 +112,7 @@ def constrain(
         embedding: an ``nn.Embedding``, ``nn.EmbeddingBag`` or ``nn.Linear`` head (subclasses included).
         reference: an ``nn.Embedding``/``nn.EmbeddingBag``, an ``nn.Linear`` (its weight rows
             and, for a head with a bias, its bias entries) or a tensor of shape ``(n, D)``.
-        indices: ``n`` distinct rows of ``embedding``; a 1-D integer tensor or sequence.
+        indices: ``n`` distinct rows of ``embedding``; a 1-D integer tensor, NumPy integer array or sequence.
         on_mismatch: what ``load_state_dict`` does when a plain checkpoint's pinned rows differ
             from the reference: ``"error"`` (default) or ``"checkpoint"`` (take them from it).
 
