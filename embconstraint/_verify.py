@@ -98,7 +98,12 @@ def verify(
     r_src, r_where = tensor_source(reference, "reference")
     w_key, w = pick(w_src, key, w_where, prefer_single=False)
     r_wanted = reference_key if reference_key is not None else key
-    r_key, ref = pick(r_src, r_wanted, r_where, prefer_single=r_wanted is None)
+    try:
+        r_key, ref = pick(r_src, r_wanted, r_where, prefer_single=r_wanted is None)
+    except ValueError as err:
+        if reference_key is not None or key is None:
+            raise
+        raise ValueError(f"{err} (name REF's tensor with --reference-key / reference_key)") from None
     if w_key is not None and RAW_KEY.match(w_key):
         raise ValueError(
             f"{w_where} tensor {w_key!r} is a raw parametrization entry (a constrained embedding's free rows only, "

@@ -84,10 +84,15 @@ def _bias_reference(module: nn.Module, reference: Reference, idx: Tensor | None,
 
 
 def _pin(module: nn.Module, name: str, reference: Tensor, layout: Layout, on_mismatch: str) -> None:
+    grad = getattr(module, name).grad  # a pending gradient keeps its free rows (release's inverse)
     pin = PinnedRows(reference, layout, on_mismatch)
     parametrize.register_parametrization(module, name, pin)
     pin.bind(parametrization_list(module, name))
     install_fast_getter(module, name)
+    if grad is not None:
+        free = pin.free_parameter
+        free.grad = None  # still the (V, D) tensor: it no longer fits the free rows
+        free.grad = grad.index_select(0, pin.free_rows().to(grad.device))
 
 
 def constrain(

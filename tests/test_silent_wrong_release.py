@@ -128,3 +128,19 @@ def test_release_with_an_optimizer_keeps_scalar_state_and_others_untouched() -> 
     assert torch.equal(opt.state[emb.weight]["step"], step)
     assert opt.state[emb.weight]["exp_avg"].shape == (V, D)
     assert all(torch.equal(opt.state[other][k], v) for k, v in other_state.items())
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+@pytest.mark.parametrize("indices", LAYOUTS)
+def test_constrain_keeps_the_free_rows_of_a_pending_grad(indices, sparse) -> None:
+    torch.manual_seed(0)
+    emb = nn.Embedding(V, D, sparse=sparse)
+    loss_of(emb).backward()
+    pending = emb.weight.grad.to_dense().clone()
+    constrain(emb, reference(), indices=indices)
+    assert torch.equal(free_grad(emb).to_dense(), pending[free_rows(indices)])
+    loss_of(emb).backward()  # accumulates into the (V - n, D) gradient
+    release(emb)  # and back: constrain and release cycles keep every free row's gradient
+    expected = pending + _full_grad(emb.weight)
+    expected[pinned_rows(indices)] = 0
+    assert torch.equal(emb.weight.grad.to_dense(), expected)
