@@ -23,6 +23,7 @@ from torch.nn.utils import parametrize
 from ._layout import Layout
 from ._parametrization import PinnedRows, TiedTo, install_fast_getter, parametrization_list, pin_of, tie_of
 from ._sharded import is_sharded
+from ._ties import shared
 from ._validate import (
     as_reference,
     check_bias,
@@ -101,6 +102,7 @@ def constrain(
     *,
     indices: Indices = None,
     on_mismatch: Literal["error", "checkpoint"] = "error",
+    root: nn.Module | None = None,
 ) -> Embedding:
     """Pin rows of ``embedding.weight`` to ``reference``, in place; returns ``embedding``.
 
@@ -120,6 +122,9 @@ def constrain(
         indices: ``n`` distinct rows of ``embedding``; a 1-D integer tensor, NumPy integer array or sequence.
         on_mismatch: what ``load_state_dict`` does when a plain checkpoint's pinned rows differ
             from the reference: ``"error"`` (default) or ``"checkpoint"`` (take them from it).
+        root: the model, when a module of it shares the embedding's Parameter (weight tying,
+            e.g. ``head.weight = emb.weight``): those modules stay tied to the merged ``(V, D)``
+            weight. Without it, a shared Parameter is refused (``RuntimeError``, nothing changes).
 
     >>> import torch
     >>> old = torch.nn.Embedding(3, 4)
@@ -128,13 +133,36 @@ def constrain(
     (True, [(2, 4)])
     """
     ref, idx = check_constrain_args(embedding, reference, indices, on_mismatch, heads=True)
+    if root is not None and not isinstance(root, nn.Module):
+        raise TypeError(f"root must be an nn.Module, got {type(root).__name__}")
+    tied = _shared_with(root, embedding.weight, embedding) if root is not None else []
+    _check_not_shared(embedding, tied)
     layout = Layout.from_indices(idx, ref.shape[0], embedding.weight.shape[0])
     bias = _bias_reference(embedding, reference, idx, ref.shape[0])
     _pin(embedding, "weight", ref, layout, on_mismatch)
     if bias is not None:
         _pin(embedding, "bias", bias, layout, on_mismatch)
     install_hooks(embedding)
+    pin = pin_of(embedding)
+    for module, name in tied:
+        parametrize.register_parametrization(module, name, TiedTo(embedding, pin), unsafe=True)
+        pin.add_tie(module, name)
+        install_hooks(module)
     return embedding
+
+
+def _check_not_shared(embedding: nn.Module, tied: list[tuple[nn.Module, str]]) -> None:
+    """Refuse a Parameter that a module other than ``embedding`` (and the ``tied`` ones) holds:
+    constraining would silently shrink it there to the free rows."""
+    for name in ("weight", "bias"):
+        others = shared(embedding, name, tied if name == "weight" else [])
+        if others:
+            where = ", ".join(f"{type(m).__name__}.{n}" for m, n in others)
+            raise RuntimeError(
+                f"embedding.{name} is shared with {where} (tied weights): constraining it would shrink "
+                f"that module's {name} to the free rows; pass root=<the model> to keep them tied "
+                f"(constrain(embedding, reference, root=model)), or untie them first"
+            )
 
 
 def _shared_with(root: nn.Module, param: Tensor, skip: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -151,14 +179,7 @@ def _shared_with(root: nn.Module, param: Tensor, skip: nn.Module) -> list[tuple[
 def constrain_tied(root: nn.Module, embedding: Embedding, reference: Reference, **kwargs) -> Embedding:
     """:func:`constrain`, keeping every module of ``root`` that shares the embedding's
     Parameter (a tied output head) tied to the merged weight."""
-    tied = _shared_with(root, embedding.weight, embedding) if isinstance(embedding, nn.Module) else []
-    constrain(embedding, reference, **kwargs)
-    pin = pin_of(embedding)
-    for module, name in tied:
-        parametrize.register_parametrization(module, name, TiedTo(embedding, pin), unsafe=True)
-        pin.add_tie(module, name)
-        install_hooks(module)
-    return embedding
+    return constrain(embedding, reference, root=root, **kwargs)
 
 
 def tied_modules(root: nn.Module, embedding: nn.Module) -> list[nn.Module]:

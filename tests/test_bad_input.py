@@ -66,6 +66,12 @@ def _integer_weight() -> nn.Module:
     return emb
 
 
+def _tied_model() -> nn.Module:
+    emb, head = _plain(), nn.Linear(D, V, bias=False)
+    head.weight = emb.weight
+    return nn.Sequential(emb, head)
+
+
 def _set_weight(emb: nn.Module, value: torch.Tensor) -> None:
     emb.weight = value
 
@@ -146,6 +152,13 @@ CASES: list[Case] = [
          lambda m: constrain(m, nn.Linear(D, N, bias=False)), ValueError,
          "reference is an nn.Linear without a bias but embedding (Linear) has one; "
          "pass reference.weight to pin the bias entries at their current values", lambda: nn.Linear(D, V)),
+    Case("`constrain` on an embedding whose Parameter another module shares (`head.weight = emb.weight`), "
+         "without `root=`",
+         lambda m: constrain(m[0], _ref()), RuntimeError,
+         "embedding.weight is shared with Linear.weight (tied weights): constraining it would shrink that "
+         "module's weight to the free rows; pass root=<the model> to keep them tied", _tied_model),
+    Case("`constrain(…, root=x)`: `x` is not a module",
+         lambda m: constrain(m, _ref(), root=[m]), TypeError, "root must be an nn.Module, got list"),
     Case("`constrain` on an embedding that is already constrained",
          lambda m: constrain(m, _ref()), ValueError,
          "embedding is already constrained; call release() first", _constrained),

@@ -116,7 +116,6 @@ class _TiedLM(nn.Module):
         return self.head(self.emb(ids))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12.2: constrain(..., root=model) to keep a tied head")
 @pytest.mark.parametrize("indices", LAYOUTS)
 def test_constrain_with_root_keeps_a_tied_head(indices) -> None:
     model = _TiedLM()
@@ -137,7 +136,6 @@ def test_constrain_with_root_keeps_a_tied_head(indices) -> None:
     assert torch.equal(plain(IDS), logits)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12.2: a tied head it cannot see is silently shrunk")
 @pytest.mark.parametrize("indices", LAYOUTS)
 def test_tied_head_is_never_silently_shrunk(indices) -> None:
     model = _TiedLM()
