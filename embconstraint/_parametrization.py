@@ -148,6 +148,11 @@ class PinnedRows(nn.Module):
         """Remember the ``ParametrizationList`` this parametrization was registered in."""
         self._owner[:] = [parametrizations]
 
+    def unbind(self) -> None:
+        """Forget the ``ParametrizationList`` (once removed), so that no reference cycle keeps it,
+        and the Parameter it held, alive until the next garbage collection."""
+        self._owner.clear()
+
     def add_tie(self, module: nn.Module, name: str) -> None:
         """Remember that ``module.<name>`` is tied to this weight (``release`` releases it too)."""
         self._ties.append((module, name))

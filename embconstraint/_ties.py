@@ -31,25 +31,25 @@ def _refs(params: dict, name: str) -> int:
 _ALONE = _refs({"p": nn.Parameter(nn.Linear(1, 1).weight.detach())}, "p")  # held by one dict only
 
 
-def _owners(d: dict) -> list[nn.Module]:
-    """The modules whose ``_parameters`` is ``d``."""
-    out = []
-    for r in gc.get_referrers(d):
-        candidates = [r] if isinstance(r, nn.Module) else (
-            [m for m in gc.get_referrers(r) if isinstance(m, nn.Module)] if isinstance(r, dict) else [])
-        out += [m for m in candidates if m.__dict__.get("_parameters") is d]
-    return out
-
-
-def holders(param: Tensor) -> list[tuple[nn.Module, str]]:
-    """Every (module, name) whose own parameter ``name`` is ``param`` (deduplicated)."""
-    dicts = [r for r in gc.get_referrers(param) if isinstance(r, dict)]
+def holders(param: Tensor, skip: tuple[dict, ...] = ()) -> list[tuple[nn.Module, str]]:
+    """Every (module, name) whose own parameter ``name`` is ``param`` (deduplicated), leaving out
+    the parameter dicts in ``skip``. At most three walks over the live objects, each batched: the
+    dicts holding ``param`` as a value (an optimizer's state, which holds it as a key, is no
+    candidate), then the modules (or their ``__dict__``) holding those dicts."""
+    skipped = {id(d) for d in skip}
+    dicts = {id(r): r for r in gc.get_referrers(param)
+             if isinstance(r, dict) and id(r) not in skipped and any(v is param for v in r.values())}
+    if not dicts:
+        return []
+    owners, inner = [], []
+    for r in gc.get_referrers(*dicts.values()):
+        (owners if isinstance(r, nn.Module) else inner if type(r) is dict else []).append(r)
+    if inner:  # a module's _parameters is held by its instance __dict__
+        owners += [m for m in gc.get_referrers(*inner) if isinstance(m, nn.Module)]
     found: dict[tuple[int, str], tuple[nn.Module, str]] = {}
-    for d in dicts:
-        for m in _owners(d):
-            for n, p in d.items():
-                if p is param:
-                    found[(id(m), n)] = (m, n)
+    for m in owners:
+        if id(m.__dict__.get("_parameters")) in dicts:
+            found.update({(id(m), n): (m, n) for n, p in m._parameters.items() if p is param})
     return list(found.values())
 
 
@@ -60,10 +60,11 @@ def shared(module: nn.Module, name: str, known: list[tuple[nn.Module, str]] = ()
     if name not in params or params[name] is None or _refs(params, name) <= _ALONE + len(known):
         return []  # nothing but the module (and the known holders) holds it
     skip = {(id(m), n) for m, n in known} | {(id(module), name)}
+    own = (params, *(m._parameters for m, _ in known))
 
     def others() -> list[tuple[nn.Module, str]]:
         # (a ParametrizationList holds it only inside a parametrized module, refused elsewhere)
-        return [(m, n) for m, n in holders(params[name])
+        return [(m, n) for m, n in holders(params[name], own)
                 if (id(m), n) not in skip and not isinstance(m, ParametrizationList)]
 
     found = others()

@@ -268,6 +268,7 @@ def release(module: nn.Module, *, optimizer: torch.optim.Optimizer | None = None
                 if isinstance(value, Tensor) and value.dim() > 0 and value.shape == free.shape:
                     state[key] = _widened(value, rows, num_rows)
             parametrize.remove_parametrizations(m, name, leave_parametrized=False)
+            pin.unbind()
             with torch.no_grad():
                 free.set_(merged)  # same Parameter object, now (V, D): optimizers keep their reference
             free.grad = grad
