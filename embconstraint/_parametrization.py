@@ -35,7 +35,7 @@ from torch.nn.utils import parametrize
 
 from ._layout import Layout
 from ._sharded import fsdp_managed, full, is_sharded, like
-from ._tensor import PinnedWeight, plain, storage_ptr, wrap
+from ._tensor import PinnedWeight, plain, storage_ptr, transformed, wrap
 from ._validate import PinnedRowsError, bitwise_equal, max_abs_deviation
 
 __all__ = ["PinnedRows", "TiedTo", "original_key", "RAW_KEY", "pin_of", "tie_of", "install_fast_getter"]
@@ -270,7 +270,9 @@ class PinnedRows(nn.Module):
 
     # -- the parametrization ----------------------------------------------------------------
     @torch.compiler.disable
-    def forward(self, free: Tensor) -> PinnedWeight:
+    def forward(self, free: Tensor) -> PinnedWeight | Tensor:
+        if transformed(free):  # torch.func (functional_call + grad/vmap): a plain, differentiable merge
+            return self._layout.to_user_order(torch.cat([self.pinned_block(free), free]))
         if self.is_split(free):
             free = full(free)  # outside forward under FSDP2 (inside, FSDP hands over the whole rows)
             stub = free.new_zeros(()).expand(self.num_rows, *free.shape[1:])  # no (V, D) memory

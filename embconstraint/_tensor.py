@@ -79,6 +79,13 @@ def plain(t: Tensor) -> Tensor:
     return t.as_subclass(Tensor) if type(t) is not Tensor and not isinstance(t, nn.Parameter) else t
 
 
+def transformed(t: Tensor) -> bool:
+    """Whether ``t`` is a ``torch.func`` transform's wrapper (``grad``, ``vmap``...): no storage of
+    its own, so it can neither alias the table nor go through the storage-level kernels."""
+    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return check is not None and check(t)
+
+
 def storage_ptr(t: Tensor) -> int | None:
     """The address of ``t``'s storage (None for tensors without one: sparse, nested, meta ...)."""
     try:
