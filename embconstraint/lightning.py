@@ -19,8 +19,6 @@ EmbeddingConstraint(embedding='encoder.tok_emb', pinned=3, on_mismatch='error')
 
 from __future__ import annotations
 
-import functools
-import importlib
 import os
 import warnings
 from collections.abc import Sequence
@@ -28,16 +26,19 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.module import register_module_module_registration_hook
 
 from ._files import checkpoint_problem
-from ._validate import (
-    PinnedRowsError,
-    as_reference,
-    check_on_mismatch,
-    check_reference,
-    checked_indices,
+from ._lightning_support import (
+    CheckpointError,
+    add_note,
+    check_trainer,
+    defer_until_configured,
+    install_in_configure_model,
+    lightning_classes,
+    non_leaf_hint,
+    release_installed,
 )
+from ._validate import PinnedRowsError, as_reference, check_on_mismatch, checked_indices
 from .core import (
     check_constrain_args,
     constrain_tied,
@@ -45,62 +46,17 @@ from .core import (
     pin_of,
     pinned_deviation,
     pinned_values,
-    release,
-    tied_modules,
 )
 from .state import optimizer_groups_problem, optimizer_state_problem
 
 __all__ = ["EmbeddingConstraint"]
 
 
-def _add_note(exception: BaseException, note: str) -> None:
-    """``exception.add_note(note)``; before Python 3.11, appended to a one-argument message."""
-    if hasattr(exception, "add_note"):
-        exception.add_note(note)
-    elif len(exception.args) == 1 and isinstance(exception.args[0], str):
-        exception.args = (f"{exception.args[0]}\n{note}",)
-
-
-def _defer_until_configured(pl_module: nn.Module, path: str) -> bool:
-    """Whether the embedding at ``path`` is missing and ``pl_module`` overrides ``configure_model``
-    (which may create it)."""
-    try:
-        pl_module.get_submodule(path)
-        return False
-    except AttributeError:
-        configure = getattr(type(pl_module), "configure_model", None)
-        return configure is not None and all(
-            configure is not getattr(base, "configure_model", None) for base in _lightning_classes("LightningModule")
-        )
-
-
-class _CheckpointError(RuntimeError):
-    """A ``ckpt_path`` that cannot be trusted."""
-
 LOG_KEY = "constraint/max_abs_deviation"
-
-# Strategies that flatten parameters (FSDP1 FlatParameter, DeepSpeed partitions, XLA FSDP): the free
-# rows would no longer be the embedding's own Parameter, and their state dicts are post-processed by
-# parameter name, after the constraint's hooks renamed it. ModelParallelStrategy (FSDP2 fully_shard,
-# applied in configure_model) is supported with data parallelism only.
-_UNSUPPORTED_STRATEGIES = frozenset({"FSDPStrategy", "DeepSpeedStrategy", "XLAFSDPStrategy"})
-# Precisions that cast the whole module (the pinned rows too) to another dtype after setup.
-_TRUE_PRECISION_DTYPES = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}
-
-
-def _lightning_classes(attr: str) -> list[type]:
-    """``attr`` (e.g. ``"Callback"``) of each installed Lightning package."""
-    classes = []
-    for name in ("pytorch_lightning", "lightning.pytorch"):
-        try:
-            classes.append(getattr(importlib.import_module(name), attr))
-        except ImportError:
-            pass
-    return classes
 
 
 def _callback_bases() -> tuple[type, ...]:
-    bases = _lightning_classes("Callback")
+    bases = lightning_classes("Callback")
     if not bases:
         raise ImportError(
             "EmbeddingConstraint needs pytorch-lightning (or lightning): pip install 'embconstraint[lightning]'"
@@ -228,31 +184,6 @@ class EmbeddingConstraint(*_callback_bases()):
             )
         return module
 
-    def _check_trainer(self, trainer: Any, embedding: nn.Module) -> None:
-        names = {cls.__name__ for cls in type(getattr(trainer, "strategy", None)).__mro__}
-        refused = sorted(names & _UNSUPPORTED_STRATEGIES)
-        if refused:
-            raise ValueError(
-                f"EmbeddingConstraint does not support {refused[0]}: it flattens parameters, and the "
-                "constrained embedding's trainable rows must stay its own Parameter. Use strategy='ddp' "
-                "(the pinned rows are not buffers, so DDP never broadcasts them), or ModelParallelStrategy "
-                "with fully_shard applied in configure_model (sharded training)."
-            )
-        mesh = getattr(trainer.strategy, "_device_mesh", None) if "ModelParallelStrategy" in names else None
-        if mesh is not None and "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
-            raise ValueError(
-                "EmbeddingConstraint supports ModelParallelStrategy with data parallelism only "
-                f"(tensor_parallel_size={mesh['tensor_parallel'].size()}): use "
-                "ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)"
-            )
-        dtype = _TRUE_PRECISION_DTYPES.get(str(getattr(trainer, "precision", "")))
-        if dtype is not None:
-            meta = torch.empty(embedding.weight.shape, dtype=dtype, device="meta")
-            try:
-                check_reference(as_reference(self.reference), meta)
-            except ValueError as err:
-                raise ValueError(f"EmbeddingConstraint with precision={trainer.precision!r}: {err}") from None
-
     # -- install / remove -----------------------------------------------------------------------
     def setup(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
         """Install the constraint (runs before ``configure_optimizers`` and checkpoint restore).
@@ -263,42 +194,14 @@ class EmbeddingConstraint(*_callback_bases()):
         """
         if self._installed is not None and is_constrained(self._installed):
             return
-        if isinstance(self.embedding, str) and _defer_until_configured(pl_module, self.embedding):
-            self._install_in_configure_model(trainer, pl_module)
+        if isinstance(self.embedding, str) and defer_until_configured(pl_module, self.embedding):
+            install_in_configure_model(pl_module, self.embedding, lambda: self._installed is not None,
+                                       lambda: self._install(trainer, pl_module, self._resolve(pl_module)))
             return
         self._install(trainer, pl_module, self._resolve(pl_module))
 
-    def _install_in_configure_model(self, trainer: Any, pl_module: nn.Module) -> None:
-        original = pl_module.configure_model
-        busy: list[bool] = []
-
-        def on_register(module: nn.Module, name: str, submodule: nn.Module) -> None:
-            # (constrain itself registers modules: `busy` stops the recursion)
-            if busy or self._installed is not None or not any(m is module for m in pl_module.modules()):
-                return
-            busy.append(True)
-            try:
-                module._modules[name] = submodule  # the hook runs before the assignment: attach first
-                if _defer_until_configured(pl_module, self.embedding) is False:
-                    self._install(trainer, pl_module, self._resolve(pl_module))
-            finally:
-                busy.clear()
-
-        @functools.wraps(original)
-        def configure_model() -> None:
-            handle = register_module_module_registration_hook(on_register)
-            try:
-                original()
-            finally:
-                handle.remove()
-                pl_module.__dict__.pop("configure_model", None)
-            if self._installed is None:
-                self._install(trainer, pl_module, self._resolve(pl_module))
-
-        pl_module.configure_model = configure_model  # Lightning looks the hook up on the instance
-
     def _install(self, trainer: Any, pl_module: nn.Module, embedding: nn.Module) -> None:
-        self._check_trainer(trainer, embedding)
+        check_trainer(trainer, embedding, self.reference)
         try:
             constrain_tied(pl_module, embedding, self.reference, indices=self.indices,
                             on_mismatch=self.on_mismatch)
@@ -316,11 +219,12 @@ class EmbeddingConstraint(*_callback_bases()):
         When the failure came from an unreadable ``ckpt_path`` or from pinned rows that differ
         from the reference, a note saying so is added to the exception.
         """
-        hint = self._non_leaf_hint(exception)
+        hint = None if self._installed is None or self._root is None else \
+            non_leaf_hint(exception, self._root, self._installed)
         self._remove()
         if hint is not None:
-            _add_note(exception, hint)
-        if not hasattr(exception, "add_note") or isinstance(exception, _CheckpointError):  # add_note: 3.11+
+            add_note(exception, hint)
+        if not hasattr(exception, "add_note") or isinstance(exception, CheckpointError):  # add_note: 3.11+
             return
         path = getattr(trainer, "ckpt_path", None)
         problem = checkpoint_problem(path) if path else None
@@ -332,29 +236,13 @@ class EmbeddingConstraint(*_callback_bases()):
                 "EmbeddingConstraint(..., on_mismatch='checkpoint') to take them from the checkpoint."
             )
 
-    def _non_leaf_hint(self, exception: BaseException) -> str | None:
-        """The fix for torch's "can't optimize a non-leaf Tensor" when ``configure_optimizers``
-        named the constrained ``weight`` (computed from the trainable rows, so not a leaf)."""
-        embedding, root = self._installed, self._root
-        if not (isinstance(exception, ValueError) and "non-leaf Tensor" in str(exception)
-                and embedding is not None and root is not None):
-            return None
-        path = next((name for name, m in root.named_modules() if m is embedding), "")
-        prefix = f"{path}." if path else ""
-        return (
-            f"EmbeddingConstraint: {prefix or 'the embedding.'}weight of a constrained embedding is computed "
-            f"from its trainable rows, so an optimizer cannot hold it: in configure_optimizers pass "
-            f"self.{prefix}parameters() instead (one (V - n, D) Parameter, named "
-            f"'{prefix}parametrizations.weight.original'; name-based param groups must use that name)."
-        )
-
     def on_load_checkpoint(self, trainer: Any, pl_module: nn.Module, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint file that loaded but fails its CRC check (silently flipped bits);
         keep the checkpoint until ``on_fit_start`` checks its optimizer states."""
         path = getattr(trainer, "ckpt_path", None)
         problem = checkpoint_problem(path) if path else None
         if problem is not None:
-            raise _CheckpointError(
+            raise CheckpointError(
                 f"EmbeddingConstraint: cannot resume from checkpoint {os.fspath(path)!r}: {problem}. "
                 "Resume from another checkpoint; the module's weights now hold the damaged values."
             )
@@ -365,12 +253,7 @@ class EmbeddingConstraint(*_callback_bases()):
         if embedding is None:
             return
         root, self._root = self._root, None
-        if is_constrained(embedding) and pin_of(embedding).storage == "split":
-            return  # sharded (fully_shard): stays constrained; its state dicts are already plain
-        if is_constrained(embedding):
-            release(embedding)  # its tied heads too; a pending .grad becomes (V, D)
-        for module in tied_modules(root, embedding):  # ties it no longer knows of
-            release(module)
+        release_installed(embedding, root)
 
     # -- the deviation metric --------------------------------------------------------------------
     @torch.no_grad()

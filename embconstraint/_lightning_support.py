@@ -1,0 +1,161 @@
+"""What the Lightning callback needs besides :func:`~embconstraint.constrain` and
+:func:`~embconstraint.release`, written as library functions that import no Lightning package
+(the Trainer and the LightningModule are duck-typed): the strategy and precision checks, the
+install during ``configure_model``, the hints added to a failing run's exception, and the release
+of what the callback installed.
+
+>>> import torch
+>>> emb = torch.nn.Embedding(4, 2)
+>>> hint = non_leaf_hint(ValueError("can't optimize a non-leaf Tensor"), torch.nn.Sequential(emb), emb)
+>>> "self.0.parameters()" in hint
+True
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.module import register_module_module_registration_hook
+
+from ._validate import as_reference, check_reference
+from .core import is_constrained, pin_of, release, tied_modules
+
+__all__ = ["CheckpointError", "add_note", "check_trainer", "defer_until_configured", "install_in_configure_model",
+           "lightning_classes", "non_leaf_hint", "release_installed"]
+
+# Strategies that flatten parameters (FSDP1 FlatParameter, DeepSpeed partitions, XLA FSDP): the free
+# rows would no longer be the embedding's own Parameter, and their state dicts are post-processed by
+# parameter name, after the constraint's hooks renamed it. ModelParallelStrategy (FSDP2 fully_shard,
+# applied in configure_model) is supported with data parallelism only.
+_UNSUPPORTED_STRATEGIES = frozenset({"FSDPStrategy", "DeepSpeedStrategy", "XLAFSDPStrategy"})
+# Precisions that cast the whole module (the pinned rows too) to another dtype after setup.
+_TRUE_PRECISION_DTYPES = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}
+
+
+class CheckpointError(RuntimeError):
+    """A ``ckpt_path`` that cannot be trusted."""
+
+
+def add_note(exception: BaseException, note: str) -> None:
+    """``exception.add_note(note)``; before Python 3.11, appended to a one-argument message."""
+    if hasattr(exception, "add_note"):
+        exception.add_note(note)
+    elif len(exception.args) == 1 and isinstance(exception.args[0], str):
+        exception.args = (f"{exception.args[0]}\n{note}",)
+
+
+def lightning_classes(attr: str) -> list[type]:
+    """``attr`` (e.g. ``"Callback"``) of each installed Lightning package."""
+    classes = []
+    for name in ("pytorch_lightning", "lightning.pytorch"):
+        try:
+            classes.append(getattr(importlib.import_module(name), attr))
+        except ImportError:
+            pass
+    return classes
+
+
+def defer_until_configured(pl_module: nn.Module, path: str) -> bool:
+    """Whether the embedding at ``path`` is missing and ``pl_module`` overrides ``configure_model``
+    (which may create it)."""
+    try:
+        pl_module.get_submodule(path)
+        return False
+    except AttributeError:
+        configure = getattr(type(pl_module), "configure_model", None)
+        return configure is not None and all(
+            configure is not getattr(base, "configure_model", None) for base in lightning_classes("LightningModule")
+        )
+
+
+def install_in_configure_model(pl_module: nn.Module, path: str, installed: Callable[[], bool],
+                               install: Callable[[], None]) -> None:
+    """Make ``pl_module.configure_model`` call ``install()`` the moment the embedding at ``path``
+    (or its parent) is assigned, so before a ``fully_shard`` that follows, and at the latest right
+    after ``configure_model``, unless ``installed()`` says it already ran."""
+    original = pl_module.configure_model
+    busy: list[bool] = []
+
+    def on_register(module: nn.Module, name: str, submodule: nn.Module) -> None:
+        # (constrain itself registers modules: `busy` stops the recursion)
+        if busy or installed() or not any(m is module for m in pl_module.modules()):
+            return
+        busy.append(True)
+        try:
+            module._modules[name] = submodule  # the hook runs before the assignment: attach first
+            if defer_until_configured(pl_module, path) is False:
+                install()
+        finally:
+            busy.clear()
+
+    @functools.wraps(original)
+    def configure_model() -> None:
+        handle = register_module_module_registration_hook(on_register)
+        try:
+            original()
+        finally:
+            handle.remove()
+            pl_module.__dict__.pop("configure_model", None)
+        if not installed():
+            install()
+
+    pl_module.configure_model = configure_model  # Lightning looks the hook up on the instance
+
+
+def check_trainer(trainer: Any, embedding: nn.Module, reference: nn.Module | Tensor) -> None:
+    """Refuse (``ValueError``) a strategy that flattens parameters, tensor parallelism, and a
+    ``*-true`` precision that cannot hold the reference exactly."""
+    names = {cls.__name__ for cls in type(getattr(trainer, "strategy", None)).__mro__}
+    refused = sorted(names & _UNSUPPORTED_STRATEGIES)
+    if refused:
+        raise ValueError(
+            f"EmbeddingConstraint does not support {refused[0]}: it flattens parameters, and the "
+            "constrained embedding's trainable rows must stay its own Parameter. Use strategy='ddp' "
+            "(the pinned rows are not buffers, so DDP never broadcasts them), or ModelParallelStrategy "
+            "with fully_shard applied in configure_model (sharded training)."
+        )
+    mesh = getattr(trainer.strategy, "_device_mesh", None) if "ModelParallelStrategy" in names else None
+    if mesh is not None and "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
+        raise ValueError(
+            "EmbeddingConstraint supports ModelParallelStrategy with data parallelism only "
+            f"(tensor_parallel_size={mesh['tensor_parallel'].size()}): use "
+            "ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)"
+        )
+    dtype = _TRUE_PRECISION_DTYPES.get(str(getattr(trainer, "precision", "")))
+    if dtype is not None:
+        meta = torch.empty(embedding.weight.shape, dtype=dtype, device="meta")
+        try:
+            check_reference(as_reference(reference), meta)
+        except ValueError as err:
+            raise ValueError(f"EmbeddingConstraint with precision={trainer.precision!r}: {err}") from None
+
+
+def non_leaf_hint(exception: BaseException, root: nn.Module, embedding: nn.Module) -> str | None:
+    """The fix for torch's "can't optimize a non-leaf Tensor" when ``configure_optimizers``
+    named the constrained ``weight`` (computed from the trainable rows, so not a leaf)."""
+    if not (isinstance(exception, ValueError) and "non-leaf Tensor" in str(exception)):
+        return None
+    path = next((name for name, m in root.named_modules() if m is embedding), "")
+    prefix = f"{path}." if path else ""
+    return (
+        f"EmbeddingConstraint: {prefix or 'the embedding.'}weight of a constrained embedding is computed "
+        f"from its trainable rows, so an optimizer cannot hold it: in configure_optimizers pass "
+        f"self.{prefix}parameters() instead (one (V - n, D) Parameter, named "
+        f"'{prefix}parametrizations.weight.original'; name-based param groups must use that name)."
+    )
+
+
+def release_installed(embedding: nn.Module, root: nn.Module | None) -> None:
+    """Release ``embedding`` (and its tied heads), and the modules of ``root`` still tied to it;
+    a sharded embedding (``fully_shard``) stays constrained, its state dicts being plain already."""
+    if is_constrained(embedding) and pin_of(embedding).storage == "split":
+        return
+    if is_constrained(embedding):
+        release(embedding)  # its tied heads too; a pending .grad becomes (V, D)
+    for module in tied_modules(root, embedding) if root is not None else ():  # ties it no longer knows of
+        release(module)
