@@ -62,8 +62,9 @@ def build(constrained: bool, refs) -> TinyLM:
 
 def shard(model: nn.Module, mesh) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
-    fully_shard(model.tok, mesh=mesh)
-    fully_shard(model.bag, mesh=mesh)
+    from torch.distributed.tensor import Shard
+    fully_shard(model.tok, mesh=mesh)  # rows (dim 0), fully_shard's default
+    fully_shard(model.bag, mesh=mesh, shard_placement_fn=lambda p: Shard(1))  # columns: works the same
     fully_shard(model, mesh=mesh)
     return model
 
@@ -272,6 +273,8 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         single_opt = torch.optim.SGD(single.parameters(), lr=LR)
         model = shard(build(True, refs), mesh)
         record["fsdp_params"] = sorted((n, tuple(p.shape)) for n, p in model.named_parameters())
+        record["placements"] = {m: str(getattr(model, m).parametrizations.weight.original.placements)
+                                for m in ("tok", "bag")}
         seen = record["free_in_forward"] = []
         for m in (model.tok, model.bag):  # runs after FSDP's pre-forward all-gather
             m.register_forward_pre_hook(lambda mod, args: seen.append(

@@ -1,6 +1,7 @@
 """FSDP2 (``fully_shard``) on 2 CPU processes (gloo): a constrained model trains exactly, only the
 free rows are communicated, and state dicts / DCP / merged_state_dict work (issue 11). The model
-has a token embedding (prefix), an EmbeddingBag (scattered rows) and a constrained output head.
+has a token embedding (prefix; free rows sharded on rows, the default), an EmbeddingBag (scattered
+rows; free rows sharded on columns with ``shard_placement_fn``) and a constrained output head.
 
 One spawned run (~6 s on an idle machine); tests/_fsdp_script.py records, this file asserts.
 """
@@ -56,6 +57,8 @@ def test_only_free_rows_are_sharded_and_communicated(ranks):
         assert params["tok.parametrizations.weight.original"] == (V - N_TOK, D)
         assert params["bag.parametrizations.weight.original"] == (V_BAG - N_BAG, D)
         assert params["head.parametrizations.weight.original"] == (V - N_HEAD, H)
+        # the free rows are sharded on rows (tok, the default) or on columns (bag, shard_placement_fn)
+        assert r["placements"] == {"tok": "(Shard(dim=0),)", "bag": "(Shard(dim=1),)"}
         assert r["storage"] == ["split", "split", "split"]  # the (V, D) tables were dropped: no unsharded copy
         # forward sees FSDP's all-gathered plain free rows, never the sharded DTensor
         assert r["free_in_forward"] == ["Parameter"] * (2 * STEPS)
