@@ -45,6 +45,7 @@ runs it in a fresh process per method and configuration.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import math
 import os
@@ -112,6 +113,7 @@ class Config:
     steps: int = 10
     warmup: int = 3
     max_seconds: float = 20.0
+    min_seconds: float = 0.0
     lr: float = 1e-3
     weight_decay: float = 0.01
     seed: int = 0
@@ -346,6 +348,14 @@ def _status_kib(key: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def _malloc_trim() -> None:
+    """Return the free memory of glibc's heap to the OS (a no-op elsewhere)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class _Memory:
     """Peak memory of this process: RSS high-water mark on CPU (reset through
     ``/proc/self/clear_refs`` where Linux allows it), ``max_memory_allocated`` on CUDA."""
@@ -373,6 +383,7 @@ class _Memory:
         if self.cuda:
             torch.cuda.synchronize(self.device)
             return torch.cuda.memory_allocated(self.device)
+        _malloc_trim()  # freed heap memory (kept there under a steady allocator) is no baseline
         kib = _status_kib("VmRSS")
         return 1024 * kib if kib is not None else self.peak()
 
@@ -531,8 +542,9 @@ def run_one(method: str, config: Config) -> RunResult:
 
     Runs in the current process; peak memory is only clean in a fresh process (what
     ``step_time.py`` does). Step times are wall-clock times of the measured steps (after the
-    warm-up); measuring stops early once ``config.max_seconds`` have been spent (with at least
-    3 measured steps).
+    warm-up), at least ``config.steps`` of them and on until ``config.min_seconds`` have been
+    spent; measuring stops early once ``config.max_seconds`` have been spent (with at least 3
+    measured steps).
 
     >>> r = run_one("embconstraint", Config(vocab=200, dim=4, pinned=0.5, batch=8, seq=4, steps=2, warmup=1))
     >>> len(r.step_ms), r.max_pinned_deviation, r.pinned_exact
@@ -566,7 +578,7 @@ def run_one(method: str, config: Config) -> RunResult:
     result.warmup_ms = [trainer.step(i) for i in range(config.warmup)]
     load = _LoadMeter()
     spent, i = 0.0, config.warmup
-    while len(result.step_ms) < config.steps:
+    while len(result.step_ms) < config.steps or spent < config.min_seconds:
         result.step_ms.append(trainer.step(i))
         spent += result.step_ms[-1] / 1e3
         i += 1
@@ -618,7 +630,7 @@ def run_interleaved(methods: list[str], config: Config) -> dict[str, Any]:
     times: dict[str, list[float]] = {m: [] for m in methods}
     load = _LoadMeter()
     spent, i = 0.0, config.warmup
-    while i - config.warmup < config.steps:
+    while i - config.warmup < config.steps or spent < config.min_seconds * len(methods):
         k = i % len(methods)
         for m in methods[k:] + methods[:k]:
             times[m].append(trainers[m].step(i))

@@ -60,7 +60,11 @@ DEFAULT_PINNED = (0.5, 0.9, 0.99)
 DEFAULT_MEM_LIMIT_GIB = 12.0
 ISSUE = {"sizes": (10_000, 100_000, 1_000_000), "dims": (128,), "pinned": (0.9,)}
 QUICK = {"sizes": (10_000, 100_000), "dims": (64, 128), "pinned": (0.9,), "steps": 5, "warmup": 1,
-         "rounds": 1, "max_seconds": 3.0}
+         "rounds": 1, "max_seconds": 3.0, "min_seconds": 0.0}
+# glibc returns freed blocks above its (dynamic) mmap threshold to the OS, so a step whose
+# temporaries are a few MiB page-faults them in again at random steps (at V=10k: 0.6 ms steps
+# become 1.5-3 ms, for every method). "steady" keeps freed memory in the process for the workers.
+STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**30)}
 
 
 # -- argument parsing ----------------------------------------------------------------------------
@@ -155,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, help="rounds; each runs every method once, rotated order (default 2)")
     p.add_argument("--max-seconds", type=float,
                    help="stop measuring a run after this many seconds of steps (at least 3 steps; default 20)")
+    p.add_argument("--min-seconds", type=float,
+                   help="go on measuring a run past --steps until this many seconds of steps (default 2; "
+                        "0 with --quick): small tables get hundreds of steps")
+    p.add_argument("--malloc", choices=("steady", "default"), default="steady",
+                   help="steady (default): the workers keep freed memory (glibc MALLOC_MMAP_THRESHOLD_ and "
+                        "MALLOC_TRIM_THRESHOLD_ at 1 GiB) instead of page-faulting temporaries in at random "
+                        "steps; default: glibc's own settings")
     p.add_argument("--batch", type=int, default=256, help="sequences per batch (default 256)")
     p.add_argument("--seq", type=int, default=32, help="tokens per sequence (default 32)")
     p.add_argument("--seed", type=int, default=0)
@@ -180,14 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve(args: argparse.Namespace) -> dict[str, Any]:
     """Settings from parsed arguments: presets first, then explicit options win."""
     s: dict[str, Any] = {"sizes": list(DEFAULT_SIZES), "dims": list(DEFAULT_DIMS), "pinned": list(DEFAULT_PINNED),
-                         "steps": 10, "warmup": 3, "rounds": 2, "max_seconds": 20.0}
+                         "steps": 10, "warmup": 3, "rounds": 2, "max_seconds": 20.0, "min_seconds": 2.0}
     if args.issue:
         s.update({k: list(v) for k, v in ISSUE.items()}, rounds=3)
     if args.quick:
         s.update({k: list(v) if isinstance(v, tuple) else v for k, v in QUICK.items()})
     if args.large:
         s["sizes"] = sorted(set(s["sizes"]) | set(LARGE_SIZES))
-    for key in ("sizes", "dims", "pinned", "steps", "warmup", "rounds", "max_seconds"):
+    for key in ("sizes", "dims", "pinned", "steps", "warmup", "rounds", "max_seconds", "min_seconds"):
         value = getattr(args, key)
         if value is not None:
             s[key] = value
@@ -640,9 +651,10 @@ def render_markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"python {meta['python']}, device {meta['device']}",
             f"- step: embedding -> mean -> linear({meta['classes']} classes), cross-entropy, AdamW(lr={meta['lr']}, "
             f"weight_decay={meta['weight_decay']}), batch {meta['batch']}x{meta['seq']} ids; "
-            f"{meta['warmup']} warm-up + up to {meta['steps']} measured steps per run (at most "
-            f"{meta['max_seconds']:g} s of steps), {meta['rounds']} round(s), methods in rotated order, "
-            "each run in a fresh process",
+            f"{meta['warmup']} warm-up + at least {meta['steps']} measured steps per run, on to "
+            f"{meta.get('min_seconds', 0):g} s of steps (at most {meta['max_seconds']:g} s), {meta['rounds']} round(s), "
+            "methods in rotated order, each run in a fresh process; allocator: "
+            f"{meta.get('malloc', 'default')} (see benchmarks/README.md)",
             f"- memory: {meta['memory_method']}; skipped above ~{meta['mem_limit_gib']:.1f} GiB (estimated)",
             f"- total wall time: {meta['wall_s']:.0f} s", ""]
     out += issue_figures(results)
@@ -762,14 +774,18 @@ def main(argv: list[str] | None = None) -> int:
         if avail is not None:
             mem_limit = min(mem_limit, 0.9 * avail)
     base = Config(vocab=2, dim=1, pinned=0.5, batch=args.batch, seq=args.seq, steps=settings["steps"],
-                  warmup=settings["warmup"], max_seconds=settings["max_seconds"], seed=args.seed, device=device)
+                  warmup=settings["warmup"], max_seconds=settings["max_seconds"],
+                  min_seconds=settings["min_seconds"], seed=args.seed, device=device)
+    if args.malloc == "steady":  # read by the forkserver (and so every worker) when it starts
+        os.environ.update(STEADY_MALLOC)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = machine_info(device)
     argv_text = sys.argv[1:] if argv is None else argv
     meta.update(command=shlex.join(["python", "benchmarks/step_time.py", *argv_text]),
                 mem_limit_gib=mem_limit / GiB, rounds=settings["rounds"], batch=base.batch, seq=base.seq,
-                steps=base.steps, warmup=base.warmup, max_seconds=base.max_seconds, lr=base.lr,
+                steps=base.steps, warmup=base.warmup, max_seconds=base.max_seconds,
+                min_seconds=base.min_seconds, malloc=args.malloc, lr=base.lr,
                 weight_decay=base.weight_decay, classes=base.classes, seed=base.seed, settings=settings)
     print(f"torch {meta['torch']}, {meta['torch_threads']} threads, {meta['cpu_count']} CPUs, device {device}; "
           f"memory limit {mem_limit / GiB:.1f} GiB", flush=True)
