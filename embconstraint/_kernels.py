@@ -79,9 +79,9 @@ class _Lookup(torch.autograd.Function):
     def backward(ctx, grad):
         input, free_map = ctx.saved_tensors
         k, lpad, sgbf, sparse = ctx.args
-        ridx = free_map.index_select(0, input.reshape(-1)).view(input.shape)
+        ridx = free_map.index_select(0, input.reshape(-1))  # flat: the dense kernel flattens anyway
         if sparse:
-            g = torch.ops.aten.embedding_sparse_backward(grad, ridx, k, k, sgbf)
+            g = torch.ops.aten.embedding_sparse_backward(grad, ridx.view(input.shape), k, k, sgbf)
         else:
             # One sink row past the end receives nothing (it is the padding row) and is sliced off.
             g = _EMBEDDING_DENSE_BACKWARD(grad, ridx, k + 1, k, sgbf)[:k]

@@ -280,7 +280,8 @@ class PinnedRows(nn.Module):
         table = self.table(free)
         # No autograd node here: a lookup never uses one (its kernel takes free and table);
         # any other use builds the Merge node on demand (see _tensor.merged_of).
-        return wrap(table.detach(), self, free, table)
+        table = table.detach()  # one alias serves as the weight's storage and as its table
+        return wrap(table, self, free, table)
 
     @torch.no_grad()
     def right_inverse(self, weight: Tensor) -> Tensor:

@@ -28,8 +28,9 @@ def is_sharded(t: object) -> bool:
 
 
 def fsdp_managed(module: nn.Module) -> bool:
-    """Whether FSDP2 (``fully_shard``) manages ``module``'s parameters."""
-    return bool(getattr(module, _FSDP_MANAGED, False))
+    """Whether FSDP2 (``fully_shard``) manages ``module``'s parameters (an instance attribute it
+    sets: read from ``__dict__``, since a missing one would cost ``Module.__getattr__``'s raise)."""
+    return bool(module.__dict__.get(_FSDP_MANAGED, False))
 
 
 def full(t: Tensor) -> Tensor:

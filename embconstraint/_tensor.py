@@ -300,9 +300,9 @@ def constant(pin: PinnedRows, free: Tensor) -> PinnedConstant:
 
 def wrap(t: Tensor, pin: PinnedRows, free: Tensor, table: Tensor | None) -> PinnedWeight:
     """``t`` (an alias of ``table``; a stand-in with the split storage, ``table`` None) as the
-    :class:`PinnedWeight` of ``pin``."""
+    :class:`PinnedWeight` of ``pin``. ``table`` is kept as given: a detached alias of the table."""
     w = t.as_subclass(PinnedWeight)
-    w._pin, w._free, w._table = pin, free, table.detach() if table is not None else None
+    w._pin, w._free, w._table = pin, free, table
     w._grad_mode = torch.is_grad_enabled()
     return w
 
