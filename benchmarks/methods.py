@@ -46,6 +46,7 @@ runs it in a fresh process per method and configuration.
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import math
 import os
@@ -348,12 +349,19 @@ def _status_kib(key: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 def _malloc_trim() -> None:
     """Return the free memory of glibc's heap to the OS (a no-op elsewhere)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 class _Memory:

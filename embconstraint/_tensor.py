@@ -79,11 +79,14 @@ def plain(t: Tensor) -> Tensor:
     return t.as_subclass(Tensor) if type(t) is not Tensor and not isinstance(t, nn.Parameter) else t
 
 
+_IS_FUNCTORCH_WRAPPED = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+
+
 def transformed(t: Tensor) -> bool:
     """Whether ``t`` is a ``torch.func`` transform's wrapper (``grad``, ``vmap``...): no storage of
-    its own, so it can neither alias the table nor go through the storage-level kernels."""
-    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
-    return check is not None and check(t)
+    its own, so it can neither alias the table nor go through the storage-level kernels. (Runs at
+    every weight access: the check is resolved once, at import.)"""
+    return _IS_FUNCTORCH_WRAPPED is not None and _IS_FUNCTORCH_WRAPPED(t)
 
 
 def storage_ptr(t: Tensor) -> int | None:
