@@ -95,3 +95,8 @@ def main(out: str, strategy: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    # Lightning leaves the gloo process group alive; torn down at interpreter exit it can abort
+    # ("terminate called without an active exception", exit -6, seen once in CI): end it here.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
