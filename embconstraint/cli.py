@@ -39,7 +39,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .export import export_checkpoint
+    from .files import export_checkpoint
 
     written = export_checkpoint(args.checkpoint, args.out, reference=args.reference,
                                 indices=args.indices, reference_key=args.key)
@@ -49,7 +49,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from .export import verify
+    from .files import verify
 
     result = verify(args.weights, args.reference, key=args.key, indices=args.indices,
                     reference_key=args.reference_key)
@@ -58,7 +58,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _rows(args: argparse.Namespace) -> int:
-    from .rows import extract_rows
+    from .files import extract_rows
 
     names = extract_rows(args.weights, args.out, num_pinned=args.pinned, keys=args.key)
     print(f"wrote the rows {args.pinned}.. of {', '.join(names)} to {args.out}")

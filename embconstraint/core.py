@@ -1,14 +1,7 @@
-"""The functional front door: :func:`constrain`, :func:`release`, :func:`is_constrained`.
+"""The front door: :func:`constrain`, :func:`release`, :func:`is_constrained`, :func:`merged_state_dict`.
 
-Also the documented internal interface the integrations (``lightning``, ``hf``, ``export``)
-build on, so that no module reaches into another's private names:
-
-- :func:`pin_of` / :func:`tie_of`: the parametrization of a constrained / tied weight.
-- :func:`tied_modules`: the modules whose weight is tied to a constrained embedding.
-- :func:`check_constrain_args`: everything :func:`constrain` refuses, checked without changing anything.
-- :func:`constrain_tied`: :func:`constrain`, keeping modules that share the Parameter tied.
-- :func:`pinned_values` / :func:`pinned_deviation`: the pinned rows as they are, and their
-  largest deviation from a target (the callback's metric).
+Each registers or removes the parametrizations of :mod:`embconstraint._mechanism`; the
+integrations call these and that package's declared interface, nothing else.
 """
 
 from __future__ import annotations
@@ -20,22 +13,23 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ._layout import Layout
-from ._parametrization import PinnedRows, TiedTo, install_fast_getter, parametrization_list, pin_of, tie_of
-from ._sharded import is_sharded
-from ._ties import shared
-from ._validate import (
-    as_reference,
-    check_bias,
-    check_embedding,
-    check_on_mismatch,
-    check_reference,
-    checked_indices,
+from ._mechanism import (
+    Layout,
+    PinnedRows,
+    TiedTo,
+    check_constrain_args,
+    full,
+    install_fast_getter,
+    install_hooks,
+    parametrization_list,
+    pin_of,
     reference_bias,
+    remove_hooks,
+    shared,
+    tie_of,
 )
-from .state import install_hooks, remove_hooks
 
-__all__ = ["constrain", "release", "is_constrained"]
+__all__ = ["constrain", "release", "is_constrained", "merged_state_dict"]
 
 Embedding = nn.Embedding | nn.EmbeddingBag | nn.Linear
 Reference = nn.Embedding | nn.EmbeddingBag | nn.Linear | Tensor
@@ -51,26 +45,6 @@ def is_constrained(embedding: nn.Module) -> bool:
     (False, True)
     """
     return isinstance(embedding, nn.Module) and pin_of(embedding) is not None
-
-
-def check_constrain_args(embedding: Embedding, reference: Reference, indices: Indices,
-                         on_mismatch: str, *, heads: bool = False) -> tuple[Tensor, Tensor | None]:
-    """Everything :func:`constrain` refuses, checked without changing anything; returns the
-    reference tensor and the validated indices (None for the first ``n`` rows). ``heads``:
-    accept an ``nn.Linear`` output head (and an ``nn.Linear`` reference with a bias)."""
-    parametrized = isinstance(embedding, nn.Module) and any(
-        parametrize.is_parametrized(embedding, name) for name in ("weight", "bias"))
-    check_embedding(embedding, parametrized, is_constrained(embedding), heads=heads)
-    check_on_mismatch(on_mismatch)
-    if is_sharded(embedding.weight):
-        raise ValueError(
-            f"embedding.weight is already sharded (a {type(embedding.weight).__name__}, e.g. by fully_shard); "
-            "call constrain() before fully_shard(), which then shards only the free rows"
-        )
-    weight = embedding.weight.detach()
-    ref = check_reference(as_reference(reference), weight)
-    check_bias(embedding, reference, ref.shape[0])
-    return ref, checked_indices(indices, ref.shape[0], weight.shape[0])
 
 
 def _bias_reference(module: nn.Module, reference: Reference, idx: Tensor | None, num_pinned: int) -> Tensor | None:
@@ -176,19 +150,6 @@ def _shared_with(root: nn.Module, param: Tensor, skip: nn.Module) -> list[tuple[
     ]
 
 
-def constrain_tied(root: nn.Module, embedding: Embedding, reference: Reference, **kwargs) -> Embedding:
-    """:func:`constrain`, keeping every module of ``root`` that shares the embedding's
-    Parameter (a tied output head) tied to the merged weight."""
-    return constrain(embedding, reference, root=root, **kwargs)
-
-
-def tied_modules(root: nn.Module, embedding: nn.Module) -> list[nn.Module]:
-    """The modules of ``root`` (``embedding`` aside) with a weight tied to ``embedding``."""
-    return [m for m in root.modules() if m is not embedding
-            and any((t := tie_of(m, n)) is not None and t.embedding is embedding
-                    for n in getattr(m, "parametrizations", {}))]
-
-
 def _widened(value: Tensor, free_rows: Tensor, num_rows: int) -> Tensor:
     """``value`` (one entry per free row, table order) spread onto ``num_rows`` rows, zeros elsewhere."""
     rows = free_rows.to(value.device)
@@ -279,22 +240,20 @@ def release(module: nn.Module, *, optimizer: torch.optim.Optimizer | None = None
     return module
 
 
-def pinned_values(embedding: nn.Module) -> Tensor:
-    """The pinned rows of a constrained ``embedding`` as they are, in reference order ``(n, D)``."""
-    pin = pin_of(embedding)
-    if pin.storage == "split":  # read apart from the free rows: no collective under FSDP2
-        return pin.pinned_block()
-    weight = embedding.weight  # user order through its __torch_function__
-    if pin.layout.kind == "prefix":
-        return weight[: pin.num_pinned]
-    return weight.index_select(0, pin.pinned_rows().to(weight.device))
+def merged_state_dict(module: nn.Module) -> dict[str, Tensor]:
+    """The state dict an unconstrained ``module`` would have, with the merged weights.
 
+    Keys and shapes are the plain ones (``...embedding.weight``, shape ``(V, D)``), and no
+    tensor shares storage with the live model, so the result can be saved (``torch.save``,
+    ``safetensors``) or loaded into a plain model. Sharded (DTensor) values are all-gathered:
+    under FSDP2 every rank must call it, and every rank gets plain, whole tensors.
 
-@torch.no_grad()
-def pinned_deviation(embedding: nn.Module, target: Tensor) -> Tensor:
-    """Largest ``|pinned row - target|`` of a constrained ``embedding`` (0-dim tensor on the
-    weight's device; 0.0 when nothing is pinned)."""
-    rows = pinned_values(embedding)
-    if rows.numel() == 0:
-        return rows.new_zeros(())
-    return (rows - target.to(device=rows.device, dtype=rows.dtype)).abs().max()
+    >>> import torch
+    >>> model = torch.nn.Sequential(constrain(torch.nn.Embedding(4, 2), torch.ones(1, 2)))
+    >>> sd = merged_state_dict(model)
+    >>> list(sd), tuple(sd["0.weight"].shape), torch.equal(sd["0.weight"][0], torch.ones(2))
+    (['0.weight'], (4, 2), True)
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    return {k: full(v).detach().clone() if isinstance(v, Tensor) else v for k, v in module.state_dict().items()}

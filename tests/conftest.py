@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from embconstraint.core import pin_of
+from embconstraint._mechanism import pin_of
 
 
 def free_param(emb: nn.Module) -> torch.Tensor:

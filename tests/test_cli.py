@@ -15,7 +15,7 @@ from torch import nn
 
 from embconstraint import constrain, merged_state_dict
 from embconstraint.cli import main
-from embconstraint.export import export_checkpoint, read_indices, verify
+from embconstraint.files import export_checkpoint, read_indices, verify
 from embconstraint.lightning import EmbeddingConstraint
 
 V, N, D = 7, 4, 3

@@ -49,7 +49,7 @@ def test_weight_holds_reference_and_only_free_rows_train(layout):
     assert torch.equal(emb.weight[_rows(indices)], reference)
     assert [tuple(p.shape) for p in emb.parameters()] == [(V - N, D)]
     assert emb.weight.shape == (V, D)
-    assert f"layout={layout}" in repr(emb) and "path=aliased" in repr(emb)
+    assert f"layout={layout}" in repr(emb) and "storage=aliased" in repr(emb)
 
 
 def test_prefix_constraint_reuses_the_embedding_storage():
@@ -313,7 +313,7 @@ def test_state_dict_has_plain_keys_and_round_trips(layout):
     fresh = constrain(nn.Embedding(V, D), reference, indices=indices)
     fresh.load_state_dict(sd)
     assert torch.equal(fresh.weight, emb.weight)
-    assert "path=aliased" in repr(fresh)
+    assert "storage=aliased" in repr(fresh)
     # ... and into a plain one
     other = nn.Embedding(V, D)
     other.load_state_dict(sd)
@@ -369,7 +369,7 @@ def test_dtype_conversion_keeps_the_constraint(dtype):
     emb.to(dtype)
     assert emb.weight.dtype == dtype
     assert torch.equal(emb.weight[:N], reference.to(dtype))
-    assert "path=aliased" in repr(emb)
+    assert "storage=aliased" in repr(emb)
     opt = torch.optim.SGD(emb.parameters(), lr=0.1, momentum=0.9)
     for _ in range(3):
         emb(torch.arange(V)).float().pow(2).sum().backward()
@@ -408,7 +408,7 @@ def test_deepcopy(layout):
     opt.step()
     assert torch.equal(twin.weight[_rows(LAYOUTS[layout])], reference)
     assert not torch.equal(twin.weight, emb.weight)  # the copy trains alone
-    assert "path=aliased" in repr(twin)
+    assert "storage=aliased" in repr(twin)
 
 
 def test_non_parameter_free_rows_take_the_copy_path():
@@ -421,7 +421,7 @@ def test_non_parameter_free_rows_take_the_copy_path():
     plist.original = replacement  # a plain tensor attribute, as a wrapper might leave it
     assert torch.equal(emb.weight[N:], replacement)
     assert torch.equal(emb.weight[:N], reference)
-    assert "path=copy" in repr(emb)
+    assert "storage=copy" in repr(emb)
 
 
 def _train_clone(model, steps, compiled):

@@ -12,7 +12,7 @@ import torch
 
 from embconstraint.cli import main
 from embconstraint.demo import make_data, plot_embeddings
-from embconstraint.export import verify
+from embconstraint.files import verify
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ROW = re.compile(r"^(model 1|model 2, no constraint|model 2, EmbeddingConstraint)\s+(\d+)\s+(\S+)\s+"

@@ -8,7 +8,7 @@ from conftest import free_param
 from torch import nn
 
 from embconstraint import PinnedRowsError, constrain, is_constrained, merged_state_dict, release
-from embconstraint.core import pin_of
+from embconstraint._mechanism import pin_of
 
 V, D, N = 12, 5, 7
 SCATTERED = [11, 0, 4, 7, 2, 9, 5]
@@ -154,12 +154,10 @@ class _TiedLM(nn.Module):
 
 
 def _constrained_model(tied: bool, indices, dim: int = D, vocab: int = V, n: int = N):
-    from embconstraint.core import constrain_tied
-
     torch.manual_seed(0)
     model = _TiedLM(dim, vocab)
     if tied:
-        constrain_tied(model, model.emb, torch.randn(n, dim), indices=indices)
+        constrain(model.emb, torch.randn(n, dim), root=model, indices=indices)
     else:
         model.head.weight = nn.Parameter(torch.randn(vocab, dim))
         constrain(model.head, torch.randn(n, dim), indices=indices)
@@ -238,7 +236,7 @@ def test_training_is_bitwise_the_reference_computation(opt_name, tied, layout):
 
 def test_the_head_kernel_is_used_not_the_generic_path(monkeypatch):
     """The generic path's Merge node would back-propagate a (V, D) gradient: it must not run."""
-    from embconstraint import _kernels
+    from embconstraint._mechanism import kernels as _kernels
 
     def refuse(*args):
         raise AssertionError("the generic Merge path ran for F.linear")

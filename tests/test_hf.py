@@ -21,7 +21,7 @@ from transformers import (  # noqa: E402
 )
 
 from embconstraint import is_constrained, merged_state_dict, release  # noqa: E402
-from embconstraint.core import tie_of  # noqa: E402
+from embconstraint._mechanism import tie_of  # noqa: E402
 from embconstraint.hf import constrain_input_embeddings  # noqa: E402
 
 OLD, NEW, DIM = 40, 48, 16

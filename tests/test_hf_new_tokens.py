@@ -11,7 +11,7 @@ peft = pytest.importorskip("peft")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from embconstraint import is_constrained, release  # noqa: E402
-from embconstraint.core import pin_of, tie_of  # noqa: E402
+from embconstraint._mechanism import pin_of, tie_of  # noqa: E402
 from embconstraint.hf import constrain_new_tokens  # noqa: E402
 
 OLD, NEW, D = 20, 24, 8

@@ -1,10 +1,10 @@
-"""The row layout (embconstraint._layout.Layout): user order <-> table order."""
+"""The row layout (embconstraint._mechanism.layout.Layout): user order <-> table order."""
 
 from __future__ import annotations
 
 import torch
 
-from embconstraint._layout import Layout
+from embconstraint._mechanism import Layout
 
 
 def test_prefix_layout_is_the_user_order():

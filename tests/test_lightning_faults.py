@@ -152,7 +152,7 @@ def test_corrupted_pinned_row_is_reported_as_corruption(tmp_path):
 
 
 def test_a_sound_checkpoint_passes_the_integrity_check(tmp_path):
-    from embconstraint.export import checkpoint_problem
+    from embconstraint.files import checkpoint_problem
 
     path = _checkpoint(tmp_path)
     assert checkpoint_problem(path) is None

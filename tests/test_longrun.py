@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from embconstraint import constrain, is_constrained, release
-from embconstraint.core import pin_of
+from embconstraint._mechanism import pin_of
 
 V, D, N = 50, 8, 30
 
@@ -74,7 +74,7 @@ def test_ten_thousand_adamw_steps_keep_pinned_rows_bitwise():
     assert (weight[N:] - start[N:]).abs().min() > 0  # every free row trained (all are looked up)
     # the free rows are still the same storage as the merged weight: no re-allocation happened
     assert _free(emb).untyped_storage().data_ptr() == storage
-    assert "path=aliased" in repr(emb)
+    assert "storage=aliased" in repr(emb)
 
 
 @pytest.mark.parametrize(

@@ -10,8 +10,9 @@ from torch import nn
 
 from embconstraint import constrain, is_constrained, load_rows, release, save_rows
 from embconstraint.cli import main
+from embconstraint.files import extract_rows
+from embconstraint.files.rows import METADATA_KEY
 from embconstraint.hf import constrain_input_embeddings
-from embconstraint.rows import METADATA_KEY, extract_rows
 
 pytest.importorskip("safetensors")
 transformers = pytest.importorskip("transformers")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from embconstraint import PinnedRowsError, constrain, merged_state_dict
-from embconstraint.core import pin_of
+from embconstraint._mechanism import pin_of
 
 V, D, N = 13, 4, 6
 LAYOUTS = {"prefix": None, "scattered": [11, 0, 5, 7, 2, 9]}
@@ -41,7 +41,7 @@ def _grads(emb, run):
 def test_lookup_bitwise_with_the_same_gradient(layout, padding_idx):
     aliased, split, ref = _pair(nn.Embedding, layout, padding_idx=padding_idx)
     assert pin_of(split).storage == "split" and pin_of(aliased).storage == "aliased"
-    assert "path=split" in repr(split)
+    assert "storage=split" in repr(split)
     ids = torch.tensor([[0, 5, 8, 12, 11], [2, 2, 9, 1, 3]])
     for kwargs in ({}, {"scale_grad_by_freq": True}):
         a = _grads(aliased, lambda e, kw=kwargs: F.embedding(ids, e.weight, padding_idx, **kw))
@@ -117,15 +117,13 @@ def test_head_split_storage_matches_the_aliased_head(layout, tied):
     the aliased head to rounding (two matmuls), and no (V, D) weight built."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from embconstraint.core import constrain_tied
-
     def build():
         torch.manual_seed(0)
         emb, head = nn.Embedding(V, D), nn.Linear(D, V, bias=not tied)
         if tied:
             head.weight = emb.weight
             model = nn.ModuleDict({"emb": emb, "head": head})
-            constrain_tied(model, emb, torch.randn(N, D), indices=LAYOUTS[layout])
+            constrain(emb, torch.randn(N, D), root=model, indices=LAYOUTS[layout])
         else:
             model = nn.ModuleDict({"emb": emb, "head": constrain(head, torch.randn(N, D), indices=LAYOUTS[layout])})
         return model

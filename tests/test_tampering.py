@@ -60,7 +60,7 @@ def _weight(s: Setup) -> torch.Tensor:
 
 def _assert_aliased_and_trainable(s: Setup) -> None:
     """The free rows are still the optimizer's Parameter, aliasing the merged weight."""
-    assert "path=aliased" in repr(s.emb)
+    assert "storage=aliased" in repr(s.emb)
     opt = torch.optim.SGD(s.emb.parameters(), lr=1.0)
     before = _weight(s)
     s.emb(torch.tensor([s.free + s.pinned])).sum().backward()

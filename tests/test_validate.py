@@ -1,4 +1,4 @@
-"""The shared checks (embconstraint._validate): bitwise equality, PinnedRowsError, the error policy."""
+"""The shared checks (embconstraint._common, embconstraint._mechanism.checks): bitwise equality, PinnedRowsError, the error policy."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from embconstraint import PinnedRowsError, constrain
-from embconstraint._validate import bitwise_equal, checked_indices, equal_bits
+from embconstraint._common import bitwise_equal, equal_bits
+from embconstraint._mechanism import checked_indices
 
 
 def test_bitwise_equal_compares_bits():

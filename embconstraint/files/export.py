@@ -1,25 +1,17 @@
-"""Export merged weights from checkpoints, and verify that pinned rows held.
-
-These are the library functions behind ``embconstraint export`` and ``embconstraint verify``.
-Files are read and written by extension: ``.safetensors`` (needs the ``safetensors`` package,
-``pip install 'embconstraint[export]'``) or torch files (``.pt``, ``.pth``; ``.ckpt`` and
-``.bin`` are also read). Torch files are always loaded with ``torch.load(weights_only=True)``.
+"""Export merged weights from checkpoints: ``embconstraint export``, as library functions.
 
 Every problem with the input (a corrupted or truncated file, a missing key, a shape mismatch)
 raises :class:`ValueError` (:class:`FileNotFoundError` for a missing file or output folder), and
 an argument of the wrong kind (a list where a path or a dict is expected) :class:`TypeError`,
-each with a one-line message. The file layer lives in ``_files``, ``verify`` in ``_verify``;
-every public name stays importable from here.
+each with a one-line message. Files are read and written by :mod:`.formats`.
 
 >>> import os, tempfile, torch
->>> old = torch.randn(3, 4)
->>> new = torch.cat([old, torch.randn(2, 4)])       # rows 0..2 kept, 2 rows added
 >>> d = tempfile.mkdtemp()
->>> torch.save({"emb.weight": new}, os.path.join(d, "new.pt"))
->>> torch.save(old, os.path.join(d, "old.pt"))
->>> result = verify(os.path.join(d, "new.pt"), os.path.join(d, "old.pt"))
->>> result.ok, result.key, result.rows_checked, result.max_deviation
-(True, 'emb.weight', 3, 0.0)
+>>> torch.save({"epoch": 3, "state_dict": {"emb.parametrizations.weight.original": torch.ones(2, 4)}},
+...            os.path.join(d, "raw.ckpt"))
+>>> merged = export_checkpoint(os.path.join(d, "raw.ckpt"), os.path.join(d, "out.pt"), reference=torch.zeros(3, 4))
+>>> merged["emb.weight"].sum(dim=1).tolist()       # pinned rows from the reference, then the free rows
+[0.0, 0.0, 0.0, 4.0, 4.0]
 """
 
 from __future__ import annotations
@@ -32,35 +24,24 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._files import (
+from .._common import RAW_KEY, check_rows
+from .formats import (
     PathLike,
     SafetensorsFile,
     as_indices,
-    checkpoint_problem,
     listing,
     load_tensors,
     path_str,
     pick,
-    read_indices,
     state_dict_of,
     tensor_problem,
     tensor_source,
     write_atomic,
     writer_kind,
 )
-from ._parametrization import RAW_KEY
-from ._validate import check_rows
-from ._verify import Verification, exact_cast, verify
+from .verify import exact_cast
 
-__all__ = [
-    "Verification",
-    "checkpoint_problem",
-    "export_checkpoint",
-    "export_state_dict",
-    "load_tensors",
-    "read_indices",
-    "verify",
-]
+__all__ = ["export_checkpoint", "export_state_dict"]
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -3,7 +3,7 @@
 ``weight`` is returned as a :class:`PinnedWeight` whose storage is the table. Its
 ``__torch_function__`` sends the ops listed in :data:`HANDLED` (``F.embedding``,
 ``F.embedding_bag``, ``F.linear`` of an output head, tied or not) to the kernels of
-:mod:`._kernels`; any other use of ``weight`` (``weight @ h``, ``weight.sum()``, ...) runs on the plain merged tensor in user order
+:mod:`.kernels`; any other use of ``weight`` (``weight @ h``, ``weight.sum()``, ...) runs on the plain merged tensor in user order
 (:func:`run_plain`), whose results that alias it come back as :class:`PinnedView`. In-place
 writes are applied to a scratch copy and handed to the parametrization, which writes back
 the free rows only if the pinned rows are unchanged.
@@ -12,28 +12,44 @@ With the split storage (sharded training) the weight has no table: it is a zero-
 ``(V, D)`` stand-in (``_table`` is None) and the merged tensor is built from the pinned and
 free rows only where a use needs it (:func:`plain`).
 
-The parametrization is reached through its public members only: ``layout``, ``check_pinned``,
-``table`` and ``write_free_rows``.
+The parametrization is reached through the members of :class:`Pin` only (it is
+:class:`~embconstraint._mechanism.parametrization.PinnedRows`, which imports this module).
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from ._kernels import MAX_NORM_REFUSED, embedding, embedding_bag, linear, merge
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ._parametrization import PinnedRows
+from .kernels import MAX_NORM_REFUSED, embedding, embedding_bag, linear, merge
+from .layout import Layout
 
 __all__ = ["PinnedWeight", "PinnedView", "PinnedConstant", "HANDLED", "DATA_SET", "wrap", "constant", "plain",
            "storage_ptr"]
+
+class Pin(Protocol):
+    """What a weight needs of its parametrization."""
+
+    @property
+    def layout(self) -> Layout: ...
+
+    @property
+    def free_parameter(self) -> Tensor: ...
+
+    def table(self, free: Tensor) -> Tensor: ...
+
+    def pinned_block(self, like: Tensor | None = None) -> Tensor: ...
+
+    def check_pinned(self, weight: Tensor, what: str) -> None: ...
+
+    def write_free_rows(self, weight: Tensor, free: Tensor) -> None: ...
+
 
 _DATA_GET = Tensor.data.__get__
 DATA_SET = Tensor.data.__set__  # ``weight.data = value``: a write like ``weight.data.copy_(value)``
@@ -180,7 +196,7 @@ class PinnedWeight(Tensor):
     even for the scattered layout) and in-place writes are checked against the pinned rows.
     """
 
-    _pin: PinnedRows
+    _pin: Pin
     _free: Tensor
     _table: Tensor
     _grad_mode: bool  # grad mode of the access: the lazily built Merge node records a graph in it
@@ -232,7 +248,7 @@ class PinnedConstant(Tensor):
     behaves as a plain tensor from then on, unconnected to the module.
     """
 
-    _pin: PinnedRows
+    _pin: Pin
     _free: Tensor
     _own: bool = False
 
@@ -292,7 +308,7 @@ def _own_copy(c: PinnedConstant) -> PinnedConstant:
     return c
 
 
-def constant(pin: PinnedRows, free: Tensor) -> PinnedConstant:
+def constant(pin: Pin, free: Tensor) -> PinnedConstant:
     """The merged weight of ``pin`` as a :class:`PinnedConstant` (user order, no grad)."""
     with torch._C.DisableTorchFunctionSubclass():
         t = pin.layout.to_user_order(pin.table(free)).detach()
@@ -301,7 +317,7 @@ def constant(pin: PinnedRows, free: Tensor) -> PinnedConstant:
     return c
 
 
-def wrap(t: Tensor, pin: PinnedRows, free: Tensor, table: Tensor | None) -> PinnedWeight:
+def wrap(t: Tensor, pin: Pin, free: Tensor, table: Tensor | None) -> PinnedWeight:
     """``t`` (an alias of ``table``; a stand-in with the split storage, ``table`` None) as the
     :class:`PinnedWeight` of ``pin``. ``table`` is kept as given: a detached alias of the table."""
     w = t.as_subclass(PinnedWeight)

@@ -1,6 +1,6 @@
 """``verify``: check that the pinned rows of a weight are bitwise equal to a reference.
 
-"Bitwise" is :func:`embconstraint._validate.equal_bits`: ``-0.0`` differs from ``0.0``.
+"Bitwise" is :func:`embconstraint._common.equal_bits`: ``-0.0`` differs from ``0.0``.
 """
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._files import PathLike, as_indices, pick, tensor_source
-from ._parametrization import RAW_KEY
-from ._validate import casts_exactly, check_rows, equal_bits
+from .._common import RAW_KEY, casts_exactly, check_rows, equal_bits
+from .formats import PathLike, as_indices, pick, tensor_source
 
 __all__ = ["Verification", "verify", "exact_cast"]
 

@@ -43,8 +43,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ._files import PathLike, SafetensorsFile, load_tensors, path_str, pick, state_dict_of, write_atomic
-from ._parametrization import PinnedRows, pin_of, tie_of
+from .._mechanism import PinnedRows, pin_of, tie_of
+from .formats import PathLike, SafetensorsFile, load_tensors, path_str, pick, state_dict_of, write_atomic
 
 __all__ = ["save_rows", "load_rows", "extract_rows", "METADATA_KEY", "PEFT_PREFIX"]
 

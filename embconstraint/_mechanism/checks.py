@@ -1,68 +1,33 @@
-"""The checks every entry point shares, and the error-type policy.
+"""What :func:`embconstraint.constrain` refuses, checked before anything changes.
 
-Error policy (the whole package follows it):
+The error-type policy is in :mod:`embconstraint.exceptions`.
 
-- ``TypeError``: an argument of the wrong kind (a list where a tensor is expected, an integer
-  dtype where floating point is needed, an ``nn.Linear`` where an embedding is expected).
-- ``ValueError``: an argument of the right kind with a wrong value (a shape, a range, a dtype
-  that cannot hold the reference exactly, an unsupported option such as ``max_norm``, whether
-  set on the embedding or passed to ``F.embedding``; a module that cannot take the constraint as
-  it is: already constrained, or with another parametrization), and any problem with the
-  content of an input file (``FileNotFoundError`` for a missing one).
-- ``RuntimeError``: a conflict with the current state (the operation is fine, but not now:
-  a write that would change pinned rows, a tie that must be re-made, a checkpoint that cannot
-  be trusted). A change of pinned rows raises :class:`PinnedRowsError`, a ``RuntimeError``.
-
-Every check runs before anything changes. "Bitwise equal" means equal bits
-(:func:`bitwise_equal`: ``-0.0 != 0.0``, a nan equals the same nan), everywhere.
-
->>> bitwise_equal(torch.tensor([0.0]), torch.tensor([-0.0])), bool(torch.equal(torch.tensor([0.0]), torch.tensor([-0.0])))
-(False, True)
+>>> import torch
+>>> check_constrain_args(torch.nn.Embedding(4, 2), torch.zeros(5, 2), None, "error")
+Traceback (most recent call last):
+...
+ValueError: reference has 5 rows but the embedding only has 4 (reference shape (5, 2), embedding weight shape (4, 2))
 """
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
-from ._tensor import plain
+from .._common import casts_exactly, check_rows, index_tensor
+from .parametrization import pin_of
+from .sharded import is_sharded
+from .weight import plain
 
 __all__ = [
-    "PinnedRowsError", "bitwise_equal", "equal_bits", "max_abs_deviation",
-    "ON_MISMATCH", "check_on_mismatch", "as_reference", "check_reference", "casts_exactly",
-    "index_tensor", "check_rows", "checked_indices", "check_embedding", "reference_bias", "check_bias",
+    "ON_MISMATCH", "check_on_mismatch", "as_reference", "check_reference", "checked_indices",
+    "check_embedding", "reference_bias", "check_bias", "check_constrain_args",
 ]
 
 ON_MISMATCH = ("error", "checkpoint")
-_BIT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-class PinnedRowsError(RuntimeError):
-    """An operation would change pinned rows of a constrained embedding (a write, an assignment,
-    ``load_state_dict`` of a plain checkpoint with other pinned rows)."""
-
-
-def equal_bits(a: Tensor, b: Tensor) -> Tensor:
-    """Element-wise bit equality of two tensors of one dtype and shape (bool tensor)."""
-    a, b = a.contiguous(), b.contiguous()
-    bits = _BIT_VIEW[a.element_size()]
-    return a.view(bits) == b.view(bits)
-
-
-def bitwise_equal(a: Tensor, b: Tensor) -> bool:
-    """Whether ``a`` and ``b`` (one dtype) have the same shape and the same bits."""
-    return a.shape == b.shape and (a.numel() == 0 or bool(equal_bits(a, b).all()))
-
-
-def max_abs_deviation(a: Tensor, b: Tensor) -> float:
-    """Largest ``|a - b|`` in float64 (nan counts as inf; 0.0 for empty tensors)."""
-    if a.numel() == 0:
-        return 0.0
-    return (a.double() - b.double()).abs().nan_to_num(float("inf")).max().item()
 
 
 def check_on_mismatch(on_mismatch: Any) -> None:
@@ -92,11 +57,6 @@ def as_reference(reference: Any) -> Tensor:
     return reference
 
 
-def casts_exactly(t: Tensor, dtype: torch.dtype) -> bool:
-    """Whether every value of ``t`` survives a round trip through ``dtype``."""
-    return t.dtype == dtype or torch.equal(t.to(dtype).to(t.dtype), t)
-
-
 def check_reference(reference: Tensor, weight: Tensor) -> Tensor:
     """Check an :func:`as_reference` tensor against the ``(V, D)`` weight it will be pinned in
     (``weight`` may be on the meta device)."""
@@ -121,44 +81,6 @@ def check_reference(reference: Tensor, weight: Tensor) -> Tensor:
             f"{weight.dtype}; cast the embedding (or the reference) first"
         )
     return reference
-
-
-def index_tensor(indices: Any) -> Tensor:
-    """``indices`` (a 1-D integer tensor or NumPy array, or a sequence of ints) as a CPU int64 tensor."""
-    np = sys.modules.get("numpy")
-    if np is not None and isinstance(indices, np.ndarray):
-        if not np.issubdtype(indices.dtype, np.integer):
-            raise TypeError(f"indices must hold integers, got NumPy dtype {indices.dtype}")
-        indices = torch.as_tensor(indices)
-    if isinstance(indices, Tensor):
-        idx = indices.detach().cpu()
-    elif isinstance(indices, Sequence) and not isinstance(indices, (str, bytes)):
-        if not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
-            raise TypeError("indices must be a 1-D integer tensor or a sequence of ints")
-        idx = torch.tensor(list(indices), dtype=torch.long)
-    else:
-        raise TypeError(f"indices must be a 1-D integer tensor or a sequence of ints, got {type(indices).__name__}")
-    if idx.dtype == torch.bool or idx.is_floating_point() or idx.is_complex():
-        raise TypeError(f"indices must hold integers, got dtype {idx.dtype}")
-    if idx.dim() != 1:
-        raise ValueError(f"indices must be 1-D, got shape {tuple(idx.shape)}")
-    return idx.long()
-
-
-def check_rows(idx: Tensor, num_pinned: int, num_rows: int | None, what: str = "reference") -> None:
-    """``idx`` holds ``num_pinned`` distinct rows in ``[0, num_rows)`` (``None``: size not known yet)."""
-    if idx.numel() != num_pinned:
-        raise ValueError(f"indices has {idx.numel()} entries but {what} has {num_pinned} rows")
-    if idx.numel():
-        lo, hi = int(idx.min()), int(idx.max())
-        if num_rows is None and lo < 0:
-            raise ValueError(f"indices must be non-negative row numbers, got min {lo}")
-        if num_rows is not None and (lo < 0 or hi >= num_rows):
-            raise ValueError(
-                f"indices must lie in [0, {num_rows}) for an embedding of {num_rows} rows, got min {lo}, max {hi}"
-            )
-    if torch.unique(idx).numel() != idx.numel():
-        raise ValueError("indices must be distinct: a row cannot be pinned twice")
 
 
 def checked_indices(indices: Any, num_pinned: int, num_rows: int | None) -> Tensor | None:
@@ -224,3 +146,24 @@ def check_embedding(embedding: Any, parametrized: bool, constrained: bool, heads
             "embedding.max_norm renormalizes rows in place and would move pinned rows; "
             "constrained embeddings need max_norm=None"
         )
+
+
+def check_constrain_args(embedding: Any, reference: Any, indices: Any, on_mismatch: str, *,
+                         heads: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Everything :func:`embconstraint.constrain` refuses, checked without changing anything;
+    returns the reference tensor and the validated indices (None for the first ``n`` rows).
+    ``heads``: accept an ``nn.Linear`` output head (and an ``nn.Linear`` reference with a bias)."""
+    parametrized = isinstance(embedding, nn.Module) and any(
+        parametrize.is_parametrized(embedding, name) for name in ("weight", "bias"))
+    constrained = isinstance(embedding, nn.Module) and pin_of(embedding) is not None
+    check_embedding(embedding, parametrized, constrained, heads=heads)
+    check_on_mismatch(on_mismatch)
+    if is_sharded(embedding.weight):
+        raise ValueError(
+            f"embedding.weight is already sharded (a {type(embedding.weight).__name__}, e.g. by fully_shard); "
+            "call constrain() before fully_shard(), which then shards only the free rows"
+        )
+    weight = embedding.weight.detach()
+    ref = check_reference(as_reference(reference), weight)
+    check_bias(embedding, reference, ref.shape[0])
+    return ref, checked_indices(indices, ref.shape[0], weight.shape[0])

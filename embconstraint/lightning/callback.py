@@ -27,27 +27,29 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ._files import checkpoint_problem
-from ._lightning_support import (
-    CheckpointError,
+from .._mechanism import (
+    as_reference,
+    check_constrain_args,
+    check_on_mismatch,
+    checked_indices,
+    pin_of,
+    pinned_deviation,
+    pinned_values,
+)
+from ..core import constrain, is_constrained
+from ..exceptions import CheckpointError, PinnedRowsError
+from ..files import checkpoint_problem
+from .support import (
     add_note,
     check_trainer,
     defer_until_configured,
     install_in_configure_model,
     lightning_classes,
     non_leaf_hint,
+    optimizer_groups_problem,
+    optimizer_state_problem,
     release_installed,
 )
-from ._validate import PinnedRowsError, as_reference, check_on_mismatch, checked_indices
-from .core import (
-    check_constrain_args,
-    constrain_tied,
-    is_constrained,
-    pin_of,
-    pinned_deviation,
-    pinned_values,
-)
-from .state import optimizer_groups_problem, optimizer_state_problem
 
 __all__ = ["EmbeddingConstraint"]
 
@@ -203,8 +205,8 @@ class EmbeddingConstraint(*_callback_bases()):
     def _install(self, trainer: Any, pl_module: nn.Module, embedding: nn.Module) -> None:
         check_trainer(trainer, embedding, self.reference)
         try:
-            constrain_tied(pl_module, embedding, self.reference, indices=self.indices,
-                            on_mismatch=self.on_mismatch)
+            constrain(embedding, self.reference, root=pl_module, indices=self.indices,
+                      on_mismatch=self.on_mismatch)
         except (TypeError, ValueError) as err:
             raise type(err)(f"EmbeddingConstraint({self._name()!r}): {err}") from None
         self._installed, self._root, self._target = embedding, pl_module, None

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._validate import index_tensor
+from .._common import index_tensor
 
 __all__ = [
     "PathLike", "SafetensorsFile", "load_tensors", "checkpoint_problem", "read_indices", "state_dict_of",

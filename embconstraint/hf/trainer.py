@@ -17,7 +17,7 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .rows import save_rows
+from ..files import save_rows
 
 __all__ = ["SaveRowsCallback", "ROWS_FILE"]
 

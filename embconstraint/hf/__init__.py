@@ -27,21 +27,13 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
-from .core import (
-    Indices,
-    Reference,
-    check_constrain_args,
-    constrain,
-    constrain_tied,
-    is_constrained,
-    pin_of,
-    tie_of,
-)
+from .._mechanism import check_constrain_args, pin_of
+from ..core import Indices, Reference, constrain
+from .guards import guard_while_constrained
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; transformers is an optional extra
     from transformers import PreTrainedModel
@@ -102,9 +94,8 @@ def constrain_input_embeddings(
         if not 0 <= reference <= num_rows:
             raise ValueError(f"reference (number of pinned rows) must lie in [0, {num_rows}], got {reference}")
         reference = embedding.weight.detach()[:reference]
-    constrain_tied(model, embedding, reference, indices=indices)
-    _guard(model, "tie_weights", _tie_weights_while_constrained)
-    _guard(model, "resize_token_embeddings", _resize_while_constrained)
+    constrain(embedding, reference, root=model, indices=indices)
+    guard_while_constrained(model)
     return embedding
 
 
@@ -185,13 +176,12 @@ def constrain_new_tokens(
 
     if head is not None and not tied:
         check_constrain_args(head, _reference(head.weight), rows, "error", heads=True)
-    constrain_tied(model, embedding, _reference(embedding.weight), indices=rows)
+    constrain(embedding, _reference(embedding.weight), root=model, indices=rows)
     modules = [embedding]
     if head is not None and not tied:
         constrain(head, _reference(head.weight), indices=rows)
         modules.append(head)
-    _guard(model, "tie_weights", _tie_weights_while_constrained)
-    _guard(model, "resize_token_embeddings", _resize_while_constrained)
+    guard_while_constrained(model)
     params = [pin.free_parameter for m in modules for name in list(m.parametrizations.keys())
               if (pin := pin_of(m, name)) is not None]
     for p in params:
@@ -199,75 +189,10 @@ def constrain_new_tokens(
     return params
 
 
-def _constrained(model: nn.Module) -> bool:
-    return any(is_constrained(m) for m in model.modules())
-
-
-class _WhileConstrained:
-    """Stands in for a model method (an instance attribute) while an embedding of the model is
-    constrained; once nothing is constrained it removes itself and calls the method."""
-
-    def __init__(self, model: nn.Module, name: str, action: Callable[..., Any]) -> None:
-        self.model, self.name, self.action = model, name, action
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        model = self.model
-        if _constrained(model):
-            return self.action(model, *args, **kwargs)
-        if model.__dict__.get(self.name) is self:
-            del model.__dict__[self.name]
-        return getattr(model, self.name)(*args, **kwargs)
-
-
-def _guard(model: nn.Module, name: str, action: Callable[..., Any]) -> None:
-    if callable(getattr(type(model), name, None)) and not isinstance(model.__dict__.get(name), _WhileConstrained):
-        model.__dict__[name] = _WhileConstrained(model, name, action)
-
-
-def _split(name: str) -> tuple[str, str]:
-    path, _, attr = name.rpartition(".")
-    return path, attr
-
-
-def _tie_weights_while_constrained(model: nn.Module, *args: Any, **kwargs: Any) -> None:
-    """``model.tie_weights()`` while constrained: a check that every tie holds, since a tie to a
-    constrained embedding is a parametrization and cannot be re-made by assignment."""
-    expand = getattr(model, "get_expanded_tied_weights_keys", None)
-    hint = ("call embconstraint.release(model) first, tie (or resize), then constrain the input "
-            "embeddings again")
-    if not callable(expand):
-        raise RuntimeError(f"model.tie_weights() is not supported while an embedding is constrained; {hint}")
-    for target, source in expand(all_submodels=True).items():
-        (tpath, tattr), (spath, sattr) = _split(target), _split(source)
-        try:
-            tmod, smod = model.get_submodule(tpath), model.get_submodule(spath)
-        except AttributeError as err:
-            raise RuntimeError(f"model.tie_weights(): cannot resolve {target} -> {source} ({err}); {hint}") from err
-        if is_constrained(smod) and sattr == "weight":
-            tie = tie_of(tmod, tattr)
-            if tie is not None and tie.embedding is smod:
-                continue  # the head already computes with the constrained weight
-            problem = f"{target} does not compute with the constrained {source}"
-        elif is_constrained(tmod) and tattr == "weight":
-            problem = f"tying would replace the constrained {target}"
-        elif getattr(tmod, tattr, None) is getattr(smod, sattr, object()):
-            continue  # a tie unrelated to the constraint, which holds
-        else:
-            problem = f"{target} is not tied to {source}"
-        raise RuntimeError(f"model.tie_weights() while an embedding is constrained: {problem}; {hint}")
-
-
-def _resize_while_constrained(model: nn.Module, *args: Any, **kwargs: Any) -> None:
-    raise RuntimeError(
-        "model.resize_token_embeddings() would replace the weight of a constrained embedding; "
-        "call embconstraint.release(model) first, resize, then constrain the input embeddings again"
-    )
-
-
 def __getattr__(name: str) -> Any:
     # SaveRowsCallback subclasses transformers.TrainerCallback: imported on first use only.
     if name in ("SaveRowsCallback", "ROWS_FILE"):
-        from . import _trainer_callback
+        from . import trainer
 
-        return getattr(_trainer_callback, name)
+        return getattr(trainer, name)
     raise AttributeError(f"module 'embconstraint.hf' has no attribute {name!r}")

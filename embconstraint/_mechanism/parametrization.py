@@ -1,12 +1,12 @@
 """The parametrizations: :class:`PinnedRows` owns the table; :class:`TiedTo` follows it.
 
 Storage: one ``(V, D)`` tensor, the *table*, holds every row in layout order (see
-:mod:`._layout`): the pinned rows first, then the free rows. The trainable parameter
+:mod:`.layout`): the pinned rows first, then the free rows. The trainable parameter
 (``parametrizations.weight.original``, :attr:`PinnedRows.free_parameter`) is a view of the free
 block, so "concatenating" the two blocks costs nothing: the table *is* the merged weight. For
 the prefix layout the table is in user order and is returned as the weight without any copy.
 The same class pins the entries of an output head's ``(V,)`` bias (a table of 1-element
-"rows" sharing the weight's :class:`~embconstraint._layout.Layout`).
+"rows" sharing the weight's :class:`~embconstraint._mechanism.layout.Layout`).
 
 Split storage (sharded training): under FSDP2 (``fully_shard``) the free rows are a sharded
 ``DTensor`` outside forward and FSDP's all-gathered Parameter inside it, so they cannot alias a
@@ -27,27 +27,19 @@ Members other modules use (read-only unless said): ``num_rows``, ``num_pinned``,
 
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ._layout import Layout
-from ._sharded import fsdp_managed, full, is_sharded, like
-from ._tensor import PinnedWeight, plain, storage_ptr, transformed, wrap
-from ._validate import PinnedRowsError, bitwise_equal, max_abs_deviation
+from .._common import bitwise_equal, max_abs_deviation
+from ..exceptions import PinnedRowsError
+from .layout import Layout
+from .sharded import fsdp_managed, full, is_sharded, like
+from .weight import PinnedWeight, plain, storage_ptr, transformed, wrap
 
-__all__ = ["PinnedRows", "TiedTo", "original_key", "RAW_KEY", "pin_of", "tie_of", "install_fast_getter"]
+__all__ = ["PinnedRows", "TiedTo", "pin_of", "tie_of", "parametrization_list", "install_fast_getter"]
 
-# The one place that spells out where parametrize keeps the trainable tensor.
-_ORIGINAL = "original"
-RAW_KEY = re.compile(r"^(?P<prefix>(?:.*\.)?)parametrizations\.(?P<name>[^.]+)\.original$")
-
-
-def original_key(prefix: str, name: str) -> str:
-    """The state-dict key of the raw trainable tensor of parametrized ``name`` (``RAW_KEY`` matches it)."""
-    return f"{prefix}parametrizations.{name}.{_ORIGINAL}"
+_ORIGINAL = "original"  # where parametrize keeps the trainable tensor (see _common.original_key)
 
 
 def parametrization_list(module: nn.Module, name: str) -> nn.Module | None:
@@ -120,7 +112,7 @@ class PinnedRows(nn.Module):
         self._exact: Tensor | None = None
         self._owner: list[nn.Module] = []  # the ParametrizationList, once bound (a list: not a child)
         self._ties: list[tuple[nn.Module, str]] = []  # (module, name) tied to this weight (not children)
-        self.path = "aliased"
+        self._copied = False  # the free rows live apart from the table (see storage)
 
     # -- read-only members ------------------------------------------------------------------
     @property
@@ -175,8 +167,13 @@ class PinnedRows(nn.Module):
     # -- the storage ----------------------------------------------------------------------------
     @property
     def storage(self) -> str:
-        """``"aliased"`` (one table, the free rows a view of it) or ``"split"`` (sharded training)."""
-        return "aliased" if self._table is not None else "split"
+        """How the rows are stored: ``"aliased"`` (one table, the free rows a view of it),
+        ``"copy"`` (a wrapper replaced the free rows by a tensor that cannot be re-aliased: the
+        table is refreshed from it at each access) or ``"split"`` (sharded training: the pinned
+        rows apart, no table)."""
+        if self._table is None:
+            return "split"
+        return "copy" if self._copied else "aliased"
 
     def is_split(self, free: Tensor) -> bool:
         """Whether ``free`` is computed with the split storage; switches to it (once, for good)
@@ -263,9 +260,9 @@ class PinnedRows(nn.Module):
             self._exact = None  # exact again in the table (e.g. after .half().float())
         if isinstance(free, nn.Parameter) and free.is_leaf:
             free.set_(table[n:])
-            self.path = "aliased"
+            self._copied = False
         else:
-            self.path = "copy"
+            self._copied = True
         return table
 
     # -- the parametrization ----------------------------------------------------------------
@@ -352,8 +349,7 @@ class PinnedRows(nn.Module):
         return self._layout.user_to_layout(weight.to(pinned))[self.num_pinned:]
 
     def extra_repr(self) -> str:
-        return (f"rows={self.num_rows}, pinned={self.num_pinned}, layout={self._layout.kind}, "
-                f"path={self.path if self._table is not None else 'split'}")
+        return f"rows={self.num_rows}, pinned={self.num_pinned}, layout={self._layout.kind}, storage={self.storage}"
 
 
 class TiedTo(nn.Module):

@@ -5,13 +5,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .demo import DemoData
+from .data import DemoData
 
 __all__ = ["RunResult", "DemoResult", "format_table", "plot_embeddings"]
 

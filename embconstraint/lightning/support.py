@@ -15,18 +15,19 @@ from __future__ import annotations
 
 import functools
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.module import register_module_module_registration_hook
 
-from ._validate import as_reference, check_reference
-from .core import is_constrained, pin_of, release, tied_modules
+from .._mechanism import as_reference, check_reference, pin_of, tied_modules
+from ..core import is_constrained, release
 
-__all__ = ["CheckpointError", "add_note", "check_trainer", "defer_until_configured", "install_in_configure_model",
-           "lightning_classes", "non_leaf_hint", "release_installed"]
+__all__ = ["add_note", "check_trainer", "defer_until_configured", "install_in_configure_model",
+           "lightning_classes", "non_leaf_hint", "release_installed", "optimizer_state_problem",
+           "optimizer_groups_problem"]
 
 # Strategies that flatten parameters (FSDP1 FlatParameter, DeepSpeed partitions, XLA FSDP): the free
 # rows would no longer be the embedding's own Parameter, and their state dicts are post-processed by
@@ -35,10 +36,6 @@ __all__ = ["CheckpointError", "add_note", "check_trainer", "defer_until_configur
 _UNSUPPORTED_STRATEGIES = frozenset({"FSDPStrategy", "DeepSpeedStrategy", "XLAFSDPStrategy"})
 # Precisions that cast the whole module (the pinned rows too) to another dtype after setup.
 _TRUE_PRECISION_DTYPES = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}
-
-
-class CheckpointError(RuntimeError):
-    """A ``ckpt_path`` that cannot be trusted."""
 
 
 def add_note(exception: BaseException, note: str) -> None:
@@ -159,3 +156,36 @@ def release_installed(embedding: nn.Module, root: nn.Module | None) -> None:
         release(embedding)  # its tied heads too; a pending .grad becomes (V, D)
     for module in tied_modules(root, embedding) if root is not None else ():  # ties it no longer knows of
         release(module)
+
+
+def optimizer_state_problem(pin: Any, optimizers: Iterable[Any], saved_states: Iterable[Mapping]) -> str | None:
+    """Why saved optimizer states (``optimizer.state_dict()`` of each optimizer) cannot drive the
+    free rows of ``pin`` (a ``PinnedRows``), or None: a state saved for the ``(V, D)`` weight has
+    the wrong shape for the ``(V - n, D)`` free rows."""
+    free = pin.free_parameter
+    for optimizer, saved in zip(optimizers, saved_states, strict=False):
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        index = next((i for i, p in enumerate(params) if p is free), None)
+        state = saved.get("state", {}).get(index, {}) if index is not None else {}
+        for name, value in state.items():
+            if isinstance(value, Tensor) and value.dim() == free.dim() and value.shape != free.shape:
+                return (f"the checkpoint's optimizer state {name!r} for the embedding has shape "
+                        f"{tuple(value.shape)}, but its trainable rows have shape {tuple(free.shape)}")
+    return None
+
+
+def optimizer_groups_problem(pin: Any, name: str, optimizers: Iterable[Any]) -> str | None:
+    """Why the optimizers look built from names that miss the free rows of ``pin`` (named
+    ``name``), or None: a param group is empty (a group selected by the plain name
+    ``...embedding.weight`` ends up so), or the free rows, trainable, are in no group."""
+    free = pin.free_parameter
+    groups = [group for optimizer in optimizers for group in optimizer.param_groups]
+    if not groups:
+        return None
+    fix = (f"the embedding's trainable rows are the Parameter named {name!r} (select them with "
+           "self.embedding.parameters() or by that name)")
+    if any(not group["params"] for group in groups):
+        return f"an optimizer param group is empty; if it was selected by name, {fix}"
+    if free.requires_grad and not any(p is free for group in groups for p in group["params"]):
+        return f"the trainable rows are in no optimizer param group, so they will not train; {fix}"
+    return None

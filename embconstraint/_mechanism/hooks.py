@@ -2,7 +2,8 @@
 
 The state-dict hooks that :func:`embconstraint.constrain` installs save a constrained (or tied)
 weight under its plain key and load a plain weight back (free rows loaded, pinned rows checked
-or, with ``on_mismatch="checkpoint"``, adopted); :func:`merged_state_dict` is the detached copy.
+or, with ``on_mismatch="checkpoint"``, adopted); :func:`embconstraint.merged_state_dict` is the
+detached copy.
 
 Sharded (FSDP2) free rows: the saved weight is the merged ``(V, D)`` as a DTensor sharded on
 dim 0 over the same mesh (the free rows are all-gathered once; each rank keeps its chunk), so
@@ -13,17 +14,16 @@ DTensor) is sharded back the way the live free rows are, without communication.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable, Mapping
-from typing import Any
 
 from torch import Tensor, nn
 
-from ._parametrization import original_key, pin_of, tie_of
-from ._sharded import as_shards, full, like
-from ._tensor import constant, plain
-from ._validate import PinnedRowsError
+from .._common import original_key
+from ..exceptions import PinnedRowsError
+from .parametrization import pin_of, tie_of
+from .sharded import as_shards, full, like
+from .weight import constant, plain
 
-__all__ = ["merged_state_dict", "install_hooks", "remove_hooks", "optimizer_state_problem", "optimizer_groups_problem"]
+__all__ = ["install_hooks", "remove_hooks"]
 
 _HOOKS = "_embconstraint_hooks"
 _PREFIXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> prefix of the load under way
@@ -56,7 +56,7 @@ def _constrained_names(module: nn.Module):
 
 def _merged_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
     """state_dict post-hook: a constrained (or tied) weight is saved under its plain key, as
-    the merged ``(V, D)`` tensor, a :class:`~._tensor.PinnedConstant`: it reads and saves as a plain
+    the merged ``(V, D)`` tensor, a :class:`~.weight.PinnedConstant`: it reads and saves as a plain
     tensor, and writes into it cannot move pinned rows. Nothing is copied for the prefix layout,
     and no view of a larger storage is saved."""
     for name, pin in _constrained_names(module):
@@ -119,56 +119,3 @@ def _tied_not_missing(module: nn.Module, incompatible_keys) -> None:
             missing.remove(key)
         elif pin_of(module, name) is not None:  # reported under the plain key, the one a checkpoint has
             missing[missing.index(key)] = prefix + name
-
-
-def optimizer_state_problem(pin: Any, optimizers: Iterable[Any], saved_states: Iterable[Mapping]) -> str | None:
-    """Why saved optimizer states (``optimizer.state_dict()`` of each optimizer) cannot drive the
-    free rows of ``pin`` (a ``PinnedRows``), or None: a state saved for the ``(V, D)`` weight has
-    the wrong shape for the ``(V - n, D)`` free rows."""
-    free = pin.free_parameter
-    for optimizer, saved in zip(optimizers, saved_states, strict=False):
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        index = next((i for i, p in enumerate(params) if p is free), None)
-        state = saved.get("state", {}).get(index, {}) if index is not None else {}
-        for name, value in state.items():
-            if isinstance(value, Tensor) and value.dim() == free.dim() and value.shape != free.shape:
-                return (f"the checkpoint's optimizer state {name!r} for the embedding has shape "
-                        f"{tuple(value.shape)}, but its trainable rows have shape {tuple(free.shape)}")
-    return None
-
-
-def optimizer_groups_problem(pin: Any, name: str, optimizers: Iterable[Any]) -> str | None:
-    """Why the optimizers look built from names that miss the free rows of ``pin`` (named
-    ``name``), or None: a param group is empty (a group selected by the plain name
-    ``...embedding.weight`` ends up so), or the free rows, trainable, are in no group."""
-    free = pin.free_parameter
-    groups = [group for optimizer in optimizers for group in optimizer.param_groups]
-    if not groups:
-        return None
-    fix = (f"the embedding's trainable rows are the Parameter named {name!r} (select them with "
-           "self.embedding.parameters() or by that name)")
-    if any(not group["params"] for group in groups):
-        return f"an optimizer param group is empty; if it was selected by name, {fix}"
-    if free.requires_grad and not any(p is free for group in groups for p in group["params"]):
-        return f"the trainable rows are in no optimizer param group, so they will not train; {fix}"
-    return None
-
-
-def merged_state_dict(module: nn.Module) -> dict[str, Tensor]:
-    """The state dict an unconstrained ``module`` would have, with the merged weights.
-
-    Keys and shapes are the plain ones (``...embedding.weight``, shape ``(V, D)``), and no
-    tensor shares storage with the live model, so the result can be saved (``torch.save``,
-    ``safetensors``) or loaded into a plain model. Sharded (DTensor) values are all-gathered:
-    under FSDP2 every rank must call it, and every rank gets plain, whole tensors.
-
-    >>> import torch
-    >>> from embconstraint import constrain
-    >>> model = torch.nn.Sequential(constrain(torch.nn.Embedding(4, 2), torch.ones(1, 2)))
-    >>> sd = merged_state_dict(model)
-    >>> list(sd), tuple(sd["0.weight"].shape), torch.equal(sd["0.weight"][0], torch.ones(2))
-    (['0.weight'], (4, 2), True)
-    """
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
-    return {k: full(v).detach().clone() if isinstance(v, Tensor) else v for k, v in module.state_dict().items()}

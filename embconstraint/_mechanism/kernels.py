@@ -1,14 +1,14 @@
 """The autograd kernels: ops on the table whose backward reaches the free rows only.
 
 Every kernel works on ``(free, table, layout)``: ``free`` is the trainable ``(V - n, D)`` tensor
-(the gradient's target), ``table`` the ``(V, D)`` rows in layout order (see :mod:`._layout`),
-``layout`` the :class:`~embconstraint._layout.Layout` that maps user ids to table rows. With the
-split storage (sharded training, see :mod:`._parametrization`) there is no table: ``table`` is
+(the gradient's target), ``table`` the ``(V, D)`` rows in layout order (see :mod:`.layout`),
+``layout`` the :class:`~embconstraint._mechanism.layout.Layout` that maps user ids to table rows. With the
+split storage (sharded training, see :mod:`.parametrization`) there is no table: ``table`` is
 None and ``pinned`` holds the ``(n, D)`` pinned rows; a lookup is then two batch-sized gathers
 and a select (bitwise the table lookup), a bag bags the looked-up rows. Pinned
 rows never receive a gradient and no ``(V, D)`` gradient is built by a lookup or by an output
 head's ``F.linear`` (table layout only; with the split storage a head takes the generic path).
-A new op is one more function here plus one entry in ``_tensor.HANDLED``.
+A new op is one more function here plus one entry in ``weight.HANDLED``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._layout import Layout
+from .layout import Layout
 
 __all__ = ["Merge", "merge", "embedding", "embedding_bag", "linear", "EMBEDDING_BAG_MODES"]
 

@@ -1,0 +1,41 @@
+"""How embconstraint pins rows: the mechanism, private to the package.
+
+Layers, each importing only those above it:
+
+- :mod:`.layout`: user row order <-> table order (no autograd, no ``nn.Module``).
+- :mod:`.kernels`: the autograd kernels (lookup, bag, output head) whose backward reaches the free rows only.
+- :mod:`.sharded`: the few conversions FSDP2's ``DTensor`` free rows need.
+- :mod:`.weight`: the tensor a constrained module computes with (a write-guarding subclass).
+- :mod:`.parametrization`: :class:`PinnedRows` (owns the table) and :class:`TiedTo` (a tied head).
+- :mod:`.checks`: what ``constrain`` refuses, checked before anything changes.
+- :mod:`.hooks`: plain-key state dicts; :mod:`.ties`: who else holds a Parameter; :mod:`.queries`.
+
+The names below are the interface the front door (:mod:`embconstraint.core`), the file formats
+(:mod:`embconstraint.files`) and the integrations (:mod:`embconstraint.lightning`,
+:mod:`embconstraint.hf`) use; nothing outside this package imports its modules directly.
+The mechanism never imports the file formats, the integrations, the CLI or the demo.
+"""
+
+from __future__ import annotations
+
+from .checks import (
+    as_reference,
+    check_constrain_args,
+    check_on_mismatch,
+    check_reference,
+    checked_indices,
+    reference_bias,
+)
+from .hooks import install_hooks, remove_hooks
+from .layout import Layout
+from .parametrization import PinnedRows, TiedTo, install_fast_getter, parametrization_list, pin_of, tie_of
+from .queries import pinned_deviation, pinned_values, tied_modules
+from .sharded import full, is_sharded
+from .ties import shared
+
+__all__ = [
+    "Layout", "PinnedRows", "TiedTo", "pin_of", "tie_of", "parametrization_list", "install_fast_getter",
+    "install_hooks", "remove_hooks", "shared", "tied_modules", "pinned_values", "pinned_deviation",
+    "as_reference", "check_constrain_args", "check_on_mismatch", "check_reference", "checked_indices",
+    "reference_bias", "full", "is_sharded",
+]
