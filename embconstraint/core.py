@@ -19,7 +19,7 @@ from ._mechanism import (
     TiedTo,
     check_constrain_args,
     full,
-    install_fast_getter,
+    install_accessors,
     install_hooks,
     parametrization_list,
     pin_of,
@@ -63,7 +63,7 @@ def _pin(module: nn.Module, name: str, reference: Tensor, layout: Layout, on_mis
     pin = PinnedRows(reference, layout, on_mismatch)
     parametrize.register_parametrization(module, name, pin)
     pin.bind(parametrization_list(module, name))
-    install_fast_getter(module, name)
+    install_accessors(module, name)
     if grad is not None:
         free = pin.free_parameter
         free.grad = None  # still the (V, D) tensor: it no longer fits the free rows
@@ -207,8 +207,8 @@ def release(module: nn.Module, *, optimizer: torch.optim.Optimizer | None = None
     # neither keeps the (V - n, D) free rows as its weight.
     for m, name in tied:
         embedding = tie_of(m, name).embedding
-        if not any(embedding is p for p in pinned):
-            pinned.append(embedding)
+        if is_constrained(embedding) and not any(embedding is p for p in pinned):
+            pinned.append(embedding)  # (not if torch's remove_parametrizations released it: the tie is plain)
     tied += [tie for m in pinned for n in m.parametrizations.keys() if (pin := pin_of(m, n)) is not None
              for tie in pin.ties() if tie not in tied]
     for m in pinned:

@@ -28,13 +28,13 @@ from .checks import (
 )
 from .hooks import install_hooks, remove_hooks
 from .layout import Layout
-from .parametrization import PinnedRows, TiedTo, install_fast_getter, parametrization_list, pin_of, tie_of
+from .parametrization import PinnedRows, TiedTo, install_accessors, parametrization_list, pin_of, tie_of
 from .queries import pinned_deviation, pinned_values, tied_modules
 from .sharded import full, is_sharded
 from .ties import shared
 
 __all__ = [
-    "Layout", "PinnedRows", "TiedTo", "pin_of", "tie_of", "parametrization_list", "install_fast_getter",
+    "Layout", "PinnedRows", "TiedTo", "pin_of", "tie_of", "parametrization_list", "install_accessors",
     "install_hooks", "remove_hooks", "shared", "tied_modules", "pinned_values", "pinned_deviation",
     "as_reference", "check_constrain_args", "check_on_mismatch", "check_reference", "checked_indices",
     "reference_bias", "full", "is_sharded",

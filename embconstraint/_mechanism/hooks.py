@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import weakref
 
+import torch
 from torch import Tensor, nn
 
 from .._common import original_key
@@ -47,11 +48,16 @@ def remove_hooks(module: nn.Module) -> None:
 
 
 def _constrained_names(module: nn.Module):
-    """(name, the embedding's pin) for each constrained or tied weight of ``module``."""
-    for name in list(module.parametrizations.keys()):
+    """(name, the embedding's pin) for each constrained or tied weight of ``module``; the pin is
+    None for a tie whose embedding is no longer constrained (``remove_parametrizations`` on it:
+    the tie is then a plain shared weight). Nothing once torch's ``remove_parametrizations``
+    removed the module's own parametrization: the hooks then leave its state dict as torch's."""
+    for name in list(getattr(module, "parametrizations", {}).keys()):
         pin, tie = pin_of(module, name), tie_of(module, name)
-        if pin is not None or tie is not None:
-            yield name, pin if tie is None else tie.pin
+        if tie is not None:
+            yield name, tie.pin if pin_of(tie.embedding) is tie.pin else None
+        elif pin is not None:
+            yield name, pin
 
 
 def _merged_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
@@ -63,11 +69,18 @@ def _merged_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadat
         key = original_key(prefix, name)
         if key not in state_dict:
             continue
-        keep_vars = state_dict[key].requires_grad
-        del state_dict[key]
+        value = state_dict.pop(key)
+        if pin is None:  # a tie to a weight that is plain again: the shared Parameter, under the plain key
+            state_dict[prefix + name] = value
+            continue
         free = pin.free_parameter
-        if not pin.is_split(free):  # guarded: writes into it go through the pinned-row check (no copy: prefix)
-            state_dict[prefix + name] = constant(pin, free)
+        keep_vars = value is free  # state_dict(keep_vars=True): the weight itself, autograd-connected
+        if not pin.is_split(free):
+            if keep_vars:
+                with torch.enable_grad():  # (as a Parameter, whatever the grad mode)
+                    state_dict[prefix + name] = getattr(module, name)
+            else:  # guarded: writes into it go through the pinned-row check (no copy: prefix)
+                state_dict[prefix + name] = constant(pin, free)
             continue
         merged = as_shards(pin.layout.to_user_order(pin.table(free)), free)
         state_dict[prefix + name] = merged if keep_vars else merged.detach()
@@ -83,6 +96,9 @@ def _load_plain(module: nn.Module, state_dict: dict, prefix: str, local_metadata
     for name, pin in _constrained_names(module):
         key, okey = prefix + name, original_key(prefix, name)
         if key not in state_dict:
+            continue
+        if pin is None:  # a tie to a weight that is plain again: loaded as the shared Parameter
+            state_dict[okey] = state_dict.pop(key)
             continue
         value = full(state_dict.pop(key))  # (a collective for a DTensor: all ranks load)
         free = pin.free_parameter
@@ -111,7 +127,7 @@ def _tied_not_missing(module: nn.Module, incompatible_keys) -> None:
     if prefix is None:
         return
     missing = incompatible_keys.missing_keys
-    for name in list(module.parametrizations.keys()):
+    for name in list(getattr(module, "parametrizations", {}).keys()):
         key = original_key(prefix, name)
         if key not in missing:
             continue

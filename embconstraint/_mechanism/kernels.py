@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .layout import Layout
 
-__all__ = ["Merge", "merge", "embedding", "embedding_bag", "linear", "EMBEDDING_BAG_MODES"]
+__all__ = ["Merge", "merge", "embedding", "embedding_bag", "linear", "split_linear", "EMBEDDING_BAG_MODES"]
 
 EMBEDDING_BAG_MODES = {"sum": 0, "mean": 1, "max": 2}
 _EMBEDDING_DENSE_BACKWARD = torch.ops.aten.embedding_dense_backward.default  # the overload: no resolution
@@ -29,31 +29,36 @@ MAX_NORM_REFUSED = ("max_norm renormalizes looked-up rows in place, which would 
 
 class Merge(torch.autograd.Function):
     """The table, as a tensor whose gradient reaches the free rows: an alias of the table in
-    forward, the free block of the dense ``(V, D)`` gradient in backward. Only uses of
-    ``weight`` other than a handled op produce such a gradient."""
+    forward; in backward, the free rows of the dense ``(V, D)`` gradient: its last rows (a
+    gradient in table order), or its rows ``free_rows`` (a gradient in user order, which is what
+    code outside embconstraint hands to the weight's autograd node). Only uses of ``weight``
+    other than a handled op produce such a gradient."""
 
     @staticmethod
-    def forward(ctx, free: Tensor, table: Tensor) -> Tensor:
-        ctx.num_pinned = table.shape[0] - free.shape[0]
+    def forward(ctx, free: Tensor, table: Tensor, free_rows: Tensor | None = None) -> Tensor:
+        ctx.num_pinned, ctx.free_rows = table.shape[0] - free.shape[0], free_rows
         return table.view_as(table)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return grad[ctx.num_pinned:], None
+        if ctx.free_rows is not None:
+            return grad.index_select(0, ctx.free_rows), None, None
+        return grad[ctx.num_pinned:], None, None
 
 
 def _apply(fn: type[torch.autograd.Function], *args):
     """``fn.apply(*args)`` without ``Function.apply``'s Python wrapper (it only unwraps dead
     functorch wrappers and binds defaults for ``setup_context``, which these kernels do not
-    define): the same C++ ``_FunctionBase.apply`` runs. Under functorch transforms, the wrapper."""
-    if torch._C._are_functorch_transforms_active():
+    define): the same C++ ``_FunctionBase.apply`` runs. Under torch.compile, the wrapper (which
+    Dynamo traces)."""
+    if torch.compiler.is_compiling():
         return fn.apply(*args)
     return _FUNCTION_APPLY.__get__(None, fn)(*args)
 
 
-def merge(free: Tensor, table: Tensor) -> Tensor:
-    """``Merge.apply(free, table)``: the table as a tensor whose gradient reaches ``free``."""
-    return _apply(Merge, free, table)
+def merge(free: Tensor, table: Tensor, free_rows: Tensor | None = None) -> Tensor:
+    """``Merge.apply(free, table, free_rows)``: the table as a tensor whose gradient reaches ``free``."""
+    return _apply(Merge, free, table, free_rows)
 
 
 def _free_index(lidx: Tensor, num_pinned: int, num_free: int, lpad: int) -> Tensor:
@@ -79,11 +84,12 @@ class _Lookup(torch.autograd.Function):
     def backward(ctx, grad):
         input, free_map = ctx.saved_tensors
         k, lpad, sgbf, sparse = ctx.args
-        ridx = free_map.index_select(0, input.reshape(-1))  # flat: the dense kernel flattens anyway
+        ridx = free_map.index_select(0, input.reshape(-1)).view(input.shape)  # (its shape: double backward)
         if sparse:
-            g = torch.ops.aten.embedding_sparse_backward(grad, ridx.view(input.shape), k, k, sgbf)
+            g = torch.ops.aten.embedding_sparse_backward(grad, ridx, k, k, sgbf)
         else:
             # One sink row past the end receives nothing (it is the padding row) and is sliced off.
+            # Differentiable in grad (a Hessian-vector product gathers back through it).
             g = _EMBEDDING_DENSE_BACKWARD(grad, ridx, k + 1, k, sgbf)[:k]
         return g, None, None, None, None, None, None, None
 
@@ -97,22 +103,34 @@ def _gather(free: Tensor, pinned: Tensor, lidx: Tensor) -> Tensor:
                        torch.embedding(pinned, lidx.clamp_max(n - 1)))
 
 
-class _SplitLookup(_Lookup):
-    """:class:`_Lookup` on the split storage: ``pinned`` instead of the table (same backward)."""
+class _SplitLookup(torch.autograd.Function):
+    """:class:`_Lookup` on the split storage (and in compiled code): ``pinned`` instead of the
+    table; the free position of each id is computed from its table row, element-wise."""
 
     @staticmethod
-    def forward(ctx, free, pinned, lidx, lpad, scale_grad_by_freq, sparse, input, free_map):
-        ctx.save_for_backward(input, free_map)  # as _Lookup.forward
-        ctx.args = (free.shape[0], lpad, scale_grad_by_freq, sparse)
+    def forward(ctx, free, pinned, lidx, lpad, scale_grad_by_freq, sparse):
+        ctx.save_for_backward(lidx)
+        ctx.args = (pinned.shape[0], free.shape[0], lpad, scale_grad_by_freq, sparse)
         return _gather(free, pinned, lidx)
 
+    @staticmethod
+    def backward(ctx, grad):
+        (lidx,) = ctx.saved_tensors
+        n, k, lpad, sgbf, sparse = ctx.args
+        ridx = _free_index(lidx, n, k, lpad)
+        if sparse:
+            g = torch.ops.aten.embedding_sparse_backward(grad, ridx, k, k, sgbf)
+        else:
+            g = _EMBEDDING_DENSE_BACKWARD(grad, ridx, k + 1, k, sgbf)[:k]
+        return g, None, None, None, None, None
 
-def _split_bag(free, pinned, per_sample_weights, lidx, offsets, lpad, sgbf, mode, sparse, last, input, free_map):
+
+def _split_bag(free, pinned, per_sample_weights, lidx, offsets, lpad, sgbf, mode, sparse, last):
     """``_Bag`` on the split storage: look the rows up (batch-sized; ``scale_grad_by_freq`` and
     sparsity apply there, counted over the real ids), then bag them by position; padding entries
     point at one appended zero row. The forward is bitwise the table's bag; the gradient is
     summed in another order (equal to rounding)."""
-    rows = _apply(_SplitLookup, free, pinned, lidx, lpad, sgbf, sparse, input, free_map)
+    rows = _apply(_SplitLookup, free, pinned, lidx, lpad, sgbf, sparse)
     pos = torch.arange(lidx.numel(), device=lidx.device, dtype=lidx.dtype)
     pad = None
     if lpad >= 0:
@@ -174,9 +192,9 @@ def embedding(input: Tensor, free: Tensor, table: Tensor | None, layout: Layout,
     if max_norm is not None:
         raise ValueError(MAX_NORM_REFUSED)
     lidx, lpad = layout.index(input, padding_idx)
-    free_map = layout.free_map(input.device, input.dtype, lpad)
     if table is None:
-        return _apply(_SplitLookup, free, pinned, lidx, lpad, scale_grad_by_freq, sparse, input, free_map)
+        return _apply(_SplitLookup, free, pinned, lidx, lpad, scale_grad_by_freq, sparse)
+    free_map = layout.free_map(input.device, input.dtype, lpad)
     return _apply(_Lookup, free, table, lidx, lpad, scale_grad_by_freq, sparse, input, free_map)
 
 
@@ -224,9 +242,8 @@ def embedding_bag(input: Tensor, free: Tensor, table: Tensor | None, layout: Lay
     lidx, lpad = layout.index(input, padding_idx)
     offsets = offsets.to(lidx.dtype)
     if table is None:
-        free_map = layout.free_map(input.device, input.dtype, lpad)
         return _split_bag(free, pinned, per_sample_weights, lidx, offsets, lpad, scale_grad_by_freq,
-                          mode, sparse, include_last_offset, input, free_map)
+                          mode, sparse, include_last_offset)
     return _apply(_Bag, free, table, per_sample_weights, lidx, offsets, lpad,
                       scale_grad_by_freq, EMBEDDING_BAG_MODES[mode], sparse, include_last_offset)
 
@@ -241,17 +258,20 @@ class _Linear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, free, bias_free, weight, bias, free_cols, num_pinned):
-        ctx.save_for_backward(input, weight)
+        ctx.save_for_backward(input, weight, free)
         ctx.free_cols, ctx.num_pinned = free_cols, num_pinned
         return torch._C._nn.linear(input, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
-        input, weight = ctx.saved_tensors
+        input, weight, free = ctx.saved_tensors
         cols, n = ctx.free_cols, ctx.num_pinned
         grad2 = grad.reshape(-1, grad.shape[-1])
         g_in = g_free = g_bfree = g_bias = None
         if ctx.needs_input_grad[0]:
+            if torch.is_grad_enabled() and free.requires_grad:
+                # create_graph (double backward): the input gradient is a function of the free rows
+                weight = torch.cat([weight[:n], free]) if cols is None else weight.index_put((cols,), free)
             g_in = grad2.mm(weight).reshape(input.shape)
         if ctx.needs_input_grad[1]:
             g_cols = grad2[:, n:] if cols is None else grad2.index_select(1, cols)
@@ -274,3 +294,14 @@ def linear(input: Tensor, free: Tensor, table: Tensor, layout: Layout, bias: Ten
     weight = layout.to_user_order(table)
     cols = None if layout.rows is None else layout.free_rows_on(table.device)
     return _apply(_Linear, input, free, bias_free, weight, bias, cols, layout.num_pinned)
+
+
+def split_linear(input: Tensor, free: Tensor, pinned: Tensor, layout: Layout, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(input, weight, bias)`` for the weight that ``(free, pinned, layout)`` stand for
+    (the split storage; compiled code), without building it: the logits of the pinned rows and of
+    the free rows, concatenated, then in user order. Plain differentiable ops (higher-order
+    gradients included); equal to the plain head to rounding (two matmuls)."""
+    out = torch.cat([torch.nn.functional.linear(input, pinned), torch.nn.functional.linear(input, free)], dim=-1)
+    if layout.pos is not None:
+        out = out.index_select(-1, layout.pos_on(out.device))
+    return out if bias is None else out + bias

@@ -26,6 +26,7 @@ class Layout:
     ``rows`` maps table row -> user row (``None`` for the prefix layout); ``pos`` is its inverse.
     """
 
+    @torch.inference_mode(False)  # normal tensors whatever the caller's mode (autograd saves them)
     def __init__(self, rows: Tensor | None, num_pinned: int, num_rows: int) -> None:
         self.num_rows, self.num_pinned = num_rows, num_pinned
         self.rows = rows
@@ -33,8 +34,10 @@ class Layout:
         self._device_pos: dict[torch.device, Tensor] = {}
         self._device_free: dict[torch.device, Tensor] = {}
         self._free_maps: dict[tuple[torch.device, torch.dtype, int], Tensor] = {}
+        self._table_rows: dict[int, int] = {}  # user row -> table row, for padding indices
 
     @classmethod
+    @torch.inference_mode(False)
     def from_indices(cls, indices: Tensor | None, num_pinned: int, num_rows: int) -> Layout:
         """The layout that pins reference row ``i`` at user row ``indices[i]`` (validated, CPU int64)
         or, for ``None`` (or ``indices == arange(n)``), at the first ``n`` rows."""
@@ -70,7 +73,8 @@ class Layout:
         """:meth:`free_rows` on ``device`` (cached)."""
         rows = self._device_free.get(device)
         if rows is None:
-            rows = self._device_free[device] = self.free_rows().to(device)
+            with torch.inference_mode(False):  # cached: a normal tensor whatever the caller's mode
+                rows = self._device_free[device] = self.free_rows().to(device)
         return rows
 
     def pos_on(self, device: torch.device) -> Tensor:
@@ -101,14 +105,30 @@ class Layout:
                 fmap = self._free_maps[key] = fmap.to(device=device, dtype=dtype)
         return fmap
 
+    def table_row(self, row: int) -> int:
+        """The table row of user row ``row`` (a Python int; cached, so that compiled code reads it
+        without a device sync)."""
+        if self.pos is None:
+            return row
+        out = self._table_rows.get(row)
+        if out is None:
+            out = self._table_rows[row] = int(self.pos[row])
+        return out
+
+    def prepare(self, device: torch.device, padding_idx: int | None = None) -> None:
+        """Fill the caches a lookup on ``device`` reads (with ``padding_idx``), ahead of compiled code."""
+        lpad = -1 if padding_idx is None else self.table_row(padding_idx % self.num_rows)
+        if self.pos is not None:
+            self.pos_on(device)
+        self.free_rows_on(device)
+        self.free_map(device, torch.int64, lpad)
+
     def index(self, input: Tensor, padding_idx: int | None) -> tuple[Tensor, int]:
         """User ids and padding index remapped to table rows (``-1``: no padding row).
         Element-wise: no host-device synchronization."""
         lpad = -1
         if padding_idx is not None:
-            lpad = padding_idx + self.num_rows if padding_idx < 0 else padding_idx
-            if self.pos is not None:
-                lpad = int(self.pos[lpad])
+            lpad = self.table_row(padding_idx + self.num_rows if padding_idx < 0 else padding_idx)
         if self.pos is None:
             return input, lpad
         # An id outside [0, V) (negative ones included: no wrapping) maps to row V, which the lookup

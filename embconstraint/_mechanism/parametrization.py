@@ -27,17 +27,22 @@ Members other modules use (read-only unless said): ``num_rows``, ``num_pinned``,
 
 from __future__ import annotations
 
+import sys
+import weakref
+
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .._common import bitwise_equal, max_abs_deviation
 from ..exceptions import PinnedRowsError
+from .kernels import merge
 from .layout import Layout
 from .sharded import fsdp_managed, full, is_sharded, like
-from .weight import PinnedWeight, plain, storage_ptr, transformed, wrap
+from .traced import traced
+from .weight import functional, plain, storage_ptr, transformed, wrap
 
-__all__ = ["PinnedRows", "TiedTo", "pin_of", "tie_of", "parametrization_list", "install_fast_getter"]
+__all__ = ["PinnedRows", "TiedTo", "pin_of", "tie_of", "parametrization_list", "install_accessors"]
 
 _ORIGINAL = "original"  # where parametrize keeps the trainable tensor (see _common.original_key)
 
@@ -69,17 +74,24 @@ def _no_module_hooks(m: nn.Module) -> bool:
                 or g._global_forward_hooks or g._global_forward_pre_hooks)
 
 
-def install_fast_getter(module: nn.Module, name: str = "weight") -> None:
-    """Replace the property that parametrize injected for ``module.<name>`` (on the per-module
-    class it created) by one that calls :meth:`PinnedRows.forward` directly when that is what
-    parametrize's getter would compute: caching off, no tracing, the list holds only our
-    ``PinnedRows`` with no hooks, ``original`` a registered tensor. Anything else (another
-    parametrization appended, ``parametrize.cached()``, hooks) takes parametrize's own getter."""
+def install_accessors(module: nn.Module, name: str = "weight") -> None:
+    """Install, on the per-module class that parametrize created for ``module``: a fast getter
+    for ``module.<name>`` (below), and an ``_apply`` that re-syncs the pinned rows after a
+    conversion (``.to()``, ``.half()``...: :meth:`PinnedRows.sync`); and fill the row maps that
+    a lookup on the weight's device reads.
+
+    The getter replaces the property parametrize injected by one that calls
+    :meth:`PinnedRows.forward` directly when that is what parametrize's getter would compute:
+    caching off, no tracing, the list holds only our ``PinnedRows`` with no hooks, ``original``
+    a registered tensor. Anything else (another parametrization appended, ``parametrize.cached()``,
+    hooks, ``torch.compile``) takes parametrize's own getter."""
     cls = type(module)
     prop = cls.__dict__[name]
     slow = prop.fget
 
     def get(self: nn.Module) -> Tensor:
+        if torch.compiler.is_compiling():
+            return slow(self)
         if not parametrize._cache_enabled and torch._C._get_tracing_state() is None:
             plist = self._modules["parametrizations"]._modules[name]
             mods, orig = plist._modules, plist._parameters.get(_ORIGINAL)
@@ -90,6 +102,44 @@ def install_fast_getter(module: nn.Module, name: str = "weight") -> None:
         return slow(self)
 
     setattr(cls, name, property(get, prop.fset, prop.fdel, prop.__doc__))
+    if "_apply" not in cls.__dict__:
+        base_apply = cls._apply
+
+        def _apply(self: nn.Module, fn, *args, **kwargs):
+            out = base_apply(self, fn, *args, **kwargs)
+            for plist in getattr(self, "parametrizations", {}).values():
+                for p in plist:
+                    if isinstance(p, PinnedRows):
+                        p.sync(getattr(self, "padding_idx", None))
+            return out
+
+        cls._apply = _apply
+    pin = pin_of(module, name)
+    if pin is not None:
+        pin.sync(getattr(module, "padding_idx", None))
+
+
+_REMOVE_PARAMETRIZATIONS = parametrize.remove_parametrizations.__code__
+
+
+def _removing_parametrizations(depth: int = 8) -> bool:
+    """Whether ``torch.nn.utils.parametrize.remove_parametrizations`` is reading the weight: it
+    ``set_``s the Parameter to the weight's storage, bypassing ``__torch_function__``, so the
+    scattered layout must hand it a tensor in user order (a gather, once)."""
+    frame = sys._getframe(2)
+    while frame is not None and depth:
+        if frame.f_code is _REMOVE_PARAMETRIZATIONS:
+            return True
+        frame, depth = frame.f_back, depth - 1
+    return False
+
+
+SCRIPTING_REFUSED = (
+    "torch.jit.script cannot compile a module holding a constrained embedding: torch's parametrizations do not "
+    "script; use torch.jit.trace or torch.export, which export the merged weight, or script the "
+    "plain model: embconstraint.release(model) first (or load embconstraint.merged_state_dict(model) "
+    "into an unconstrained copy)"
+)
 
 
 class PinnedRows(nn.Module):
@@ -113,6 +163,7 @@ class PinnedRows(nn.Module):
         self._owner: list[nn.Module] = []  # the ParametrizationList, once bound (a list: not a child)
         self._ties: list[tuple[nn.Module, str]] = []  # (module, name) tied to this weight (not children)
         self._copied = False  # the free rows live apart from the table (see storage)
+        self._user_order: tuple | None = None  # (key, weak reference): see user_order()
 
     # -- read-only members ------------------------------------------------------------------
     @property
@@ -158,11 +209,28 @@ class PinnedRows(nn.Module):
         """The trainable ``(V - n, D)`` tensor (parametrize's ``original``)."""
         return getattr(self._owner[0], _ORIGINAL)
 
-    @torch.no_grad()
     def merged(self) -> Tensor:
         """The merged ``(V, D)`` weight in user order, without autograd history (the table
         itself for the prefix layout: clone it before writing)."""
-        return self._layout.to_user_order(self.table(self.free_parameter))
+        return self.user_order(self.free_parameter)
+
+    @torch.no_grad()
+    def user_order(self, free: Tensor) -> Tensor:
+        """The table in user order, without autograd history: the table itself for the prefix
+        layout; for the scattered layout a gather, shared by every caller while it is alive and
+        the rows are unchanged, so that the weight of an embedding and of a head tied to it are
+        one tensor (one storage, one ``data_ptr()``) wherever they are read at once."""
+        table = self.table(free)
+        if self._layout.rows is None:
+            return table
+        key = (table.data_ptr(), table._version, free.data_ptr(), free._version)
+        cached = self._user_order
+        user = cached[1]() if cached is not None and cached[0] == key else None
+        if user is None:
+            with torch.inference_mode(False):
+                user = self._layout.to_user_order(table)
+            self._user_order = (key, weakref.ref(user))
+        return user
 
     # -- the storage ----------------------------------------------------------------------------
     @property
@@ -266,20 +334,70 @@ class PinnedRows(nn.Module):
         return table
 
     # -- the parametrization ----------------------------------------------------------------
-    @torch.compiler.disable
-    def forward(self, free: Tensor) -> PinnedWeight | Tensor:
-        if transformed(free):  # torch.func (functional_call + grad/vmap): a plain, differentiable merge
+    def forward(self, free: Tensor) -> Tensor:
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return self._traced_weight(free)
+        if transformed(free) or functional():
+            # torch.func (functional_call + grad/vmap, vmap over the ids, jvp), forward-mode AD:
+            # a plain, differentiable merge (the kernels define neither a vmap rule nor a jvp)
             return self._layout.to_user_order(torch.cat([self.pinned_block(free), free]))
         if self.is_split(free):
             free = full(free)  # outside forward under FSDP2 (inside, FSDP hands over the whole rows)
             stub = free.new_zeros(()).expand(self.num_rows, *free.shape[1:])  # no (V, D) memory
-            return wrap(stub.requires_grad_(free.requires_grad), self, free, None)
+            return wrap(merge(free, stub, self._user_free_rows(free)), self, free, None)
         table = self.table(free)
-        # No autograd node here: a lookup never uses one (its kernel takes free and table);
-        # any other use builds the Merge node on demand (see _tensor.merged_of).
-        table = table.detach()  # one alias serves as the weight's storage and as its table
-        return wrap(table, self, free, table)
+        if not torch.is_grad_enabled():  # a constant, as a plain parametrization's weight would be
+            if self._layout.rows is not None and _removing_parametrizations():
+                return self._layout.to_user_order(table)  # its storage becomes the plain weight
+            return wrap(table.detach(), self, free, table)
+        if self._layout.rows is None and not self._copied:
+            # The free rows are the table's last rows: the weight is a view of them that spans
+            # the table, so that autograd sees the free rows behind it (its gradient reaches
+            # them) without an autograd node of ours. Lookups and heads never use it: their
+            # kernels take the free rows and the table.
+            return wrap(free.as_strided(table.shape, table.stride(), table.storage_offset()), self, free, table)
+        # The table holds the rows in layout order (or a copy of the free rows): the weight's
+        # autograd node takes a gradient in user order (what code outside hands it) to the free rows.
+        return wrap(merge(free, table, self._user_free_rows(free)), self, free, table)
 
+    def _user_free_rows(self, free: Tensor) -> Tensor | None:
+        """The user rows of the free rows on ``free``'s device (None for the prefix layout)."""
+        return None if self._layout.rows is None else self._layout.free_rows_on(free.device)
+
+    def _traced_weight(self, free: Tensor) -> Tensor:
+        """The weight under ``torch.compile`` (a :class:`~.traced.TracedWeight`: lookups and heads
+        take the split kernels, nothing of size ``(V, D)`` is built for them), and under
+        ``torch.export`` / ``torch.jit.trace`` (the plain merged tensor: ``torch.cat`` of the pinned
+        and the free rows, in user order, which every exporter understands)."""
+        pinned = self.traced_pinned(free)
+        merged = self._layout.to_user_order(torch.cat([pinned, free]))
+        if torch.compiler.is_exporting() or torch.jit.is_tracing():
+            return merged
+        return traced(merged, free, pinned, self._layout)
+
+    def traced_pinned(self, free: Tensor) -> Tensor:
+        """The pinned rows (layout order) on ``free``'s device and dtype, by operations that a
+        tracer records (no cache is filled: :meth:`sync` fills them ahead of a compiled run)."""
+        rows = self._table[: self.num_pinned] if self._table is not None else self._pinned
+        if rows.dtype == free.dtype and rows.device == free.device:
+            return rows
+        source = self._exact if self._exact is not None else rows
+        return source.to(device=free.device, dtype=free.dtype)
+
+    def sync(self, padding_idx: int | None = None) -> None:
+        """After a conversion of the module (``.to()``, ``.half()``, ``to_empty``...): rebuild the
+        table around the converted free rows and fill the row maps of their device (with the
+        module's ``padding_idx``), as the next access would, so that compiled code finds them ready."""
+        if not self._owner:
+            return
+        free = self.free_parameter
+        if is_sharded(free) or transformed(free):
+            return
+        if not free.is_meta and not self.is_split(free):
+            self.table(free)
+        self._layout.prepare(free.device, padding_idx)
+
+    @torch.inference_mode(False)  # a normal table even under inference_mode (later writes need one)
     @torch.no_grad()
     def right_inverse(self, weight: Tensor) -> Tensor:
         weight = plain(weight)
@@ -287,7 +405,7 @@ class PinnedRows(nn.Module):
             ref, self._reference = self._reference, None
             if storage_ptr(ref) == storage_ptr(weight):  # e.g. "pin the rows at their current values"
                 ref = ref.clone()
-            if self._layout.rows is None and weight.is_contiguous():
+            if self._layout.rows is None and weight.is_contiguous() and not weight.is_inference():
                 # The prefix layout is the user order: the embedding's own storage becomes the
                 # table, so constraining allocates no second (V, D) tensor.
                 table = weight.detach()
@@ -299,14 +417,19 @@ class PinnedRows(nn.Module):
             if table.is_meta:  # kept until the module is materialised (to_empty)
                 self._exact = ref.to(table.dtype).clone()
             return table[self.num_pinned:]
-        # assignment ``module.weight = value``: value must keep the pinned rows
-        table = self._table
+        # Assignment ``module.weight = value``: value must keep the pinned rows. The free rows get
+        # new storage (a new table), as a plain parametrization's would: tensors taken from the
+        # weight before (``functional_call`` restores the module from one) keep their values.
+        table, n = self._table, self.num_pinned
         self.check_pinned(weight, "weight")
         if table is None:
-            rows = self._layout.user_to_layout(weight.to(self._pinned))[self.num_pinned:].clone()
+            rows = self._layout.user_to_layout(weight.to(self._pinned))[n:].clone()
             return like(rows, self.free_parameter)
-        table[self.num_pinned:] = self._layout.user_to_layout(weight.to(table))[self.num_pinned:]
-        return table[self.num_pinned:]
+        new = torch.empty_like(table)
+        new[:n] = table[:n]
+        new[n:] = self._layout.user_to_layout(weight.to(table))[n:]
+        self._table, self._alias_key = new, None
+        return new[n:]
 
     def check_pinned(self, weight: Tensor, what: str) -> None:
         """Raise :class:`PinnedRowsError` if ``weight`` (user order) does not hold the pinned rows
@@ -348,6 +471,9 @@ class PinnedRows(nn.Module):
             self.check_pinned(weight, what)
         return self._layout.user_to_layout(weight.to(pinned))[self.num_pinned:]
 
+    def __prepare_scriptable__(self) -> nn.Module:  # torch.jit.script calls it on every submodule
+        raise RuntimeError(SCRIPTING_REFUSED)
+
     def extra_repr(self) -> str:
         return f"rows={self.num_rows}, pinned={self.num_pinned}, layout={self._layout.kind}, storage={self.storage}"
 
@@ -371,6 +497,9 @@ class TiedTo(nn.Module):
 
     def forward(self, _: Tensor) -> Tensor:
         return self.embedding.weight
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        raise RuntimeError(SCRIPTING_REFUSED)
 
     def right_inverse(self, value: Tensor) -> Tensor:
         emb_weight = self.embedding.weight

@@ -23,15 +23,16 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from .kernels import MAX_NORM_REFUSED, embedding, embedding_bag, linear, merge
+from .kernels import MAX_NORM_REFUSED, embedding, embedding_bag, linear, merge, split_linear
 from .layout import Layout
 
 __all__ = ["PinnedWeight", "PinnedView", "PinnedConstant", "HANDLED", "DATA_SET", "wrap", "constant", "plain",
-           "storage_ptr"]
+           "storage_ptr", "transformed", "functional", "is_write", "is_state_getter", "is_setter", "is_value_setter", "arg"]
 
 class Pin(Protocol):
     """What a weight needs of its parametrization."""
@@ -44,6 +45,8 @@ class Pin(Protocol):
 
     def table(self, free: Tensor) -> Tensor: ...
 
+    def user_order(self, free: Tensor) -> Tensor: ...
+
     def pinned_block(self, like: Tensor | None = None) -> Tensor: ...
 
     def check_pinned(self, weight: Tensor, what: str) -> None: ...
@@ -53,9 +56,9 @@ class Pin(Protocol):
 
 _DATA_GET = Tensor.data.__get__
 DATA_SET = Tensor.data.__set__  # ``weight.data = value``: a write like ``weight.data.copy_(value)``
-# Results that hold a raw address but no reference: for the scattered layout the user-order
-# gather they point into is kept alive on the weight (safetensors reads through data_ptr()).
-_RAW_ADDRESSES = (Tensor.data_ptr, Tensor.__cuda_array_interface__.__get__)
+# What reads a raw address (safetensors, PEFT's tie check): the shared user-order storage, kept on the weight.
+_RAW_ADDRESSES = (Tensor.data_ptr, Tensor.untyped_storage, Tensor.__cuda_array_interface__.__get__)
+_REQUIRES_GRAD_SET = Tensor.requires_grad.__set__
 
 # Tensor methods whose name ends in "_" but that do not write values.
 _NOT_WRITES = frozenset(
@@ -70,28 +73,44 @@ _INPLACE_DUNDERS = frozenset(
 )
 
 
+def functional() -> bool:
+    """Whether plain differentiable ops must stand in for the kernels: under a ``torch.func``
+    transform (``vmap`` over the ids, ``jvp``, ...) or forward-mode AD, which the kernels'
+    autograd Functions (no vmap rule, no jvp) do not support."""
+    return torch._C._are_functorch_transforms_active() or fwAD._current_level >= 0
+
+
 def _merged(w: PinnedWeight) -> Tensor:
-    """The plain tensor ``w`` stands for (layout order): the table through a ``Merge`` node, so
-    that gradients reach the free rows. Built on the first use that is not a handled op (a
-    lookup needs none), in the grad mode of the weight's access, then kept on ``w``."""
+    """The plain tensor ``w`` stands for, in table order, with autograd history that reaches the
+    free rows (in the grad mode of the weight's access): for the prefix layout ``w`` itself seen as
+    a plain tensor; otherwise a ``Merge`` node of its own (``w``'s node takes gradients in user
+    order); with the split storage, or under a ``torch.func`` transform or forward-mode AD, a
+    ``torch.cat`` of the pinned and the free rows. Built on the first use that is not a handled
+    op, then kept on ``w``."""
     m = w.__dict__.get("_merged")
     if m is None:
         with torch._C.DisableTorchFunctionSubclass(), torch.set_grad_enabled(w._grad_mode):
-            if w._table is None:  # split storage: built from the pinned and free rows
+            if w._table is None or functional():
                 m = torch.cat([w._pin.pinned_block(w._free), w._free])
+            elif w._pin.layout.rows is None:
+                m = w.as_subclass(Tensor)
             else:
                 m = merge(w._free, w._table)
-            w.__dict__["_merged"] = m
+        w.__dict__["_merged"] = m
     return m
 
 
 def plain(t: Tensor) -> Tensor:
     """``t`` seen as a plain ``torch.Tensor`` (same storage and autograd history). A merged
     weight comes back in user order: its storage is the table, in layout order (a gather for
-    the scattered layout)."""
+    the scattered layout, built once per weight object, so that every use of one weight object
+    reads, and sets attributes on, one tensor)."""
     if isinstance(t, PinnedWeight):
-        with torch._C.DisableTorchFunctionSubclass():
-            return t._pin.layout.to_user_order(_merged(t))
+        user = t.__dict__.get("_user")
+        if user is None:
+            with torch._C.DisableTorchFunctionSubclass(), torch.set_grad_enabled(t._grad_mode):
+                user = t.__dict__["_user"] = t._pin.layout.to_user_order(_merged(t))
+        return user
     return t.as_subclass(Tensor) if type(t) is not Tensor and not isinstance(t, nn.Parameter) else t
 
 
@@ -113,14 +132,42 @@ def storage_ptr(t: Tensor) -> int | None:
         return None
 
 
-def _is_write(func: Any) -> bool:
+def is_write(func: Any) -> bool:
+    """Whether ``func`` writes into its first argument (an in-place method or operator)."""
     name = getattr(func, "__name__", "")
     if name in _INPLACE_DUNDERS:
         return True
     return name.endswith("_") and not name.startswith("_") and name not in _NOT_WRITES
 
 
-def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any = None) -> Any:
+# Attributes of a tensor's own autograd state (not derived from its values): read on the object itself.
+_AUTOGRAD_STATE = frozenset({"grad", "_grad", "requires_grad", "is_leaf", "grad_fn", "_grad_fn", "retains_grad",
+                             "_backward_hooks", "_post_accumulate_grad_hooks"})
+
+
+def is_state_getter(func: Any) -> bool:
+    """Whether ``func`` reads a tensor's own autograd state (``t.grad``, ``t.requires_grad``...),
+    as opposed to a view or value of it (``t.T``, ``t.data``)."""
+    return getattr(func, "__name__", "") == "__get__" and getattr(func.__self__, "__name__", "") in _AUTOGRAD_STATE
+
+
+def is_setter(func: Any) -> bool:
+    """Whether ``func`` sets a tensor attribute (``t.requires_grad = ...``, ``t.grad = ...``): the
+    ``__set__`` of one of ``Tensor``'s descriptors."""
+    return getattr(func, "__name__", "") == "__set__"
+
+
+def is_value_setter(func: Any) -> bool:
+    """Whether ``func`` sets values by assignment (``t.data = ...``, ``t.real = ...``): a write."""
+    return is_setter(func) and getattr(func.__self__, "__name__", "") not in _AUTOGRAD_STATE | {"names"}
+
+
+def _op_name(func: Any) -> str:
+    """How an error names ``func``: ``copy_``, ``.real assignment``..."""
+    return f".{func.__self__.__name__} assignment" if is_setter(func) else getattr(func, "__name__", str(func))
+
+
+def arg(args: tuple, kwargs: dict, i: int, name: str, default: Any = None) -> Any:
     return args[i] if len(args) > i else kwargs.get(name, default)
 
 
@@ -140,13 +187,14 @@ def run_plain(func, args: tuple, kwargs: dict) -> Any:
         if not isinstance(a, (PinnedWeight, PinnedView, PinnedConstant)) or getattr(a, "_own", False):
             return a
         with torch._C.DisableTorchFunctionSubclass():
-            t = _merged(a) if isinstance(a, PinnedWeight) else a.as_subclass(Tensor)
+            if isinstance(a, PinnedWeight) and func in _RAW_ADDRESSES:  # one address for tied weights
+                t = a._gathered = a._pin.user_order(a._free)
+            elif isinstance(a, PinnedWeight):  # the table (layout order) and its user-order stand-in
+                ptrs.add(storage_ptr(_merged(a)))
+                t = plain(a)
+            else:
+                t = a.as_subclass(Tensor)
             ptrs.add(storage_ptr(t))
-            if isinstance(a, PinnedWeight):  # the table is in layout order
-                t = a._pin.layout.to_user_order(t)
-                ptrs.add(storage_ptr(t))
-                if func in _RAW_ADDRESSES:
-                    a._gathered = t
         originals[id(t)] = a
         return t
 
@@ -171,6 +219,16 @@ def run_plain(func, args: tuple, kwargs: dict) -> Any:
     return guard(out)
 
 
+def _through_torch_function(descriptor: Any) -> property:
+    """``descriptor`` (``Tensor.real``) as a property whose setter reaches ``__torch_function__``:
+    torch's own ``real`` setter writes into the tensor's storage without it."""
+
+    def set_(self: Tensor, value: Any) -> None:
+        type(self).__torch_function__(descriptor.__set__, (type(self),), (self, value), {})
+
+    return property(descriptor.__get__, set_, None, descriptor.__doc__)
+
+
 class PinnedView(Tensor):
     """A view of a constrained weight (``weight[2:5]``, ``weight.t()``...): reads as a plain
     tensor; in-place writes are refused, since they would bypass the pinned-row check."""
@@ -179,13 +237,17 @@ class PinnedView(Tensor):
     @torch.compiler.disable
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if (isinstance(_target(args, kwargs), cls) and _is_write(func)) or isinstance(kwargs.get("out"), cls):
+        if ((isinstance(_target(args, kwargs), cls) and (is_write(func) or is_value_setter(func)))
+                or isinstance(kwargs.get("out"), cls)):
             raise RuntimeError(
-                f"in-place {getattr(func, '__name__', func)} on a view of a constrained embedding's weight "
+                f"in-place {_op_name(func)} on a view of a constrained embedding's weight "
                 "is not supported; write through the weight itself under torch.no_grad() "
                 "(e.g. emb.weight[rows] = values), or release() the embedding first"
             )
         return run_plain(func, args, kwargs)
+
+    real = _through_torch_function(Tensor.real)
+    imag = _through_torch_function(Tensor.imag)
 
 
 class PinnedWeight(Tensor):
@@ -206,7 +268,7 @@ class PinnedWeight(Tensor):
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         handled = HANDLED.get(func)
-        if handled is not None and isinstance(_arg(args, kwargs, handled.position, handled.name), cls):
+        if handled is not None and isinstance(arg(args, kwargs, handled.position, handled.name), cls):
             return handled.handler(*args, **kwargs)
         out = kwargs.get("out")
         if isinstance(out, (cls, PinnedView)):
@@ -224,12 +286,15 @@ class PinnedWeight(Tensor):
                         detached._free = target._free.detach()
                     detached._grad_mode = False  # its Merge node, if built, records no graph
                     return detached
-            if _is_write(func) or func == DATA_SET:
+            if is_write(func) or is_value_setter(func):
                 return _write(func, args, kwargs)
         return run_plain(func, args, kwargs)
 
     def set_(self, *args: Any, **kwargs: Any) -> Tensor:  # set_ does not reach __torch_function__
         raise RuntimeError(_SET_REFUSED)
+
+    real = _through_torch_function(Tensor.real)
+    imag = _through_torch_function(Tensor.imag)
 
 
 _SET_REFUSED = ("set_ on the weight of a constrained embedding is not supported (it would replace the "
@@ -260,8 +325,8 @@ class PinnedConstant(Tensor):
         if isinstance(target, cls) and target._own:
             return _run_own(func, args, kwargs)
         handled = HANDLED.get(func)
-        weight = _arg(args, kwargs, 1, "weight") if handled is not None else None
-        if isinstance(weight, cls) and not weight._own and _arg(args, kwargs, 3, "max_norm") is not None:
+        weight = arg(args, kwargs, 1, "weight") if handled is not None else None
+        if isinstance(weight, cls) and not weight._own and arg(args, kwargs, 3, "max_norm") is not None:
             raise ValueError(MAX_NORM_REFUSED)
         out = kwargs.get("out")
         if isinstance(out, cls) and not out._own:
@@ -271,10 +336,16 @@ class PinnedConstant(Tensor):
         if isinstance(target, cls):
             if func in (Tensor.detach, _DATA_GET):
                 return constant(target._pin, target._free)
-            if func == Tensor.requires_grad_ and _arg(args, kwargs, 1, "requires_grad", True):
+            if func == Tensor.requires_grad_ and arg(args, kwargs, 1, "requires_grad", True):
                 return _own_copy(target)
-            if _is_write(func) or func == DATA_SET:
+            if func == _REQUIRES_GRAD_SET and args[1]:  # ``t.requires_grad = True``: as requires_grad_()
+                _own_copy(target)
+                return None
+            if is_write(func) or is_value_setter(func):
                 return _write(func, args, kwargs)
+            if is_setter(func) or is_state_getter(func):  # ``t.grad = ...``, ``t.grad``: on the constant itself
+                with torch._C.DisableTorchFunctionSubclass():
+                    return func(*args, **kwargs)
         return run_plain(func, args, kwargs)
 
     def __reduce_ex__(self, protocol: Any) -> Any:  # saved (torch.save, pickle) as the plain tensor
@@ -291,6 +362,9 @@ class PinnedConstant(Tensor):
         if not self._own:
             raise RuntimeError(_SET_REFUSED)
         return Tensor.set_(self, *args, **kwargs)
+
+    real = _through_torch_function(Tensor.real)
+    imag = _through_torch_function(Tensor.imag)
 
 
 def _run_own(func, args: tuple, kwargs: dict) -> Any:
@@ -309,27 +383,27 @@ def _own_copy(c: PinnedConstant) -> PinnedConstant:
 
 
 def constant(pin: Pin, free: Tensor) -> PinnedConstant:
-    """The merged weight of ``pin`` as a :class:`PinnedConstant` (user order, no grad)."""
-    with torch._C.DisableTorchFunctionSubclass():
-        t = pin.layout.to_user_order(pin.table(free)).detach()
-    c = Tensor._make_subclass(PinnedConstant, t, False)
+    """The merged weight of ``pin`` as a :class:`PinnedConstant` (user order, no grad; the
+    storage of :meth:`PinnedRows.user_order`, so that tied weights share it)."""
+    c = Tensor._make_subclass(PinnedConstant, pin.user_order(free), False)
     c._pin, c._free = pin, free
     return c
 
 
 def wrap(t: Tensor, pin: Pin, free: Tensor, table: Tensor | None) -> PinnedWeight:
-    """``t`` (an alias of ``table``; a stand-in with the split storage, ``table`` None) as the
-    :class:`PinnedWeight` of ``pin``. ``table`` is kept as given: a detached alias of the table."""
-    w = t.as_subclass(PinnedWeight)
-    w._pin, w._free, w._table = pin, free, table
-    w._grad_mode = torch.is_grad_enabled()
-    return w
+    """``t`` as the :class:`PinnedWeight` of ``pin``: ``t`` is a new tensor (its class is changed in
+    place, no alias is made) that spans ``table``'s storage (a zero-stride stand-in with the split
+    storage, ``table`` None) and whose autograd history reaches ``free``."""
+    t.__class__ = PinnedWeight
+    t._pin, t._free, t._table = pin, free, table
+    t._grad_mode = torch.is_grad_enabled()
+    return t
 
 
 def _write(func, args: tuple, kwargs: dict) -> Tensor:
     """An in-place op on the merged weight: applied to a scratch copy, then only the free rows
     are written back, and only if the pinned rows are left unchanged."""
-    name = ".data assignment" if func == DATA_SET else getattr(func, "__name__", str(func))
+    name = _op_name(func)
     if "out" in kwargs and isinstance(kwargs["out"], (PinnedWeight, PinnedConstant)):
         target, slot = kwargs["out"], "out"
     elif args:
@@ -382,6 +456,10 @@ def _split_pinned(weight: PinnedWeight) -> Tensor | None:
 
 def _embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
                scale_grad_by_freq=False, sparse=False):
+    if functional():
+        if max_norm is not None:
+            raise ValueError(MAX_NORM_REFUSED)
+        return F.embedding(input, plain(weight), padding_idx, None, norm_type, scale_grad_by_freq, sparse)
     return embedding(input, weight._free, weight._table, weight._pin.layout, padding_idx,
                      max_norm, scale_grad_by_freq, sparse, pinned=_split_pinned(weight))
 
@@ -389,33 +467,25 @@ def _embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
 def _embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2, scale_grad_by_freq=False,
                    mode="mean", sparse=False, per_sample_weights=None, include_last_offset=False,
                    padding_idx=None):
-    if input.is_nested:
-        with torch._C.DisableTorchFunctionSubclass():
-            return F.embedding_bag(input, weight, offsets, max_norm, norm_type, scale_grad_by_freq,
-                                   mode, sparse, per_sample_weights, include_last_offset, padding_idx)
+    if input.is_nested or functional():
+        if max_norm is not None:
+            raise ValueError(MAX_NORM_REFUSED)
+        return F.embedding_bag(input, plain(weight), offsets, None, norm_type, scale_grad_by_freq,
+                               mode, sparse, per_sample_weights, include_last_offset, padding_idx)
     return embedding_bag(input, weight._free, weight._table, weight._pin.layout, offsets, max_norm,
                          scale_grad_by_freq, mode, sparse, per_sample_weights,
                          include_last_offset, padding_idx, pinned=_split_pinned(weight))
 
 
-def _split_linear(input: Tensor, weight: PinnedWeight, bias: Tensor | None) -> Tensor:
-    """``F.linear`` on the split storage (sharded training): the logits of the pinned rows and of
-    the free rows, concatenated, then in user order; no ``(V, D)`` weight is built (equal to the
-    plain head to rounding: two matmuls)."""
-    pin, free = weight._pin, weight._free
-    with torch._C.DisableTorchFunctionSubclass():
-        out = torch.cat([F.linear(input, pin.pinned_block(free)), F.linear(input, free)], dim=-1)
-        if pin.layout.pos is not None:
-            out = out.index_select(-1, pin.layout.pos_on(out.device))
-    return out if bias is None else out + plain(bias)
-
-
 def _linear(input, weight, bias=None):
-    if (weight._table is None and weight._free.dim() == 2 and not isinstance(bias, PinnedView)
-            and not torch.is_autocast_enabled(input.device.type)):
-        return _split_linear(input, weight, bias)
-    split = weight._table is None or (isinstance(bias, PinnedWeight) and bias._table is None)
-    if split or torch.is_autocast_enabled(input.device.type) or isinstance(bias, PinnedView):
+    if functional() or isinstance(bias, PinnedView):
+        return run_plain(F.linear, (input, weight, bias), {})
+    autocast = torch.is_autocast_enabled(input.device.type)
+    if weight._table is None and weight._free.dim() == 2 and not autocast:
+        pin = weight._pin
+        return split_linear(input, weight._free, pin.pinned_block(weight._free), pin.layout,
+                            None if bias is None else plain(bias))
+    if weight._table is None or (isinstance(bias, PinnedWeight) and bias._table is None) or autocast:
         # the generic path: autocast casts the merged weight; the split storage has no table
         return run_plain(F.linear, (input, weight, bias), {})
     bias_free = None
