@@ -7,16 +7,12 @@ from __future__ import annotations
 import ast
 import importlib
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT, run_python
 
 from benchmarks import harness, step_time
-
-ROOT = Path(__file__).resolve().parents[1]
 
 TINY = {"vocab": 300, "dim": 8, "pinned": 0.9, "batch": 16, "seq": 4, "steps": 3, "warmup": 1}
 
@@ -25,10 +21,10 @@ TINY = {"vocab": 300, "dim": 8, "pinned": 0.9, "batch": 16, "seq": 4, "steps": 3
 def quick_run(tmp_path_factory):
     """The real command line, in quick mode at tiny sizes (every method, one process each)."""
     out = tmp_path_factory.mktemp("bench")
-    cmd = [sys.executable, "-m", "benchmarks.step_time", "--quick", "--sizes", "2k",
-           "--dims", "8", "--pinned", "90", "--steps", "3", "--warmup", "1", "--batch", "16", "--seq", "4",
-           "--busy-retries", "0", "--out", str(out)]  # no re-runs: the suite itself loads the machine
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    proc = run_python("-m", "benchmarks.step_time", "--quick", "--sizes", "2k", "--dims", "8", "--pinned", "90",
+                      "--steps", "3", "--warmup", "1", "--batch", "16", "--seq", "4",
+                      "--busy-retries", "0",  # no re-runs: the suite itself loads the machine
+                      "--out", out, cwd=ROOT, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc.stdout, json.loads((out / "results.json").read_text())
 

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from helpers import ROOT, run_python
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
@@ -18,10 +15,9 @@ pytest.importorskip("transformers")
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench-llm")
-    cmd = [sys.executable, "-m", "benchmarks.llm_new_tokens", "--quick", "--sizes", "500",
-           "--dims", "64", "--rounds", "3", "--warmup", "1", "--threads", "1",
-           "--methods", "peft,whole,floor,embconstraint", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = run_python("-m", "benchmarks.llm_new_tokens", "--quick", "--sizes", "500", "--dims", "64", "--rounds", "3",
+                      "--warmup", "1", "--threads", "1", "--methods", "peft,whole,floor,embconstraint", "--out", out,
+                      cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, json.loads((out / "llm_new_tokens.json").read_text())
 
