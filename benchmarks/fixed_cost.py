@@ -10,7 +10,7 @@ same process, interleaved in blocks (``torch.utils.benchmark.Timer``, rotated or
 ``torch.set_num_threads(1)``; the figure is the median of the per-call block times. The
 target: the constrained call costs at most 20 us more than the plain one.
 
-``--clock wall`` (default) is the issue's protocol, valid on a quiet machine; ``--clock thread``
+``--clock wall`` (default) is the target's protocol, valid on a quiet machine; ``--clock thread``
 times with the thread's CPU time (``time.thread_time``), which leaves out the time the thread
 waits for a core: use it when other processes load the machine (``uptime``), and say so.
 """

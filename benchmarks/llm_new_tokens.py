@@ -19,7 +19,7 @@ token ids (each id is a new token with probability 1/8, else uniform over the ol
     the head-frozen floor: the head keeps its (V + new, D) weight frozen (no weight gradient; the new
     tokens' logits never learn), and the input embedding is a frozen (V + new, D) table for lookups
     plus a trainable (new, D) block whose rows replace the new tokens' vectors. Below what any
-    method that also trains the head's new rows can reach; the issue's target is within 1.10x of it.
+    method that also trains the head's new rows can reach; the target is within 1.10x of it.
 
 Timing: all methods of a configuration live in one process and step in turn (the order rotates every
 round), after warm-up steps; the median over rounds is reported. Peak memory: each method again in a

@@ -48,7 +48,7 @@ all methods train on the same batches from the same seeds.
 
 Examples (from the repository root)::
 
-    python -m benchmarks.step_time --issue          # the core issue's figures: V=10k,100k,1M, D=128, 90%
+    python -m benchmarks.step_time --issue          # the headline figures: V=10k,100k,1M, D=128, 90%
     python -m benchmarks.step_time --quick          # < 2 minutes on 2 cores
     python -m benchmarks.step_time                  # the default sweep (see --help)
     python -m benchmarks.step_time --sizes 1M --dims 128 --pinned 90 --methods embconstraint,free_only
@@ -647,7 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="V=10k,100k; D=64,128; 90%%; 1 warm-up + 5 steps, 1 round (about a minute on 2 idle cores)")
     p.add_argument("--issue", action="store_true",
-                   help="the core issue's figures: V=10k,100k,1M; D=128; 90%% pinned")
+                   help="the headline figures: V=10k,100k,1M; D=128; 90%% pinned")
     p.add_argument("--large", action="store_true", help="add V=10M to the default sizes")
     p.add_argument("--steps", type=int, help="measured steps per run (default 10)")
     p.add_argument("--warmup", type=int, help="warm-up steps per run, not measured (default 3)")
@@ -975,7 +975,7 @@ def _table(results: list[dict[str, Any]], methods: list[str], what: str) -> list
 
 
 def targets(results: list[dict[str, Any]]) -> list[str]:
-    """Whether the measured figures meet the issue's targets (measured, not asserted)."""
+    """Whether the measured figures meet the targets (measured, not asserted)."""
     lines = []
     ec = [r for r in results if r["method"] == "embconstraint" and r["status"] == "ok"
           and r["median_ms_vs_free"] is not None]
