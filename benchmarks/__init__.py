@@ -1,4 +1,5 @@
 """Benchmarks of embconstraint against the other ways of pinning embedding rows.
 
-Run ``python benchmarks/step_time.py --help`` (see benchmarks/README.md).
+Each benchmark is a module run from the repository root as ``python -m benchmarks.NAME``
+(``--help`` for its options); they share :mod:`benchmarks.harness`. See benchmarks/README.md.
 """

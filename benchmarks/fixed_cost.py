@@ -1,16 +1,16 @@
 """The fixed cost of a constrained lookup: forward + backward on a tiny table, against plain.
 
-    python benchmarks/fixed_cost.py                 # V=100, D=8, ids (4, 8), 1 thread
-    python benchmarks/fixed_cost.py --rounds 80     # more rounds on a noisy machine
+    python -m benchmarks.fixed_cost                 # V=100, D=8, ids (4, 8), 1 thread
+    python -m benchmarks.fixed_cost --rounds 80     # more rounds on a noisy machine
 
 On a tiny table the kernels take a few microseconds, so what a constrained embedding costs
 above a plain ``nn.Embedding`` is its fixed per-call cost: the parametrization, the tensor
 subclass's dispatch, the autograd nodes. Both embeddings run ``emb(ids).sum().backward()`` in the
 same process, interleaved in blocks (``torch.utils.benchmark.Timer``, rotated order), with
-``torch.set_num_threads(1)``; the figure is the median of the per-call block times. Issue 13's
+``torch.set_num_threads(1)``; the figure is the median of the per-call block times. The
 target: the constrained call costs at most 20 us more than the plain one.
 
-``--clock wall`` (default) is the issue's protocol, valid on a quiet machine; ``--clock thread``
+``--clock wall`` (default) is the target's protocol, valid on a quiet machine; ``--clock thread``
 times with the thread's CPU time (``time.thread_time``), which leaves out the time the thread
 waits for a core: use it when other processes load the machine (``uptime``), and say so.
 """
@@ -18,7 +18,6 @@ waits for a core: use it when other processes load the machine (``uptime``), and
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 import timeit
@@ -27,6 +26,7 @@ import torch
 import torch.utils.benchmark as benchmark
 from torch import nn
 
+from benchmarks.harness import load_average
 from embconstraint import constrain
 
 TARGET_US = 20.0
@@ -75,7 +75,7 @@ def _quartiles(xs: list[float]) -> tuple[float, float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.fixed_cost", description=__doc__.split("\n\n")[0])
     parser.add_argument("--vocab", type=int, default=100)
     parser.add_argument("--dim", type=int, default=8)
     parser.add_argument("--pinned", type=int, default=90, help="pinned rows (the first ones)")
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clock", choices=sorted(_CLOCKS), default="wall",
                         help="wall time (default; a quiet machine) or the thread's CPU time (a loaded one)")
     args = parser.parse_args(argv)
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    load = load_average()
     times = measure(args.vocab, args.dim, args.pinned, rounds=args.rounds, number=args.number,
                     clock=args.clock)
     med = {}
@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     verdict = "met" if extra <= TARGET_US else "MISSED"
     print(f"fixed cost: +{extra:.1f} us over plain nn.Embedding (target <= {TARGET_US:.0f} us: {verdict}); "
           f"V={args.vocab}, D={args.dim}, 1 thread, {args.clock} clock")
-    after = os.getloadavg() if hasattr(os, "getloadavg") else None
-    if load is not None:
+    after = load_average()
+    if load is not None and after is not None:
         print(f"load average before {load[0]:.2f}, after {after[0]:.2f} (noisy if above ~1)")
     return 0
 

@@ -2,7 +2,7 @@
 reduce-scattered per step, and the median step time, for the same model with and without
 ``embconstraint.constrain`` on its embedding (README "Sharded training").
 
-Usage: python benchmarks/fsdp_comm.py [V D N_PINNED STEPS]   (default 32768 256 32000 20)
+Usage: python -m benchmarks.fsdp_comm [V D N_PINNED STEPS]   (default 32768 256 32000 20)
 
 Model: ``Embedding(V, D) -> Linear(D, D) -> mean(square)``, a batch of 8 x 128 ids per rank,
 ``fully_shard(emb)`` then ``fully_shard(model)``, SGD. Each variant runs twice, interleaved; the
@@ -11,20 +11,16 @@ median step (after 3 warm-up steps) of each run is printed, with the load averag
 
 from __future__ import annotations
 
-import os
+import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-from _fsdp_script import _Comm, free_port  # noqa: E402  (the element counter of the FSDP tests)
+from benchmarks.harness import CollectiveCounter, free_port, load_average
 
 
 class Net(nn.Module):
@@ -37,6 +33,7 @@ class Net(nn.Module):
 
 
 def run(rank: int, port: int, V: int, D: int, N: int, steps: int) -> None:
+    """One rank: both variants, twice each, interleaved; rank 0 prints the figures."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     from torch.distributed.device_mesh import init_device_mesh
@@ -59,7 +56,7 @@ def run(rank: int, port: int, V: int, D: int, N: int, steps: int) -> None:
             x = torch.randint(0, V, (8, 128), generator=torch.Generator().manual_seed(2 * step + rank))
             dist.barrier()
             start = time.perf_counter()
-            with _Comm() as comm:
+            with CollectiveCounter() as comm:
                 model(x).backward()
                 opt.step()
                 opt.zero_grad()
@@ -69,14 +66,24 @@ def run(rank: int, port: int, V: int, D: int, N: int, steps: int) -> None:
                 counts = comm.counts["all_gather"], comm.counts["reduce_scatter"]
         results.setdefault(name, []).append((statistics.median(times), counts))
     if rank == 0:
-        load = os.getloadavg() if hasattr(os, "getloadavg") else None
-        print(f"V={V} D={D} pinned={N} steps={steps}, load average {load}")
+        print(f"V={V} D={D} pinned={N} steps={steps}, load average {load_average()}")
         for name, runs in results.items():
             print(f"{name:14s} median step ms {[round(t * 1e3, 1) for t, _ in runs]}  "
                   f"all-gathered / reduce-scattered elements per step {runs[0][1]}")
     dist.destroy_process_group()
 
 
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.fsdp_comm", description=__doc__.split("\n\n")[0])
+    for name, default, text in (("V", 32768, "rows"), ("D", 256, "embedding dimension"),
+                                ("N_PINNED", 32000, "pinned rows (the first ones)"),
+                                ("STEPS", 20, "measured steps per run")):
+        parser.add_argument(name.lower(), metavar=name, type=int, nargs="?", default=default,
+                            help=f"{text} (default {default})")
+    args = parser.parse_args(argv)
+    mp.spawn(run, args=(free_port(), args.v, args.d, args.n_pinned, args.steps), nprocs=2, join=True)
+    return 0
+
+
 if __name__ == "__main__":
-    V, D, N, steps = (int(a) for a in (sys.argv[1:] or [32768, 256, 32000, 20]))
-    mp.spawn(run, args=(free_port(), V, D, N, steps), nprocs=2, join=True)
+    raise SystemExit(main())

@@ -8,7 +8,7 @@ token ids (each id is a new token with probability 1/8, else uniform over the ol
 
 ``embconstraint``
     ``embconstraint.hf.constrain_new_tokens(model, V)``: the old rows of the input embedding and of
-    the head are pinned (reported as unavailable while that function does not exist).
+    the head are pinned.
 ``peft``
     PEFT trainable tokens: ``get_peft_model(model, TrainableTokensConfig(target_modules=...,
     token_indices=<the new ids>))`` with ``target_modules=["embed_tokens"]`` when tied (PEFT ties the
@@ -19,7 +19,7 @@ token ids (each id is a new token with probability 1/8, else uniform over the ol
     the head-frozen floor: the head keeps its (V + new, D) weight frozen (no weight gradient; the new
     tokens' logits never learn), and the input embedding is a frozen (V + new, D) table for lookups
     plus a trainable (new, D) block whose rows replace the new tokens' vectors. Below what any
-    method that also trains the head's new rows can reach; the issue's target is within 1.10x of it.
+    method that also trains the head's new rows can reach; the target is within 1.10x of it.
 
 Timing: all methods of a configuration live in one process and step in turn (the order rotates every
 round), after warm-up steps; the median over rounds is reported. Peak memory: each method again in a
@@ -29,18 +29,14 @@ the model was built (on CUDA: ``torch.cuda.max_memory_allocated`` above the allo
 
 Run from the repository root::
 
-    python benchmarks/llm_new_tokens.py --quick --threads 2
-    python benchmarks/llm_new_tokens.py --threads 2 --out bench-llm     # V=32k,128k x D=256,1024
+    python -m benchmarks.llm_new_tokens --quick --threads 2
+    python -m benchmarks.llm_new_tokens --threads 2 --out bench-llm     # V=32k,128k x D=256,1024
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
-import multiprocessing as mp
-import os
-import resource
 import shlex
 import statistics
 import sys
@@ -49,14 +45,24 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
-
-from benchmarks.step_time import machine_info, parse_size  # noqa: E402
+from benchmarks.harness import (
+    MiB,
+    PeakMemory,
+    comma_list,
+    load_average,
+    machine_info,
+    markdown_table,
+    parse_size,
+    run_in_worker,
+    sync,
+    timed_ms,
+    worker_context,
+    write_json,
+)
 
 METHODS: dict[str, str] = {
     "embconstraint": "embconstraint.hf.constrain_new_tokens",
@@ -64,7 +70,6 @@ METHODS: dict[str, str] = {
     "whole": "whole input embedding and head trained",
     "floor": "head frozen, only the new input rows trained (floor)",
 }
-MiB = 2**20
 
 
 @dataclass(frozen=True)
@@ -130,7 +135,7 @@ def apply_method(method: str, model: nn.Module, config: Config) -> tuple[nn.Modu
         try:
             from embconstraint.hf import constrain_new_tokens
         except ImportError as err:
-            raise Unavailable("embconstraint.hf.constrain_new_tokens does not exist yet") from err
+            raise Unavailable(f"embconstraint.hf.constrain_new_tokens cannot be imported: {err}") from err
         return model, list(constrain_new_tokens(model, V))
     if method == "peft":
         from peft import TrainableTokensConfig, get_peft_model
@@ -185,24 +190,18 @@ class Stepper:
         self.batches = make_batches(config)
         self.loss = float("nan")
 
-    def step(self, i: int) -> float:
-        """One step on batch ``i``; its wall time in ms."""
-        ids = self.batches[i % len(self.batches)]
-        _sync(self.device)
-        start = time.perf_counter()
+    def _step(self, ids: Tensor) -> Tensor:
         self.opt.zero_grad(set_to_none=True)
         loss = self.model(input_ids=ids, labels=ids).loss
         loss.backward()
         self.opt.step()
-        _sync(self.device)
-        elapsed = time.perf_counter() - start
+        return loss
+
+    def step(self, i: int) -> float:
+        """One step on batch ``i``; its wall time in ms."""
+        loss, ms = timed_ms(lambda: self._step(self.batches[i % len(self.batches)]), self.device)
         self.loss = float(loss.detach())
-        return 1e3 * elapsed
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        return ms
 
 
 def time_interleaved(methods: list[str], config: Config, rounds: int, warmup: int) -> dict[str, dict]:
@@ -236,17 +235,6 @@ def time_interleaved(methods: list[str], config: Config, rounds: int, warmup: in
     return out
 
 
-def _status_kib(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
 def measure_memory(method: str, config: Config, steps: int = 2) -> dict[str, Any]:
     """Peak memory of ``steps`` training steps of ``method`` (meant for a fresh process): above the
     process before the model was built (``peak``) and above the built model (``train``)."""
@@ -254,74 +242,43 @@ def measure_memory(method: str, config: Config, steps: int = 2) -> dict[str, Any
     tiny = replace(config, vocab=128, dim=64, seq=16, num_batches=1)
     Stepper(method, tiny).step(0)  # loads code pages and lazy imports before the baseline
     gc.collect()
-    if device.type == "cuda":
-        read = lambda: torch.cuda.memory_allocated(device)  # noqa: E731
-        reset = lambda: torch.cuda.reset_peak_memory_stats(device)  # noqa: E731
-        peak = lambda: torch.cuda.max_memory_allocated(device)  # noqa: E731
-        how = "torch.cuda.max_memory_allocated"
-    elif _status_kib("VmHWM") is not None and os.access("/proc/self/clear_refs", os.W_OK):
-        read = lambda: 1024 * _status_kib("VmRSS")  # noqa: E731
-        reset = lambda: Path("/proc/self/clear_refs").write_text("5")  # noqa: E731
-        peak = lambda: 1024 * _status_kib("VmHWM")  # noqa: E731
-        how = "RSS high-water mark (VmHWM, reset after the build)"
-    else:
-        read = peak = lambda: 1024 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # noqa: E731
-        reset = lambda: None  # noqa: E731
-        how = "ru_maxrss (not resettable: includes the build)"
-    _sync(device)
-    base = read()
+    mem = PeakMemory(device, reset="after the build", trim=False)
+    sync(device)
+    base = mem.current()
     stepper = Stepper(method, config)
     gc.collect()
-    _sync(device)
-    built = read()
-    reset()
+    sync(device)
+    built = mem.current()
+    mem.reset_peak()
     for i in range(steps):
         stepper.step(i)
-    _sync(device)
-    top = peak()
-    return {"peak_bytes": top - base, "train_bytes": top - built, "model_bytes": built - base, "memory_method": how}
+    top = mem.peak()
+    return {"peak_bytes": top - base, "train_bytes": top - built, "model_bytes": built - base,
+            "memory_method": mem.method}
 
 
-def _memory_child(method: str, config: dict, threads: int | None, conn: Any) -> None:
-    try:
-        if threads:
-            torch.set_num_threads(threads)
-        conn.send(("ok", measure_memory(method, Config(**config))))
-    except Unavailable as err:
-        conn.send(("unavailable", str(err)))
-    except BaseException as err:  # reported by the parent
-        conn.send(("error", f"{type(err).__name__}: {err}"))
-    finally:
-        conn.close()
+def _memory_worker(method: str, config: dict, threads: int | None) -> dict[str, Any]:
+    """A worker process's job: :func:`measure_memory` with ``threads`` torch threads."""
+    if threads:
+        torch.set_num_threads(threads)
+    return measure_memory(method, Config(**config))
 
 
 def memory_in_fresh_process(ctx: Any, method: str, config: Config, threads: int | None,
                             timeout: float = 1800) -> dict[str, Any]:
-    recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_memory_child, args=(method, asdict(config), threads, send), daemon=True)
-    proc.start()
-    send.close()
-    try:
-        if not recv.poll(timeout):
-            proc.kill()
-            return {"memory_error": f"timed out after {timeout:g} s"}
-        kind, payload = recv.recv()
-    except EOFError:
-        return {"memory_error": f"worker died (exit code {proc.exitcode}; out of memory?)"}
-    finally:
-        recv.close()
-        proc.join()
+    kind, payload = run_in_worker(ctx, "benchmarks.llm_new_tokens:_memory_worker",
+                                  (method, asdict(config), threads), timeout)
     return payload if kind == "ok" else {"memory_error": payload}
 
 
 # -- command line and report ------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llm_new_tokens.py", description=__doc__.split("\n\n")[0])
-    split = lambda f: lambda s: [f(x) for x in s.split(",") if x.strip()]  # noqa: E731
-    p.add_argument("--sizes", type=split(parse_size), help="old vocabulary sizes V (default 32k,128k)")
-    p.add_argument("--dims", type=split(int), help="hidden sizes D (default 256,1024)")
-    p.add_argument("--tying", type=split(str.strip), default=["tied", "untied"], help="tied,untied")
-    p.add_argument("--methods", type=split(str.strip), default=list(METHODS), help=",".join(METHODS))
+    """The command-line interface (``python -m benchmarks.llm_new_tokens --help``)."""
+    p = argparse.ArgumentParser(prog="python -m benchmarks.llm_new_tokens", description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", type=comma_list(parse_size), help="old vocabulary sizes V (default 32k,128k)")
+    p.add_argument("--dims", type=comma_list(int), help="hidden sizes D (default 256,1024)")
+    p.add_argument("--tying", type=comma_list(str.strip), default=["tied", "untied"], help="tied,untied")
+    p.add_argument("--methods", type=comma_list(str.strip), default=list(METHODS), help=",".join(METHODS))
     p.add_argument("--new", type=int, default=64, help="new tokens (default 64)")
     p.add_argument("--quick", action="store_true", help="V=8k, D=256, 8 rounds (< 2 minutes)")
     p.add_argument("--rounds", type=int, help="timed rounds (one step per method each; default 20)")
@@ -333,15 +290,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _row(r: dict[str, Any], floor: dict[str, Any] | None, peft: dict[str, Any] | None) -> str:
+COLUMNS = ["method", "median ms/step", "x floor", "x peft", "peak / training MiB", "max pinned abs diff"]
+
+
+def _row(r: dict[str, Any], floor: dict[str, Any] | None, peft: dict[str, Any] | None) -> list[str]:
+    """The cells of ``r``'s row under :data:`COLUMNS` (ratios to the floor's and PEFT's medians)."""
     if r["status"] != "ok":
-        return f"| {r['method']} | {r['status']}: {r.get('reason', '')} | | | | |"
-    ratio = lambda o: f" ({r['median_ms'] / o['median_ms']:.2f}x)" if o and o["status"] == "ok" else ""  # noqa: E731
+        return [r["method"], f"{r['status']}: {r.get('reason', '')}", "", "", "", ""]
+
+    def ratio(o: dict[str, Any] | None) -> str:
+        return f"{r['median_ms'] / o['median_ms']:.2f}x" if o and o["status"] == "ok" else "-"
+
     mem = f"{r['peak_bytes'] / MiB:.0f} / {r['train_bytes'] / MiB:.0f}" if "peak_bytes" in r else \
         r.get("memory_error", "not measured")
     dev = "0 (exact)" if r["pinned_exact"] else f"{r['max_pinned_deviation']:.3g}"
-    return (f"| {r['method']} | {r['median_ms']:.1f} | {ratio(floor).strip(' ()') or '-'} | "
-            f"{ratio(peft).strip(' ()') or '-'} | {mem} | {dev} |")
+    return [r["method"], f"{r['median_ms']:.1f}", ratio(floor), ratio(peft), mem, dev]
 
 
 def render_markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -359,21 +322,10 @@ def render_markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         load = next(iter(rows.values()))["loadavg_1min"]
         out += [f"## V={key[0]}, D={key[1]}, {'tied' if key[2] else 'untied'}", "",
                 f"1-minute load average before / after timing: {' / '.join('n/a' if x is None else f'{x:.2f}' for x in load)} "
-                f"(machine: {meta['cpu_count']} CPUs; above ~{meta['torch_threads']} the figures are noisy)", "",
-                "| method | median ms/step | x floor | x peft | peak / training MiB | max pinned abs diff |",
-                "|---|---|---|---|---|---|"]
-        out += [_row(r, rows.get("floor"), rows.get("peft")) for r in rows.values()] + [""]
+                f"(machine: {meta['cpu_count']} CPUs; above ~{meta['torch_threads']} the figures are noisy)", ""]
+        out += markdown_table(COLUMNS, [_row(r, rows.get("floor"), rows.get("peft")) for r in rows.values()]) + [""]
     out += ["Methods: " + "; ".join(f"`{k}`: {v}" for k, v in METHODS.items()), ""]
     return "\n".join(out)
-
-
-def _forkserver(device: str) -> Any:
-    try:
-        ctx = mp.get_context("forkserver")
-    except ValueError:
-        return mp.get_context("spawn")
-    ctx.set_forkserver_preload(["torch", "transformers", "peft", "benchmarks.llm_new_tokens"])
-    return ctx
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -393,18 +345,18 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = machine_info(args.device)
     argv_text = sys.argv[1:] if argv is None else argv
-    meta.update(command=shlex.join(["python", "benchmarks/llm_new_tokens.py", *argv_text]), rounds=rounds,
+    meta.update(command=shlex.join(["python", "-m", "benchmarks.llm_new_tokens", *argv_text]), rounds=rounds,
                 warmup=warmup, new=args.new, transformers=transformers.__version__, memory_method="not measured")
-    ctx = _forkserver(args.device) if args.memory else None
+    ctx = worker_context(["torch", "transformers", "peft"]) if args.memory else None
     results: list[dict[str, Any]] = []
     started = time.perf_counter()
     for tying in args.tying:
         for d in dims:
             for v in sizes:
                 config = Config(vocab=v, dim=d, tied=tying == "tied", new=args.new, device=args.device)
-                load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+                load_before = load_average()
                 timed = time_interleaved(args.methods, config, rounds, warmup)
-                load = [load_before, os.getloadavg()[0] if hasattr(os, "getloadavg") else None]
+                load = [None if x is None else x[0] for x in (load_before, load_average())]
                 for m in args.methods:
                     r = {"method": m, "vocab": v, "dim": d, "tied": config.tied, "loadavg_1min": load, **timed[m]}
                     if args.memory and r["status"] == "ok":
@@ -419,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "llm_new_tokens.md").write_text(render_markdown(results, meta))
-    (out / "llm_new_tokens.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=str))
+    write_json(out / "llm_new_tokens.json", {"meta": meta, "results": results})
     print(f"wrote {out / 'llm_new_tokens.md'}, {out / 'llm_new_tokens.json'}")
     return 0
 

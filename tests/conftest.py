@@ -1,34 +1,29 @@
-"""Shared test helpers and the markers (registered in setup.cfg):
+"""Shared fixtures and the markers (registered in setup.cfg):
 
-- ``slow``: long-running (thousands of steps, the benchmark's quick run).
+- ``slow``: long-running (thousands of steps, the benchmarks' quick runs, the examples).
 - ``subprocess``: starts a Python subprocess (CLI, demo, examples, killed runs).
-- ``distributed``: starts a process group (DDP on CPU).
+- ``distributed``: starts a process group (2 CPU processes with gloo).
 - ``gpu``: needs CUDA (skipped without it).
 
 Run the quick part with ``python -m pytest -m "not slow and not subprocess"``.
+
+Helpers that are not fixtures are in ``tests/helpers`` (``from helpers import ...``); the scripts
+that tests run in subprocesses are in ``tests/scripts`` (not collected).
 """
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
-from torch import nn
+from helpers import LAYOUTS, Rows
 
-from embconstraint._mechanism import pin_of
-
-
-def free_param(emb: nn.Module) -> torch.Tensor:
-    """The trainable ``(V - n, D)`` tensor of a constrained embedding."""
-    return pin_of(emb).free_parameter
+collect_ignore = ["scripts"]
 
 
-def run_python(*args: str, timeout: float = 240, **kwargs) -> subprocess.CompletedProcess:
-    """``python *args`` in a subprocess, output captured as text."""
-    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                          **kwargs)
+@pytest.fixture(params=list(LAYOUTS))
+def layout(request: pytest.FixtureRequest) -> Rows:
+    """Each pinned-row layout in turn: ``prefix`` (``indices=None``) and ``scattered``."""
+    return Rows.of(request.param)
 
 
 def pytest_collection_modifyitems(config, items):

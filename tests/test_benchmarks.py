@@ -1,20 +1,18 @@
-"""The benchmark runs end to end at tiny sizes and measures what it claims (no timing assertions)."""
+"""The benchmarks: the step-time benchmark runs end to end at tiny sizes and measures what it
+claims (no timing assertions); every benchmark module is a ``python -m benchmarks.NAME`` command
+that imports only the shared harness and the library."""
 
 from __future__ import annotations
 
+import ast
+import importlib
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT, run_python
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks import methods, step_time  # noqa: E402
+from benchmarks import harness, step_time
 
 TINY = {"vocab": 300, "dim": 8, "pinned": 0.9, "batch": 16, "seq": 4, "steps": 3, "warmup": 1}
 
@@ -23,10 +21,10 @@ TINY = {"vocab": 300, "dim": 8, "pinned": 0.9, "batch": 16, "seq": 4, "steps": 3
 def quick_run(tmp_path_factory):
     """The real command line, in quick mode at tiny sizes (every method, one process each)."""
     out = tmp_path_factory.mktemp("bench")
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "step_time.py"), "--quick", "--sizes", "2k",
-           "--dims", "8", "--pinned", "90", "--steps", "3", "--warmup", "1", "--batch", "16", "--seq", "4",
-           "--busy-retries", "0", "--out", str(out)]  # no re-runs: the suite itself loads the machine
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    proc = run_python("-m", "benchmarks.step_time", "--quick", "--sizes", "2k", "--dims", "8", "--pinned", "90",
+                      "--steps", "3", "--warmup", "1", "--batch", "16", "--seq", "4",
+                      "--busy-retries", "0",  # no re-runs: the suite itself loads the machine
+                      "--out", out, cwd=ROOT, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc.stdout, json.loads((out / "results.json").read_text())
 
@@ -45,11 +43,11 @@ def test_quick_run_writes_markdown_json_and_png(quick_run):
                     "## Peak memory", "## Optimizer state", "## Max |pinned row - reference|"):
         assert section in md
     assert "time vs full-table limit" in md
-    for method in methods.METHODS:
+    for method in step_time.METHODS:
         assert method in md
     assert (out / "step_time.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert data["meta"]["torch_threads"] == data["results"][0]["threads"] >= 1
-    assert {r["method"] for r in data["results"]} == set(methods.METHODS)
+    assert {r["method"] for r in data["results"]} == set(step_time.METHODS)
     assert {r["vocab"] for r in data["results"]} == {2000}
     assert all(r["status"] == "ok" for r in data["results"]), [r.get("reason") for r in data["results"]]
     assert "wrote" in stdout
@@ -101,35 +99,35 @@ def test_pinned_rows_exact_for_embconstraint_and_drift_under_grad_hook(quick_run
 
 
 def test_run_one_in_process_matches_the_semantics():
-    config = methods.Config(**TINY)
-    hook = methods.run_one("grad_hook", config)
-    no_decay = methods.run_one("grad_hook", methods.Config(**TINY, weight_decay=0.0))
-    ec = methods.run_one("embconstraint", config)
+    config = step_time.Config(**TINY)
+    hook = step_time.run_one("grad_hook", config)
+    no_decay = step_time.run_one("grad_hook", step_time.Config(**TINY, weight_decay=0.0))
+    ec = step_time.run_one("embconstraint", config)
     assert hook.max_pinned_deviation > 0
     assert no_decay.max_pinned_deviation == 0.0 and no_decay.pinned_exact  # decay is the culprit
     assert ec.pinned_exact and ec.max_pinned_deviation == 0.0
     assert len(ec.step_ms) == 3 and len(ec.warmup_ms) == 1
     # Same batches, same initial weights: the first losses agree across exact methods.
-    cat = methods.run_one("cat", config)
+    cat = step_time.run_one("cat", config)
     assert cat.final_loss == pytest.approx(ec.final_loss, rel=1e-5)
     # The full-table limit trains exactly like embconstraint (same rows read, same gradients).
-    full = methods.run_one("full_table", config)
+    full = step_time.run_one("full_table", config)
     assert full.final_loss == ec.final_loss and full.pinned_exact and full.trainable_params == ec.trainable_params
 
 
 def test_interleaved_timing_returns_every_method():
-    out = methods.run_interleaved(["embconstraint", "cat", "free_only"], methods.Config(**TINY))
+    out = step_time.run_interleaved(["embconstraint", "cat", "free_only"], step_time.Config(**TINY))
     assert {m: len(t) for m, t in out["step_ms"].items()} == {"embconstraint": 3, "cat": 3, "free_only": 3}
 
 
 def test_batches_favouring_new_rows():
-    config = methods.Config(vocab=1000, dim=4, pinned=0.9, ids="new", num_batches=1)
-    ((ids, _),) = methods.make_batches(config)
+    config = step_time.Config(vocab=1000, dim=4, pinned=0.9, ids="new", num_batches=1)
+    ((ids, _),) = step_time.make_batches(config)
     share_new = (ids >= config.num_pinned).float().mean().item()
     assert 0.45 < share_new < 0.65  # 1/2 + 1/2 * 10%
-    ((uniform, _),) = methods.make_batches(methods.Config(vocab=1000, dim=4, pinned=0.9, num_batches=1))
+    ((uniform, _),) = step_time.make_batches(step_time.Config(vocab=1000, dim=4, pinned=0.9, num_batches=1))
     assert (uniform >= 900).float().mean().item() < 0.2
-    assert torch.equal(methods.make_batches(config)[0][0], ids)  # seeded
+    assert torch.equal(step_time.make_batches(config)[0][0], ids)  # seeded
 
 
 def test_memory_estimate_skips_instead_of_crashing(tmp_path):
@@ -144,8 +142,8 @@ def test_memory_estimate_skips_instead_of_crashing(tmp_path):
 
 
 def test_estimates_order_methods_by_memory():
-    c = methods.Config(vocab=1_000_000, dim=128, pinned=0.9)
-    est = {m: methods.estimate_bytes(m, c) for m in methods.METHODS}
+    c = step_time.Config(vocab=1_000_000, dim=128, pinned=0.9)
+    est = {m: step_time.estimate_bytes(m, c) for m in step_time.METHODS}
     assert est["free_only"] < est["embconstraint"] < est["cat"] < est["unconstrained"]
     assert est["full_table"] == est["embconstraint"]
     assert est["embconstraint"] < est["peft"]
@@ -153,13 +151,13 @@ def test_estimates_order_methods_by_memory():
 
 @pytest.mark.parametrize(("text", "value"), [("10k", 10_000), ("1M", 1_000_000), ("2500", 2500)])
 def test_parse_size(text, value):
-    assert step_time.parse_size(text) == value
+    assert harness.parse_size(text) == value
 
 
 @pytest.mark.parametrize("bad", ["ten", "0", "1.5", "-3k"])
 def test_parse_size_rejects(bad):
     with pytest.raises(ValueError, match="expected"):
-        step_time.parse_size(bad)
+        harness.parse_size(bad)
 
 
 def test_parse_fraction_and_cli_errors(capsys):
@@ -173,8 +171,42 @@ def test_parse_fraction_and_cli_errors(capsys):
 
 def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="pinned"):
-        methods.Config(vocab=10, dim=2, pinned=1.0)
+        step_time.Config(vocab=10, dim=2, pinned=1.0)
     with pytest.raises(ValueError, match="ids"):
-        methods.Config(vocab=10, dim=2, pinned=0.5, ids="zipf")
+        step_time.Config(vocab=10, dim=2, pinned=0.5, ids="zipf")
     with pytest.raises(ValueError, match="method"):
-        methods.run_one("lora", methods.Config(vocab=10, dim=2, pinned=0.5))
+        step_time.run_one("lora", step_time.Config(vocab=10, dim=2, pinned=0.5))
+
+
+BENCHMARKS = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py") if p.stem not in ("__init__", "harness"))
+
+
+def test_the_benchmarks_are_found():
+    assert {"step_time", "llm_new_tokens", "fixed_cost", "fsdp_comm", "ab_step"} <= set(BENCHMARKS)
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_each_benchmark_imports_only_the_harness(name):
+    """No benchmark reaches into another's names, the tests, or sys.path; none reads sys.argv
+    outside ``main``."""
+    tree = ast.parse((ROOT / "benchmarks" / f"{name}.py").read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert {m for m in imported if m.split(".")[0] == "benchmarks"} <= {"benchmarks.harness"}, imported
+    private = {m for m in imported - {"__future__"} if any(part.startswith("_") for part in m.split("."))}
+    assert not private and not imported & {"tests", "conftest"}, imported
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "benchmarks.harness"
+             for a in n.names}
+    assert not any(name.startswith("_") for name in names), names
+    assert "sys.path" not in ast.unparse(tree)
+    outside_main = [n for n in tree.body if not (isinstance(n, ast.FunctionDef) and n.name == "main")]
+    assert "sys.argv" not in "\n".join(ast.unparse(n) for n in outside_main)
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_each_benchmark_is_a_module_with_a_main(name, capsys):
+    module = importlib.import_module(f"benchmarks.{name}")
+    with pytest.raises(SystemExit) as exit_:
+        module.main(["--help"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: python -m benchmarks.{name}")

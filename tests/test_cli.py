@@ -1,17 +1,20 @@
 """The command line: ``embconstraint export`` / ``verify`` (in-process through ``main``, and once
-through a subprocess), and the library functions behind them."""
+through a subprocess), and the library functions behind them; unusual inputs (torch's own
+parametrizations, sparse/meta/nested tensors, renamed files, hard links) are passed through or
+refused in one line."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import os
 import zipfile
 
 import pytest
 import pytorch_lightning as pl
 import torch
+from helpers import run_python
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn.utils import parametrizations
 
 from embconstraint import constrain, merged_state_dict
 from embconstraint.cli import main
@@ -375,6 +378,160 @@ def test_export_checkpoint_function_returns_what_it_wrote(tmp_path):
     assert not list(tmp_path.glob(".c.pt.*"))  # no temporary file left behind
 
 
+# -- unusual inputs ---------------------------------------------------------------------------------
+
+def _torch_parametrized(kind: str) -> dict:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3))
+    if kind == "orthogonal":
+        parametrizations.orthogonal(model[0])
+    else:
+        parametrizations.spectral_norm(model[0])
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("kind", ["orthogonal", "spectral_norm"])
+def test_export_passes_torch_parametrizations_through(kind, tmp_path, capsys) -> None:
+    sd = _torch_parametrized(kind)
+    torch.save({"state_dict": sd, "epoch": 1}, tmp_path / "a.ckpt")
+    code, out, err = run(["export", tmp_path / "a.ckpt", tmp_path / "a.pt"], capsys)
+    assert code == 0, err
+    written = torch.load(tmp_path / "a.pt")
+    assert list(written) == list(sd)
+    assert all(torch.equal(written[k], sd[k]) for k in sd)
+
+
+def test_export_never_merges_a_reference_into_torch_parametrizations(tmp_path, capsys) -> None:
+    sd = _torch_parametrized("orthogonal")
+    torch.save({"state_dict": sd}, tmp_path / "a.ckpt")
+    torch.save(torch.randn(4, 3), tmp_path / "ref.pt")
+    code, out, err = run(["export", tmp_path / "a.ckpt", tmp_path / "a.pt", "--reference", tmp_path / "ref.pt"], capsys)
+    if code == 2:  # refusing (nothing to merge the reference into) is fine: one line, no file
+        assert_error(code, out, err, "reference")
+        assert not (tmp_path / "a.pt").exists()
+        return
+    written = torch.load(tmp_path / "a.pt")
+    assert code == 0 and list(written) == list(sd)
+    assert all(torch.equal(written[k], sd[k]) for k in sd)
+
+
+def test_exported_file_mode_follows_the_umask(tmp_path, capsys) -> None:
+    torch.save({"state_dict": {"e.weight": torch.ones(5, 3)}}, tmp_path / "a.ckpt")
+    old = os.umask(0o022)
+    try:
+        code, out, err = run(["export", tmp_path / "a.ckpt", tmp_path / "a.safetensors"], capsys)
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    assert (tmp_path / "a.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def test_export_onto_its_own_input_is_refused(tmp_path, capsys) -> None:
+    path = tmp_path / "train.pt"  # a full Lightning checkpoint saved with a .pt name
+    torch.save({"state_dict": {"e.weight": torch.ones(5, 3)}, "epoch": 4, "optimizer_states": [{}]}, path)
+    before = path.read_bytes()
+    code, out, err = run(["export", path, path], capsys)
+    assert_error(code, out, err, "train.pt")
+    assert path.read_bytes() == before
+
+
+@pytest.fixture
+def weights(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(5, 3, generator=g)
+    torch.save(w[:2].clone(), tmp_path / "ref.pt")
+    return w
+
+
+@pytest.mark.parametrize("make", [pytest.param(lambda w: w.to_sparse(), id="sparse"),
+                                  pytest.param(lambda w: torch.empty_like(w, device="meta"), id="meta"),
+                                  pytest.param(lambda w: torch.nested.nested_tensor([w, w[:2]]), id="nested")])
+def test_verify_unusual_tensor_is_a_one_line_error(make, weights, tmp_path, capsys) -> None:
+    torch.save({"w": make(weights)}, tmp_path / "w.pt")
+    code, out, err = run(["verify", tmp_path / "w.pt", "--reference", tmp_path / "ref.pt"], capsys)
+    assert_error(code, out, err, "'w'")
+
+
+def test_verify_key_missing_from_reference_is_an_error(weights, tmp_path, capsys) -> None:
+    torch.save({"w": weights}, tmp_path / "w.pt")
+    torch.save({"other.weight": weights[:2].clone()}, tmp_path / "ref2.pt")
+    code, out, err = run(["verify", tmp_path / "w.pt", "--reference", tmp_path / "ref2.pt", "--key", "w"], capsys)
+    assert_error(code, out, err, "'w'", "ref2.pt")
+
+
+def test_verify_raw_parametrization_entry_is_an_error(weights, tmp_path, capsys) -> None:
+    torch.save({"e.parametrizations.weight.original": weights[2:].clone()}, tmp_path / "raw.pt")
+    code, out, err = run(["verify", tmp_path / "raw.pt", "--reference", tmp_path / "ref.pt"], capsys)
+    assert_error(code, out, err, "e.parametrizations.weight.original")
+
+
+def test_verify_safetensors_renamed_pt(weights, tmp_path, capsys) -> None:
+    save_file({"w": weights}, str(tmp_path / "w.pt"))
+    code, out, err = run(["verify", tmp_path / "w.pt", "--reference", tmp_path / "ref.pt"], capsys)
+    if code == 0:  # reading it by its content is fine
+        assert "all bitwise equal" in out
+        return
+    assert_error(code, out, err, "safetensors")
+    assert "export_state_dict" not in err
+
+
+def test_export_onto_a_hard_link_of_its_input_is_refused(tmp_path, capsys) -> None:
+    path = tmp_path / "train.pt"
+    torch.save({"state_dict": {"e.weight": torch.ones(5, 3)}, "epoch": 4}, path)
+    os.link(path, tmp_path / "link.pt")
+    before = path.read_bytes()
+    code, out, err = run(["export", path, tmp_path / "link.pt"], capsys)
+    assert_error(code, out, err, "link.pt", "checkpoint itself")
+    assert path.read_bytes() == before
+
+
+def test_torch_file_renamed_safetensors_is_read_by_content(weights, tmp_path, capsys) -> None:
+    torch.save({"w": weights}, tmp_path / "w.safetensors")
+    code, out, err = run(["verify", tmp_path / "w.safetensors", "--reference", tmp_path / "ref.pt"], capsys)
+    assert code == 0 and "all bitwise equal" in out, err
+
+
+def test_verify_reference_key_names_the_tensor_in_ref(weights, tmp_path, capsys) -> None:
+    torch.save({"w": weights}, tmp_path / "w.pt")
+    torch.save({"other.weight": weights[:2].clone()}, tmp_path / "ref2.pt")
+    code, out, err = run(["verify", tmp_path / "w.pt", "--reference", tmp_path / "ref2.pt", "--key", "w",
+                           "--reference-key", "other.weight"], capsys)
+    assert code == 0 and out.startswith("w: 2 pinned rows checked"), err
+
+
+def test_export_merges_an_embconstraint_raw_entry_next_to_a_torch_parametrization(tmp_path, capsys) -> None:
+    sd = _torch_parametrized("spectral_norm")
+    free, ref = torch.randn(2, 3), torch.randn(3, 3)
+    sd["e.parametrizations.weight.original"] = free
+    torch.save(sd, tmp_path / "a.pt")
+    torch.save(ref, tmp_path / "ref.pt")
+    code, out, err = run(["export", tmp_path / "a.pt", tmp_path / "b.pt", "--reference", tmp_path / "ref.pt"], capsys)
+    assert code == 0, err
+    written = torch.load(tmp_path / "b.pt")
+    assert torch.equal(written["e.weight"], torch.cat([ref, free]))
+    assert "0.parametrizations.weight.original" in written  # torch's own: passed through
+
+
+@pytest.mark.parametrize(("make", "ext"), [
+    pytest.param(lambda w: w.to_sparse(), "safetensors", id="sparse-safetensors"),
+    pytest.param(lambda w: torch.nested.nested_tensor([w, w[:2]]), "safetensors", id="nested-safetensors"),
+    pytest.param(lambda w: torch.empty_like(w, device="meta"), "pt", id="meta-pt"),
+    pytest.param(lambda w: torch.empty_like(w, device="meta"), "safetensors", id="meta-safetensors"),
+])
+def test_export_unusable_tensor_is_a_one_line_error(make, ext, weights, tmp_path, capsys) -> None:
+    torch.save({"state_dict": {"w": make(weights)}}, tmp_path / "a.ckpt")
+    code, out, err = run(["export", tmp_path / "a.ckpt", tmp_path / f"a.{ext}"], capsys)
+    assert_error(code, out, err, "'w'")
+    assert not (tmp_path / f"a.{ext}").exists()
+
+
+def test_export_sparse_tensor_to_pt_passes_through(weights, tmp_path, capsys) -> None:
+    torch.save({"state_dict": {"w": weights.to_sparse()}}, tmp_path / "a.ckpt")
+    code, out, err = run(["export", tmp_path / "a.ckpt", tmp_path / "a.pt"], capsys)
+    assert code == 0, err
+    assert torch.equal(torch.load(tmp_path / "a.pt")["w"].to_dense(), weights)
+
+
 # -- the parser -----------------------------------------------------------------------------
 
 
@@ -398,13 +555,11 @@ def test_help_version_and_usage_errors(capsys):
 @pytest.mark.subprocess
 def test_python_dash_m_subprocess(files, tmp_path):
     _, _, paths = files
-    help_ = subprocess.run([sys.executable, "-m", "embconstraint", "--help"], capture_output=True, text=True,
-                           timeout=120)
+    help_ = run_python("-m", "embconstraint", "--help", timeout=120)
     assert help_.returncode == 0 and "verify" in help_.stdout
-    bad = subprocess.run([sys.executable, "-m", "embconstraint", "verify", tmp_path / "nope.pt", "--reference",
-                          paths["ref_pt"]], capture_output=True, text=True, timeout=120)
+    bad = run_python("-m", "embconstraint", "verify", tmp_path / "nope.pt", "--reference", paths["ref_pt"],
+                     timeout=120)
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.startswith("embconstraint: error: ") and len(bad.stderr.strip().splitlines()) == 1
-    ok = subprocess.run([sys.executable, "-m", "embconstraint", "verify", paths["w_st"], "--reference",
-                         paths["ref_st"]], capture_output=True, text=True, timeout=120)
+    ok = run_python("-m", "embconstraint", "verify", paths["w_st"], "--reference", paths["ref_st"], timeout=120)
     assert ok.returncode == 0 and "max |Δ| = 0.0," in ok.stdout

@@ -4,11 +4,11 @@ in a subprocess, once in-process through ``main`` without matplotlib."""
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 
 import pytest
 import torch
+from helpers import run_python
 
 from embconstraint.cli import main
 from embconstraint.demo import make_data, plot_embeddings
@@ -28,8 +28,7 @@ def parse_table(text: str) -> dict[str, dict[str, str]]:
 @pytest.mark.subprocess
 def test_demo_subprocess_table_png_and_checkpoints(tmp_path):
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "embconstraint", "demo", "--epochs", "2", "--seed", "3",
-                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    proc = run_python("-m", "embconstraint", "demo", "--epochs", "2", "--seed", "3", "--out", out, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = parse_table(proc.stdout)
     assert rows["model 1"]["items"] == "12" and rows["model 1"]["dev"] == "—"

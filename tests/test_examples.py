@@ -1,14 +1,11 @@
-"""The examples run: the transformers script (in a subprocess) and the notebook (with nbclient)."""
+"""The examples run: the transformers scripts (in a subprocess) and the notebook (with nbclient)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from helpers import ROOT, run_python
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = ROOT / "examples"
 NOTEBOOK = EXAMPLES / "vocabulary_growth.ipynb"
 
 
@@ -16,10 +13,7 @@ NOTEBOOK = EXAMPLES / "vocabulary_growth.ipynb"
 def test_new_tokens_transformers_script(tmp_path):
     transformers = pytest.importorskip("transformers")
     out = tmp_path / "model"
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLES / "new_tokens_transformers.py"), str(out)],
-        capture_output=True, text=True, timeout=300,
-    )
+    result = run_python(EXAMPLES / "new_tokens_transformers.py", out, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "trainable parameters: [(8, 32)]" in result.stdout
     assert "max |Δ| of the old rows after training: 0.0" in result.stdout
@@ -29,6 +23,22 @@ def test_new_tokens_transformers_script(tmp_path):
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert model.get_input_embeddings().weight.shape == (72, 32)
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_new_tokens_trainer_script(tmp_path):
+    """LoRA + new rows with the Trainer; the adapter and a rows file, loaded onto a fresh base."""
+    pytest.importorskip("peft")
+    result = run_python(EXAMPLES / "new_tokens_trainer.py", tmp_path, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "new rows [(64, 64), (64, 64)]" in result.stdout
+    assert "old rows of the embedding and of the head: bitwise unchanged" in result.stdout
+    assert "logits bitwise equal to the trained model's" in result.stdout
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    # The rows file holds the 2 x 64 new rows of D=64 floats (plus names, indices, fingerprints), not the tables.
+    size = (tmp_path / "new_rows.safetensors").stat().st_size
+    assert 2 * 64 * 64 * 4 <= size < 2 * 64 * 64 * 4 + 64 * 1024
 
 
 def test_notebook_is_committed_without_outputs():

@@ -1,27 +1,29 @@
-"""Output heads (``nn.Linear`` whose rows are vocabulary entries): constrain, train, save, release."""
+"""Output heads (``nn.Linear`` whose rows are vocabulary entries): constrain, train, save, release;
+the ``F.linear`` kernel against an independent computation; heads tied to a constrained embedding."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
-from conftest import free_param
+import torch.nn.functional as F
+from helpers import (
+    DENSE_OPTIMIZERS,
+    IDS,
+    SCATTERED,
+    D,
+    N,
+    Rows,
+    StorageRecorder,
+    V,
+    free_param,
+    reference,
+)
 from torch import nn
 
 from embconstraint import PinnedRowsError, constrain, is_constrained, merged_state_dict, release
 from embconstraint._mechanism import pin_of
-
-V, D, N = 12, 5, 7
-SCATTERED = [11, 0, 4, 7, 2, 9, 5]
-LAYOUTS = {"prefix": None, "scattered": SCATTERED}
-
-
-def _rows(indices):
-    return list(range(N)) if indices is None else list(indices)
-
-
-def _free_rows(indices):
-    pinned = set(_rows(indices))
-    return [r for r in range(V) if r not in pinned]
 
 
 def _head(bias: bool = True, seed: int = 0) -> nn.Linear:
@@ -29,19 +31,18 @@ def _head(bias: bool = True, seed: int = 0) -> nn.Linear:
     return nn.Linear(D, V, bias=bias)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("bias", [True, False])
 def test_reference_linear_pins_weight_rows_and_bias_entries(layout, bias):
-    indices = LAYOUTS[layout]
+    indices = layout.indices
     head, ref = _head(bias), nn.Linear(D, N, bias=bias)
     before_w, before_b = head.weight.detach().clone(), bias and head.bias.detach().clone()
     assert constrain(head, ref, indices=indices) is head and is_constrained(head)
-    free = _free_rows(indices)
-    assert torch.equal(head.weight[_rows(indices)], ref.weight)
+    free = layout.free
+    assert torch.equal(head.weight[layout.pinned], ref.weight)
     assert torch.equal(head.weight[free], before_w[free])
     shapes = [tuple(p.shape) for p in head.parameters()]
     if bias:
-        assert torch.equal(head.bias[_rows(indices)], ref.bias)
+        assert torch.equal(head.bias[layout.pinned], ref.bias)
         assert torch.equal(head.bias[free], before_b[free])
         assert shapes == [(V - N, D), (V - N,)]
     else:
@@ -49,23 +50,21 @@ def test_reference_linear_pins_weight_rows_and_bias_entries(layout, bias):
     assert list(head.state_dict()) == (["weight", "bias"] if bias else ["weight"])
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("reference", ["tensor", "embedding"])
-def test_tensor_or_embedding_reference_pins_bias_at_current_values(layout, reference):
-    indices = LAYOUTS[layout]
+@pytest.mark.parametrize("ref_kind", ["tensor", "embedding"])
+def test_tensor_or_embedding_reference_pins_bias_at_current_values(layout, ref_kind):
+    indices = layout.indices
     head = _head()
-    ref = torch.randn(N, D) if reference == "tensor" else nn.Embedding(N, D)
+    ref = torch.randn(N, D) if ref_kind == "tensor" else nn.Embedding(N, D)
     bias_before = head.bias.detach().clone()
     constrain(head, ref, indices=indices)
-    ref_w = ref if reference == "tensor" else ref.weight
-    assert torch.equal(head.weight[_rows(indices)], ref_w)
+    ref_w = ref if ref_kind == "tensor" else ref.weight
+    assert torch.equal(head.weight[layout.pinned], ref_w)
     assert torch.equal(head.bias, bias_before)
     assert pin_of(head, "bias").layout is pin_of(head).layout  # one layout for both
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
 def test_logits_and_gradients_match_a_plain_head(layout):
-    indices = LAYOUTS[layout]
+    indices = layout.indices
     head = constrain(_head(), torch.randn(N, D), indices=indices)
     plain = nn.Linear(D, V)
     with torch.no_grad():
@@ -78,7 +77,7 @@ def test_logits_and_gradients_match_a_plain_head(layout):
     g = torch.randn_like(out)
     out.backward(g)
     ref.backward(g)
-    free = _free_rows(indices)
+    free = layout.free
     assert torch.equal(x.grad, x2.grad)
     w_free = plain.weight.detach()[free].requires_grad_(True)  # F.linear's own backward, free rows only
     (g_free,) = torch.autograd.grad(nn.functional.linear(x2.detach(), w_free), w_free, g[..., free])
@@ -87,9 +86,8 @@ def test_logits_and_gradients_match_a_plain_head(layout):
     assert torch.equal(pin_of(head, "bias").free_parameter.grad, plain.bias.grad[free])
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
 def test_state_dict_round_trip_release_and_guard(layout):
-    indices = LAYOUTS[layout]
+    indices = layout.indices
     ref = nn.Linear(D, N)
     head = constrain(_head(), ref, indices=indices)
     opt = torch.optim.SGD(head.parameters(), lr=0.5)
@@ -104,14 +102,14 @@ def test_state_dict_round_trip_release_and_guard(layout):
     plain.load_state_dict(sd)
     assert torch.equal(plain.bias, head.bias)
     bad = {k: v.clone() for k, v in sd.items()}
-    bad["bias"][_rows(indices)[0]] += 1.0
+    bad["bias"][layout.pinned[0]] += 1.0
     with pytest.raises(PinnedRowsError, match="bias would change pinned rows"):
         other.load_state_dict(bad)
     with torch.no_grad(), pytest.raises(PinnedRowsError):
         head.bias.add_(1.0)
     with torch.no_grad():
-        head.bias[_free_rows(indices)] = 3.0  # free entries may be written
-    assert torch.equal(head.bias[_rows(indices)], ref.bias)
+        head.bias[layout.free] = 3.0  # free entries may be written
+    assert torch.equal(head.bias[layout.pinned], ref.bias)
     merged_w, merged_b = head.weight.detach().clone(), head.bias.detach().clone()
     params = list(head.parameters())
     assert release(head) is head and not is_constrained(head)
@@ -122,8 +120,6 @@ def test_state_dict_round_trip_release_and_guard(layout):
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_deepcopy_and_dtype_conversion(bias):
-    import copy
-
     head = constrain(_head(bias), nn.Linear(D, N, bias=bias))
     clone = copy.deepcopy(head).double()
     assert torch.equal(clone.weight, head.weight.double())
@@ -132,14 +128,6 @@ def test_deepcopy_and_dtype_conversion(bias):
 
 
 # -- the F.linear kernel --------------------------------------------------------------------------
-
-OPTIMIZERS = {  # the dense optimizers of tests/test_core.py (SparseAdam needs a sparse embedding)
-    "adamw": lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.1),
-    "sgd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.1),
-    "adagrad": lambda p: torch.optim.Adagrad(p, lr=0.1, weight_decay=0.01),
-    "rmsprop": lambda p: torch.optim.RMSprop(p, lr=0.01, momentum=0.5, weight_decay=0.01),
-}
-
 
 class _TiedLM(nn.Module):
     """A lookup and an output head sharing one (V, D) weight, with a head bias."""
@@ -172,20 +160,20 @@ def _at_table_offset(value: torch.Tensor, num_pinned: int) -> nn.Parameter:
     return nn.Parameter(buf[num_pinned * row:].view(value.shape).copy_(value))
 
 
-def _reference_steps(model: nn.Module, tied: bool, indices, opt_name: str, batches):
+def _reference_steps(model: nn.Module, tied: bool, layout: Rows, opt_name: str, batches):
     """An independent computation with plain PyTorch: the (V, D) weight rebuilt every step from
     the pinned rows and separate free-row parameters (the optimizer sees only those); the logits,
     the input and bias gradients come from a plain head; the free rows' weight gradient from
     PyTorch's own ``F.linear`` backward over the free rows' logits (a BLAS may pick another
     kernel for the full (V, D) product, so its free rows can differ in the last bit)."""
-    rows, free = _rows(indices), _free_rows(indices)
+    rows, free = layout.pinned, layout.free
     w0, b0 = model.head.weight.detach().clone(), model.head.bias.detach().clone()
     emb_w = model.emb.weight.detach().clone()
     params = [_at_table_offset(w0[free], len(rows)), _at_table_offset(b0, 0) if tied else
               _at_table_offset(b0[free], len(rows))]
     if not tied:
         params.append(nn.Parameter(emb_w.clone()))
-    opt = OPTIMIZERS[opt_name](params)
+    opt = DENSE_OPTIMIZERS[opt_name](params)
     outs, weights = [], []
     for ids in batches:
         w = w0.clone()
@@ -214,16 +202,15 @@ def _reference_steps(model: nn.Module, tied: bool, indices, opt_name: str, batch
     return outs, weights, rows
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
-@pytest.mark.parametrize("opt_name", OPTIMIZERS)
+@pytest.mark.parametrize("opt_name", DENSE_OPTIMIZERS)
 def test_training_is_bitwise_the_reference_computation(opt_name, tied, layout):
-    indices = LAYOUTS[layout]
+    indices = layout.indices
     model = _constrained_model(tied, indices)
     batches = [torch.randint(0, V, (3, 4), generator=torch.Generator().manual_seed(s)) for s in range(4)]
-    ref_outs, ref_weights, rows = _reference_steps(model, tied, indices, opt_name, batches)
+    ref_outs, ref_weights, rows = _reference_steps(model, tied, layout, opt_name, batches)
     pinned = model.head.weight[rows].detach().clone()
-    opt = OPTIMIZERS[opt_name](model.parameters())
+    opt = DENSE_OPTIMIZERS[opt_name](model.parameters())
     for ids, ref_out, ref_w in zip(batches, ref_outs, ref_weights, strict=True):
         assert torch.equal(model.head.weight, ref_w)
         out = model(ids)
@@ -248,13 +235,10 @@ def test_the_head_kernel_is_used_not_the_generic_path(monkeypatch):
         monkeypatch.undo()
 
 
-@pytest.mark.parametrize("layout", ["prefix", "scattered"])
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 def test_no_full_size_tensor_in_the_backward(tied, layout):
-    from test_core import _Recorder
-
     big_v, n, dim = 1000, 900, 64
-    indices = None if layout == "prefix" else torch.randperm(big_v, generator=torch.Generator().manual_seed(0))[:n]
+    indices = None if layout.name == "prefix" else torch.randperm(big_v, generator=torch.Generator().manual_seed(0))[:n]
     model = _constrained_model(tied, indices, dim=dim, vocab=big_v, n=n)
     if not tied:
         model.emb.requires_grad_(False)  # a plain trainable embedding has a (V, D) gradient of its own
@@ -264,7 +248,7 @@ def test_no_full_size_tensor_in_the_backward(tied, layout):
     opt.step()
     loss = model(ids).pow(2).sum()
     opt.zero_grad()
-    with _Recorder() as rec:
+    with StorageRecorder() as rec:
         loss.backward()
         opt.step()
     too_big = [(f, s) for f, s in rec.sizes if s >= big_v * dim // 2]
@@ -282,3 +266,55 @@ def test_autocast_falls_back_and_keeps_pinned_rows():
     out.float().pow(2).sum().backward()
     opt.step()
     assert torch.equal(model.head.weight[SCATTERED], pinned)
+
+
+# -- a head tied to a constrained embedding (head.weight = emb.weight) ------------------------------
+
+class _TiedNoBias(nn.Module):
+    """An embedding and a bias-free head sharing one Parameter: logits = emb(ids) @ emb.weight.T."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(V, D)
+        self.head = nn.Linear(D, V, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.emb(ids))
+
+
+def test_constrain_with_root_keeps_a_tied_head(layout) -> None:
+    model = _TiedNoBias()
+    constrain(model.emb, reference(), indices=layout.indices, root=model)
+    logits = model(IDS)
+    assert logits.shape == (len(IDS), V)
+    assert torch.equal(model.head.weight, model.emb.weight)
+    assert torch.equal(logits, F.linear(model.emb(IDS), model.emb.weight))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    F.cross_entropy(logits, torch.tensor([5, 4, 3, 1])).backward()
+    opt.step()
+    logits = model(IDS)
+    assert torch.equal(logits, F.linear(model.emb(IDS), model.emb.weight))  # still tied after a step
+    assert torch.equal(model.emb.weight[layout.pinned], reference())
+    plain = _TiedNoBias()
+    plain.load_state_dict(model.state_dict())  # loads into the plain, tied model
+    assert torch.equal(plain.emb.weight, model.emb.weight)
+    assert torch.equal(plain(IDS), logits)
+
+
+def test_tied_head_is_never_silently_shrunk(layout) -> None:
+    model = _TiedNoBias()
+    try:
+        constrain(model.emb, reference(), indices=layout.indices)  # the head is outside what constrain sees
+        logits = model(IDS)
+    except (RuntimeError, ValueError) as err:  # refusing clearly is acceptable
+        assert "tied" in str(err) or "shared" in str(err)
+        return
+    assert logits.shape == (len(IDS), V)
+    assert torch.equal(logits, F.linear(model.emb(IDS), model.emb.weight))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    F.cross_entropy(logits, torch.tensor([5, 4, 3, 1])).backward()
+    opt.step()
+    assert torch.equal(model(IDS), F.linear(model.emb(IDS), model.emb.weight))  # still tied after a step
+    assert torch.equal(model.emb.weight[layout.pinned], reference())

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import copy
-import subprocess
-import sys
 
 import pytest
 import torch
+from helpers import run_python
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -193,6 +192,30 @@ def test_save_pretrained_while_constrained(tmp_path, indices):
     assert_state_equal(loaded.state_dict(), merged)
 
 
+def test_release_of_the_embedding_releases_the_tied_head(tmp_path) -> None:
+    model = gpt2(vocab=12)
+    emb = constrain_input_embeddings(model, torch.zeros(2, DIM), indices=[3, 7])
+    merged = emb.weight.detach().clone()
+    release(emb)
+    sd = model.state_dict()
+    assert torch.equal(sd["transformer.wte.weight"], merged)
+    assert model.lm_head.weight is model.transformer.wte.weight  # tied again, one Parameter
+    assert not hasattr(model.lm_head, "parametrizations")
+    model.save_pretrained(tmp_path)
+    again = GPT2LMHeadModel.from_pretrained(tmp_path)
+    assert torch.equal(again.lm_head.weight, merged)
+
+
+def test_release_of_the_tied_head_releases_its_embedding() -> None:
+    model = gpt2(vocab=12)
+    emb = constrain_input_embeddings(model, torch.zeros(2, DIM), indices=[3, 7])
+    merged = emb.weight.detach().clone()
+    release(model.lm_head)  # never a head left holding the (V - n, D) free rows
+    assert not is_constrained(emb) and not hasattr(model.lm_head, "parametrizations")
+    assert model.lm_head.weight is emb.weight and torch.equal(emb.weight, merged)
+    assert model(torch.tensor([[1, 2]])).logits.shape == (1, 2, 12)
+
+
 # -- transformers methods while constrained -----------------------------------------------------------
 
 def test_tie_weights_while_constrained_checks_the_ties():
@@ -297,4 +320,5 @@ def test_constraining_twice_is_refused():
 @pytest.mark.subprocess
 def test_module_does_not_import_transformers():
     code = "import sys, embconstraint.hf; assert 'transformers' not in sys.modules, 'imported'"
-    subprocess.run([sys.executable, "-c", code], check=True)
+    run = run_python("-c", code)
+    assert run.returncode == 0, run.stderr

@@ -101,7 +101,7 @@ def test_tied_checkpoint_without_the_head_key_reports_nothing_missing():
     result = model.load_state_dict(sd, strict=False)
     assert result.missing_keys == [] and result.unexpected_keys == []
     del sd["model.embed_tokens.weight"]  # a truly missing embedding is still reported
-    assert model.load_state_dict(sd, strict=False).missing_keys == ["model.embed_tokens.weight"]  # the plain key (issue 12.12)
+    assert model.load_state_dict(sd, strict=False).missing_keys == ["model.embed_tokens.weight"]  # the plain key
 
 
 class _Odd(nn.Module):

@@ -1,4 +1,5 @@
-"""The Lightning callback (issue 3): install in setup, remove at teardown, exact pinned rows."""
+"""The Lightning callback: install in setup (or when configure_model creates the embedding),
+remove at teardown, exact pinned rows at every stage; optimizer param groups that miss the rows."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ import types
 
 import pytest
 import torch
-from _lightning_helpers import (
+from helpers.lightning import (
     DIM,
     PACKAGES,
     VOCAB_NEW,
     VOCAB_OLD,
     PLTinyLM,
+    fit,
     loader,
     probe,
     reference,
@@ -31,13 +33,6 @@ pytestmark = [
 KEY = "constraint/max_abs_deviation"
 
 
-def _fit(pkg, model, callbacks, tmp_path, val=True, **kw):
-    pl = PACKAGES[pkg][0]
-    trainer = pl.Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, **kw))
-    trainer.fit(model, loader(), loader(batches=1, seed=5) if val else None)
-    return trainer
-
-
 def _plain_param_names(module: nn.Module) -> list[str]:
     return [n for n, _ in module.named_parameters()]
 
@@ -53,7 +48,7 @@ def test_fit_pins_rows_from_sanity_check_on_and_leaves_a_plain_module(pkg, tmp_p
     free_before = model_2.embedding.weight.detach()[VOCAB_OLD:].clone()
     constraint = EmbeddingConstraint(model_2.embedding, model)
     seen = probe(pkg, model.weight.detach())
-    trainer_2 = _fit(pkg, model_2, [constraint, seen], tmp_path, max_steps=5)
+    trainer_2 = fit(model_2, [constraint, seen], tmp_path, pkg=pkg, max_steps=5)
 
     events = [e for e, _, _ in seen.seen]
     assert events[0] == "sanity" and events.count("train_batch") == 5 and "validation" in events
@@ -95,7 +90,7 @@ def test_dotted_path_is_resolved_at_setup(tmp_path):
     ref = reference()
     torch.manual_seed(0)
     model = PLTinyLM(nested=True)
-    _fit("pytorch_lightning", model, [EmbeddingConstraint("encoder.tok_emb", ref)], tmp_path)
+    fit(model, [EmbeddingConstraint("encoder.tok_emb", ref)], tmp_path)
     assert type(model.encoder.tok_emb.weight) is nn.Parameter
     assert torch.equal(model.encoder.tok_emb.weight[:VOCAB_OLD], ref.weight)
 
@@ -110,7 +105,7 @@ def test_bad_path_fails_at_setup_before_anything_changes(tmp_path, path, error, 
     model = PLTinyLM(nested=True)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(error, match=match):
-        _fit("pytorch_lightning", model, [EmbeddingConstraint(path, reference())], tmp_path)
+        fit(model, [EmbeddingConstraint(path, reference())], tmp_path)
     assert not any(is_constrained(m) for m in model.modules())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
@@ -118,7 +113,7 @@ def test_bad_path_fails_at_setup_before_anything_changes(tmp_path, path, error, 
 def test_embedding_of_another_model_is_refused_at_setup(tmp_path):
     other = nn.Embedding(VOCAB_NEW, DIM)
     with pytest.raises(ValueError, match="not a submodule of PLTinyLM"):
-        _fit("pytorch_lightning", PLTinyLM(), [EmbeddingConstraint(other, reference())], tmp_path)
+        fit(PLTinyLM(), [EmbeddingConstraint(other, reference())], tmp_path)
     assert not is_constrained(other)
 
 
@@ -173,7 +168,7 @@ def test_tied_head_sees_the_constrained_weight_and_is_tied_again_after_fit(tmp_p
 
     tie_probe = TieProbe()
     seen = probe("pytorch_lightning", ref.weight.detach())
-    _fit("pytorch_lightning", model, [EmbeddingConstraint("embedding", ref), seen, tie_probe], tmp_path)
+    fit(model, [EmbeddingConstraint("embedding", ref), seen, tie_probe], tmp_path)
     assert tie_probe.ties == [True] * 3
     assert all(c and e for _, c, e in seen.seen)
     # one trainable block of the tied weight: the free rows, not a second (V, D) head weight
@@ -208,10 +203,10 @@ def test_fit_twice_reinstalls(tmp_path):
     torch.manual_seed(0)
     model = PLTinyLM()
     constraint = EmbeddingConstraint(model.embedding, ref)
-    first = _fit("pytorch_lightning", model, [constraint], tmp_path, max_steps=2)
+    first = fit(model, [constraint], tmp_path, max_steps=2)
     after_first = model.embedding.weight.detach().clone()
     seen = probe("pytorch_lightning", ref.weight.detach())
-    _fit("pytorch_lightning", model, [constraint, seen], tmp_path, max_steps=2)
+    fit(model, [constraint, seen], tmp_path, max_steps=2)
     assert first.callback_metrics[KEY].item() == 0.0
     assert all(c and e for _, c, e in seen.seen) and len(seen.weights) == 2
     assert (VOCAB_NEW - VOCAB_OLD, DIM) in seen.optimizer_shapes
@@ -225,7 +220,7 @@ def test_deviation_is_logged_through_the_trainer_logger(tmp_path):
     from pytorch_lightning.loggers import CSVLogger
 
     logger = CSVLogger(tmp_path, name="run", version=0)
-    _fit("pytorch_lightning", PLTinyLM(), [EmbeddingConstraint("embedding", reference())], tmp_path,
+    fit(PLTinyLM(), [EmbeddingConstraint("embedding", reference())], tmp_path,
          logger=logger, max_steps=8, log_every_n_steps=1)
     assert isinstance(logger, pl.loggers.Logger)
     with open(tmp_path / "run" / "version_0" / "metrics.csv") as f:
@@ -260,7 +255,7 @@ def test_scattered_indices(tmp_path):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             seen_rows.append(torch.equal(pl_module.embedding.weight[indices], ref.weight))
 
-    trainer = _fit("pytorch_lightning", model, [EmbeddingConstraint("embedding", ref, indices=indices), Rows()],
+    trainer = fit(model, [EmbeddingConstraint("embedding", ref, indices=indices), Rows()],
                    tmp_path)
     assert seen_rows == [True] * 3
     assert trainer.callback_metrics[KEY].item() == 0.0
@@ -283,7 +278,7 @@ def test_gradient_clipping_sees_only_the_trainable_rows(tmp_path):
     torch.manual_seed(0)
     model = PLTinyLM()
     seen = probe("pytorch_lightning", ref.weight.detach())
-    _fit("pytorch_lightning", model, [EmbeddingConstraint("embedding", ref), seen, Grads()], tmp_path,
+    fit(model, [EmbeddingConstraint("embedding", ref), seen, Grads()], tmp_path,
          gradient_clip_val=clip, max_steps=4)
     assert len(norms) >= 3 and all(n <= clip * (1 + 1e-4) for n in norms[1:])
     assert all((VOCAB_NEW - VOCAB_OLD, DIM) in s and s.count((VOCAB_NEW, DIM)) == 1 for s in grad_shapes[1:])
@@ -295,7 +290,7 @@ def test_bf16_mixed_keeps_pinned_rows_exact(tmp_path):
     torch.manual_seed(0)
     model = PLTinyLM()
     seen = probe("pytorch_lightning", ref.weight.detach())
-    trainer = _fit("pytorch_lightning", model, [EmbeddingConstraint("embedding", ref), seen], tmp_path,
+    trainer = fit(model, [EmbeddingConstraint("embedding", ref), seen], tmp_path,
                    precision="bf16-mixed")
     assert all(c and e for _, c, e in seen.seen) and len(seen.weights) == 3
     assert model.embedding.weight.dtype == torch.float32
@@ -308,7 +303,7 @@ def test_true_half_precision_refuses_a_reference_it_would_round(tmp_path):
     model = PLTinyLM()
     ref = torch.full((VOCAB_OLD, DIM), 0.1)  # not a bfloat16 value
     with pytest.raises(ValueError, match="precision='bf16-true'.*cannot be cast exactly"):
-        _fit("pytorch_lightning", model, [EmbeddingConstraint("embedding", ref)], tmp_path, precision="bf16-true")
+        fit(model, [EmbeddingConstraint("embedding", ref)], tmp_path, precision="bf16-true")
     assert not is_constrained(model.embedding) and model.embedding.weight.dtype == torch.float32
 
 
@@ -331,7 +326,7 @@ def test_checkpoint_loads_into_a_plain_module(tmp_path):
     torch.manual_seed(0)
     model = PLTinyLM(tie=True)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=3, save_top_k=-1)
-    _fit("pytorch_lightning", model, [EmbeddingConstraint("embedding", ref), ckpt], tmp_path,
+    fit(model, [EmbeddingConstraint("embedding", ref), ckpt], tmp_path,
          enable_checkpointing=True)
     loaded = PLTinyLM.load_from_checkpoint(tmp_path / "ckpt" / "step=3.ckpt")  # strict by default
     assert not any(is_constrained(m) for m in loaded.modules())
@@ -355,7 +350,7 @@ def test_resume_from_checkpoint_is_bit_exact(tmp_path, step_data, stop):
     torch.manual_seed(0)
     full = PLTinyLM(step_data=step_data)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=2, save_top_k=-1)
-    trainer_full = _fit("pytorch_lightning", full, [EmbeddingConstraint("embedding", ref), ckpt], tmp_path,
+    trainer_full = fit(full, [EmbeddingConstraint("embedding", ref), ckpt], tmp_path,
                         enable_checkpointing=True, max_steps=steps)
 
     torch.manual_seed(123)  # a different initialization: everything must come from the checkpoint
@@ -383,8 +378,112 @@ def test_barebones_trainer_runs_constrained_without_logging(tmp_path):
     torch.manual_seed(0)
     model = PLTinyLM()
     seen = probe("pytorch_lightning", ref.weight.detach())
-    trainer = _fit("pytorch_lightning", model, [EmbeddingConstraint("embedding", ref), seen], tmp_path,
+    trainer = fit(model, [EmbeddingConstraint("embedding", ref), seen], tmp_path,
                    barebones=True, num_sanity_val_steps=0)
     assert len(seen.weights) == 3 and all(c and e for _, c, e in seen.seen)
     assert KEY not in trainer.callback_metrics
     assert torch.equal(model.embedding.weight[:VOCAB_OLD], ref.weight)
+
+
+# -- an embedding created in configure_model --------------------------------------------------------
+
+def test_embedding_created_in_configure_model_is_constrained_before_the_optimizer():
+    """The callback constrains an embedding that configure_model creates (when it is assigned),
+    before configure_optimizers; a path that never appears is a clear error."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    pl = PACKAGES["pytorch_lightning"][0]
+    V, D, N = 98, 16, 60
+    ref = torch.randn(N, D, generator=torch.Generator().manual_seed(3))
+
+    class LM(pl.LightningModule):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def configure_model(self):
+            if not hasattr(self, "block"):
+                self.block = nn.ModuleDict({"tok": nn.Embedding(V, D)})
+            self.constrained_in_configure_model = type(self.block["tok"].weight).__name__ == "PinnedWeight"
+
+        def training_step(self, batch, batch_idx):
+            return self.block["tok"](batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            self.shapes = [tuple(p.shape) for p in self.parameters()]
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def fit_lm(model, name):
+        trainer = pl.Trainer(accelerator="cpu", max_steps=2, callbacks=[EmbeddingConstraint(name, ref)],
+                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False)
+        trainer.fit(model, DataLoader(TensorDataset(torch.randint(0, V, (8,))), batch_size=4))
+
+    model = LM("block.tok")
+    fit_lm(model, "block.tok")
+    assert model.constrained_in_configure_model is True and model.shapes == [(V - N, D)]
+    assert "configure_model" not in model.__dict__  # the hook is the class's again
+    assert torch.equal(model.block["tok"].weight[:N], ref)  # released after fit: a plain Parameter
+    assert type(model.block["tok"].weight).__name__ == "Parameter"
+    with pytest.raises(ValueError, match="has no submodule .block.other..*configure_model"):
+        fit_lm(LM("block.other"), "block.other")
+
+
+# -- after fit: no stale (V - n, D) gradient -----------------------------------------------------
+
+def test_backward_after_fit_with_the_callback(tmp_path) -> None:
+    model = PLTinyLM()
+    fit(model, [EmbeddingConstraint(model.embedding, reference())], tmp_path, val=False)
+    grad = model.embedding.weight.grad
+    assert grad is None or grad.shape == model.embedding.weight.shape
+    model.zero_grad(set_to_none=True)
+    x, _ = next(iter(loader()))
+    model(x).sum().backward()  # e.g. a saliency map on the trained model
+    assert model.embedding.weight.grad.shape == model.embedding.weight.shape
+
+
+# -- optimizer param groups that name the embedding's weight or miss its rows --------------------
+
+class _NamedWeightGroups(PLTinyLM):
+    def configure_optimizers(self):
+        rest = list(self.head.parameters()) + list(self.proj.parameters())
+        return torch.optim.SGD([{"params": [self.embedding.weight], "lr": 0.1}, {"params": rest}], lr=0.1)
+
+
+def test_param_group_naming_embedding_weight_names_the_fix(tmp_path) -> None:
+    model = _NamedWeightGroups()
+    with pytest.raises(ValueError) as info:
+        fit(model, [EmbeddingConstraint(model.embedding, reference())], tmp_path, val=False)
+    text = "\n".join([str(info.value), *getattr(info.value, "__notes__", [])])
+    assert "embedding.parameters()" in text
+    assert "embedding.parametrizations.weight.original" in text
+
+
+class _NameBasedNoDecay(PLTinyLM):
+    """The usual "no weight decay for embeddings" groups, selected by the plain name."""
+
+    def configure_optimizers(self):
+        named = list(self.named_parameters())
+        no_decay = [p for n, p in named if n.endswith("embedding.weight")]  # empty while constrained
+        decay = [p for n, p in named if not n.endswith("embedding.weight")]
+        return torch.optim.AdamW([{"params": no_decay, "weight_decay": 0.0}, {"params": decay}], lr=0.1)
+
+
+class _EmbeddingLeftOut(PLTinyLM):
+    def configure_optimizers(self):
+        return torch.optim.SGD([p for n, p in self.named_parameters() if not n.startswith("embedding.")], lr=0.1)
+
+
+@pytest.mark.parametrize(("cls", "fragment"), [(_NameBasedNoDecay, "param group is empty"),
+                                               (_EmbeddingLeftOut, "in no optimizer param group")])
+def test_name_based_param_groups_that_miss_the_rows_warn(cls, fragment, tmp_path) -> None:
+    model = cls()
+    with pytest.warns(UserWarning, match="EmbeddingConstraint: .*" + fragment) as record:
+        fit(model, [EmbeddingConstraint(model.embedding, reference())], tmp_path, val=False)
+    assert any("'embedding.parametrizations.weight.original'" in str(w.message) for w in record)
+
+
+def test_parameters_based_groups_do_not_warn(tmp_path, recwarn) -> None:
+    model = PLTinyLM()
+    fit(model, [EmbeddingConstraint(model.embedding, reference())], tmp_path, val=False)
+    assert not [w for w in recwarn if "EmbeddingConstraint" in str(w.message)]

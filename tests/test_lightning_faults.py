@@ -1,16 +1,16 @@
-"""Faults in Lightning runs (issue 6): SIGKILL and resume, exceptions, bad checkpoints, mismatched rows."""
+"""Faults in Lightning runs: SIGKILL and resume, exceptions, bad checkpoints, mismatched rows."""
 
 from __future__ import annotations
 
 import signal
-import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
-from _lightning_helpers import PACKAGES, VOCAB_OLD, PLTinyLM, loader, probe, reference, trainer_kwargs
+from helpers import run_script
+from helpers.lightning import PACKAGES, VOCAB_OLD, PLTinyLM, fit, probe, reference
 from torch import nn
 
 from embconstraint import is_constrained
@@ -21,19 +21,8 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning"),  # Lightning's own use of torch pytree
 ]
 pl = PACKAGES["pytorch_lightning"][0]
-HERE = Path(__file__).resolve().parent
 KEY = "constraint/max_abs_deviation"
 needs_notes = pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes need Python 3.11")
-
-
-def _trainer(callbacks, tmp_path, **kw):
-    return pl.Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, **kw))
-
-
-def _fit(model, callbacks, tmp_path, ckpt_path=None, **kw):
-    trainer = _trainer(callbacks, tmp_path, **kw)
-    trainer.fit(model, loader(), loader(batches=1, seed=5), ckpt_path=ckpt_path)
-    return trainer
 
 
 def _checkpoint(tmp_path, constrained=True, steps=2, reference_seed=1) -> Path:
@@ -45,27 +34,26 @@ def _checkpoint(tmp_path, constrained=True, steps=2, reference_seed=1) -> Path:
     cbs = [ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=steps)]
     if constrained:
         cbs.append(EmbeddingConstraint("embedding", reference(seed=reference_seed)))
-    _fit(model, cbs, tmp_path, enable_checkpointing=True, max_steps=steps)
+    fit(model, cbs, tmp_path, enable_checkpointing=True, max_steps=steps)
     return tmp_path / "ckpt" / f"step={steps}.ckpt"
 
 
 @pytest.mark.subprocess
 def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
     every, kill_at, steps = 3, 5, 8  # 4 batches an epoch: checkpoint at step 3, killed at step 5 (epoch 2)
-    run = subprocess.run([sys.executable, str(HERE / "_lightning_fault_script.py"), str(tmp_path / "killed"),
-                          str(every), str(kill_at)], capture_output=True, text=True, timeout=120)
+    run = run_script("lightning_kill", tmp_path / "killed", every, kill_at, timeout=120)
     assert run.returncode == -signal.SIGKILL, run.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "killed").glob("*.ckpt")) == ["step=3.ckpt"]
 
     ref = reference()
     torch.manual_seed(0)
     uninterrupted = PLTinyLM(step_data=True)
-    _fit(uninterrupted, [EmbeddingConstraint("embedding", ref)], tmp_path, max_steps=steps)
+    fit(uninterrupted, [EmbeddingConstraint("embedding", ref)], tmp_path, max_steps=steps)
 
     torch.manual_seed(7)
     resumed = PLTinyLM(step_data=True)
     seen = probe("pytorch_lightning", ref.weight.detach())
-    _fit(resumed, [EmbeddingConstraint("embedding", ref), seen], tmp_path, max_steps=steps,
+    fit(resumed, [EmbeddingConstraint("embedding", ref), seen], tmp_path, max_steps=steps,
          ckpt_path=tmp_path / "killed" / "step=3.ckpt")
     assert len(seen.weights) == steps - every and all(c and e for _, c, e in seen.seen)
     for key, value in uninterrupted.state_dict().items():
@@ -85,13 +73,13 @@ def test_exception_in_training_releases_the_module_with_its_weights(tmp_path):
     seen = probe("pytorch_lightning", ref.weight.detach())  # runs before Boom: records step 2
     constraint = EmbeddingConstraint("embedding", ref)
     with pytest.raises(RuntimeError, match="boom at step 2"):
-        _fit(model, [constraint, seen, Boom()], tmp_path, max_steps=5)
+        fit(model, [constraint, seen, Boom()], tmp_path, max_steps=5)
     assert len(seen.weights) == 2
     assert not is_constrained(model.embedding) and type(model.embedding.weight) is nn.Parameter
     assert model.head.weight is model.embedding.weight
     assert torch.equal(model.embedding.weight, seen.weights[-1])  # nothing lost, nothing changed
     # and the same callback installs again on the next fit
-    _fit(model, [constraint, seen], tmp_path, max_steps=1)
+    fit(model, [constraint, seen], tmp_path, max_steps=1)
     assert len(seen.weights) == 3 and all(c and e for _, c, e in seen.seen)
     assert not is_constrained(model.embedding)
 
@@ -121,7 +109,7 @@ def test_unreadable_checkpoint_gets_a_clear_note(tmp_path, damage):
     model = PLTinyLM()
     free = model.embedding.weight.detach()[VOCAB_OLD:].clone()
     with pytest.raises((OSError, EOFError, RuntimeError)) as info:
-        _fit(model, [EmbeddingConstraint("embedding", ref)], tmp_path, ckpt_path=path)
+        fit(model, [EmbeddingConstraint("embedding", ref)], tmp_path, ckpt_path=path)
     note = "\n".join(getattr(info.value, "__notes__", []))
     assert f"cannot resume from checkpoint {str(path)!r}" in note
     assert ("truncated or corrupted" if damage == "truncated" else "the file is empty") in note
@@ -137,7 +125,7 @@ def test_corrupted_checkpoint_is_refused(tmp_path):
     _flip_a_tensor_byte(path)
     model = PLTinyLM()
     with pytest.raises(RuntimeError, match=r"cannot resume from checkpoint .*corrupted torch file \(the CRC-32 of its entry"):
-        _fit(model, [EmbeddingConstraint("embedding", reference())], tmp_path, ckpt_path=path)
+        fit(model, [EmbeddingConstraint("embedding", reference())], tmp_path, ckpt_path=path)
     assert not is_constrained(model.embedding)
 
 
@@ -147,7 +135,7 @@ def test_corrupted_pinned_row_is_reported_as_corruption(tmp_path):
     path = _checkpoint(tmp_path)
     _flip_a_tensor_byte(path, first=True)
     with pytest.raises(RuntimeError, match="would change pinned rows") as info:
-        _fit(PLTinyLM(), [EmbeddingConstraint("embedding", reference())], tmp_path, ckpt_path=path)
+        fit(PLTinyLM(), [EmbeddingConstraint("embedding", reference())], tmp_path, ckpt_path=path)
     assert "CRC-32 of its entry" in "\n".join(info.value.__notes__)
 
 
@@ -164,7 +152,7 @@ def test_checkpoint_with_other_pinned_rows_is_an_error_by_default(tmp_path):
     path = _checkpoint(tmp_path, constrained=False)  # trained without the constraint: old rows moved
     model = PLTinyLM()
     with pytest.raises(RuntimeError, match="would change pinned rows") as info:
-        _fit(model, [EmbeddingConstraint("embedding", reference())], tmp_path, ckpt_path=path)
+        fit(model, [EmbeddingConstraint("embedding", reference())], tmp_path, ckpt_path=path)
     if sys.version_info >= (3, 11):
         assert "on_mismatch='checkpoint'" in "\n".join(info.value.__notes__)
     assert not is_constrained(model.embedding)
@@ -178,10 +166,10 @@ def test_on_mismatch_checkpoint_takes_the_pinned_rows_from_the_checkpoint(tmp_pa
     other = reference(seed=2)
     assert not torch.equal(rows, other.weight)
     with pytest.raises(RuntimeError, match="would change pinned rows"):
-        _fit(PLTinyLM(), [EmbeddingConstraint("embedding", other)], tmp_path, ckpt_path=path)
+        fit(PLTinyLM(), [EmbeddingConstraint("embedding", other)], tmp_path, ckpt_path=path)
     model = PLTinyLM()
     seen = probe("pytorch_lightning", rows)
-    trainer = _fit(model, [EmbeddingConstraint("embedding", other, on_mismatch="checkpoint"), seen], tmp_path,
+    trainer = fit(model, [EmbeddingConstraint("embedding", other, on_mismatch="checkpoint"), seen], tmp_path,
                    ckpt_path=path, max_steps=4)
     assert len(seen.weights) == 2 and all(c and e for _, c, e in seen.seen)
     assert torch.equal(model.embedding.weight[:VOCAB_OLD], rows)
@@ -192,6 +180,6 @@ def test_resuming_an_unconstrained_runs_optimizer_state_is_refused(tmp_path):
     path = _checkpoint(tmp_path, constrained=False)
     model = PLTinyLM()
     with pytest.raises(ValueError, match=r"optimizer state 'exp_avg' for the embedding has shape \(10, 4\)"):
-        _fit(model, [EmbeddingConstraint("embedding", reference(), on_mismatch="checkpoint")], tmp_path,
+        fit(model, [EmbeddingConstraint("embedding", reference(), on_mismatch="checkpoint")], tmp_path,
              ckpt_path=path)
     assert not is_constrained(model.embedding)

@@ -9,20 +9,14 @@ import weakref
 
 import pytest
 import torch
-from conftest import free_param
+from helpers import free_param
 from torch import nn
 from torch.nn.utils import parametrize
 
 from embconstraint import constrain, is_constrained, release
 from embconstraint._mechanism import pin_of
 
-V, D, N = 50, 8, 30
-
-
-_pin = pin_of
-
-
-_free = free_param
+V, D, N = 50, 8, 30  # bigger than the other tests' table: 64 batches of 32 ids train every free row
 
 
 def _batches(count: int = 64) -> torch.Tensor:
@@ -57,7 +51,7 @@ def test_ten_thousand_adamw_steps_keep_pinned_rows_bitwise():
     torch.manual_seed(0)
     reference = torch.randn(N, D)
     emb = constrain(nn.Embedding(V, D), reference)
-    storage = _free(emb).untyped_storage().data_ptr()
+    storage = free_param(emb).untyped_storage().data_ptr()
     opt = torch.optim.AdamW(emb.parameters(), lr=1e-2, weight_decay=0.1)
     start = emb.weight.detach().clone()
     xs = _batches()
@@ -73,7 +67,7 @@ def test_ten_thousand_adamw_steps_keep_pinned_rows_bitwise():
     assert torch.isfinite(weight).all()
     assert (weight[N:] - start[N:]).abs().min() > 0  # every free row trained (all are looked up)
     # the free rows are still the same storage as the merged weight: no re-allocation happened
-    assert _free(emb).untyped_storage().data_ptr() == storage
+    assert free_param(emb).untyped_storage().data_ptr() == storage
     assert "storage=aliased" in repr(emb)
 
 
@@ -88,7 +82,7 @@ def test_nothing_accumulates_across_steps(module_cls, kwargs, scattered):
     reference = torch.randn(N, D)
     emb = constrain(module_cls(V, D, **kwargs), reference, indices=indices)
     pinned = list(range(N)) if indices is None else indices.tolist()
-    pin = _pin(emb)
+    pin = pin_of(emb)
     opt = (torch.optim.SparseAdam(list(emb.parameters()), lr=1e-2) if kwargs.get("sparse")
            else torch.optim.AdamW(emb.parameters(), lr=1e-2, weight_decay=0.1))
     merged_weights: list[weakref.ref] = []  # every merged weight the parametrization returns

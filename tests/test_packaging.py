@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import run_python
+from helpers import run_python
 
 _BLOCK = "import sys; sys.modules['pytorch_lightning'] = None; sys.modules['lightning'] = None\n"
 

@@ -107,7 +107,7 @@ def problems(draw, module_cls: type) -> Problem:
     if optimizer == "sparse_adam":
         kwargs["sparse"] = True
     elif module_cls is nn.Embedding and draw(st.booleans()):
-        # (EmbeddingBag's own CPU kernel scales by a wrong count, pytorch/pytorch#190063: test_core covers it)
+        # (EmbeddingBag's own CPU kernel scales by a wrong count, pytorch/pytorch#190063: test_bag covers it)
         kwargs["scale_grad_by_freq"] = True
     return Problem(num_rows, dim, pinned, indices, dtype, ref_dtype, module_cls, kwargs, optimizer,
                    steps=draw(st.integers(1, 4)), seed=draw(st.integers(0, 2**16)),

@@ -1,26 +1,22 @@
-"""EmbeddingConstraint under Trainer(strategy="ddp", accelerator="cpu", devices=2), gloo, in a subprocess."""
+"""EmbeddingConstraint on 2 CPU processes (gloo), each run a subprocess (tests/scripts) whose
+ranks record what they saw: ``Trainer(strategy="ddp")`` with a tied head, and
+``ModelParallelStrategy`` (FSDP2 applied in configure_model) or DDP with an embedding built in
+``__init__`` and one built in ``configure_model``."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from _lightning_helpers import DIM, VOCAB_NEW, VOCAB_OLD
+from helpers import run_script
+from helpers.lightning import DIM, VOCAB_NEW, VOCAB_OLD
 
-SCRIPT = Path(__file__).resolve().parent / "_lightning_ddp_script.py"
+pytestmark = pytest.mark.distributed
+ENV = {"MASTER_ADDR": "127.0.0.1", "PYTHONWARNINGS": "ignore", "LOCAL_RANK": None}
 
 
 @pytest.mark.subprocess
-@pytest.mark.distributed
 def test_ddp_two_cpu_processes_keep_pinned_rows_exact_and_agree(tmp_path):
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "PYTHONWARNINGS": "ignore"}
-    env.pop("LOCAL_RANK", None)
-    run = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], capture_output=True, text=True,
-                         timeout=240, env=env)
+    run = run_script("lightning_ddp", tmp_path, timeout=240, env=ENV)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["world_size"] == 2 for r in ranks)
@@ -49,3 +45,17 @@ def test_ddp_two_cpu_processes_keep_pinned_rows_exact_and_agree(tmp_path):
     for key, value in ranks[0]["state"].items():
         assert torch.equal(ranks[1]["state"][key], value), key
     assert not torch.equal(ranks[0]["weights"][0][VOCAB_OLD:], ranks[0]["weights"][-1][VOCAB_OLD:])
+
+
+@pytest.mark.parametrize("strategy", ["mp", "ddp"])
+def test_two_cpu_processes_constrain_both_embeddings(strategy, tmp_path):
+    V, D, N = 98, 16, 60  # the sizes of tests/scripts/lightning_fsdp.py
+    run = run_script("lightning_fsdp", tmp_path, strategy, timeout=180, env={**ENV, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    for r in (0, 1):
+        rec = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
+        assert "error" not in rec, rec["error"]
+        assert rec["strategy"] == ("ModelParallelStrategy" if strategy == "mp" else "DDPStrategy")
+        # both embeddings constrained before configure_optimizers: only their free rows are trained
+        assert rec["optim_shapes"] == sorted([(V - N, D), (V - N, D), (V, D), (V,)])
+        assert rec["seen"] == [True] * 3  # pinned rows bitwise the reference after every step, every rank

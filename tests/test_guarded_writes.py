@@ -14,11 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
+from helpers import IDS, LAYOUTS, D, N, V, constrained, reference
 from torch import nn
 
-from embconstraint import constrain
-
-V, D, N = 8, 3, 4
+from embconstraint import constrain, merged_state_dict
 
 
 @dataclass
@@ -33,16 +32,17 @@ class Setup:
         return self.emb.weight.dtype
 
 
-VARIANTS = {
-    "prefix": (nn.Embedding, None, None),
-    "scattered": (nn.Embedding, [5, 0, 7, 2], None),
-    "prefix-double": (nn.Embedding, None, torch.float64),
-    "scattered-bag-double": (nn.EmbeddingBag, [1, 6, 3, 4], torch.float64),
+VARIANTS = {  # module, layout, dtype
+    "prefix": (nn.Embedding, "prefix", None),
+    "scattered": (nn.Embedding, "scattered", None),
+    "prefix-double": (nn.Embedding, "prefix", torch.float64),
+    "scattered-bag-double": (nn.EmbeddingBag, "scattered", torch.float64),
 }
 
 
 def _setup(variant: str, reference: torch.Tensor | None = None) -> Setup:
-    module_cls, indices, dtype = VARIANTS[variant]
+    module_cls, layout, dtype = VARIANTS[variant]
+    indices = LAYOUTS[layout]
     torch.manual_seed(0)
     if reference is None:
         reference = torch.randn(N, D)
@@ -324,3 +324,47 @@ def test_writes_are_checked_after_release_and_reconstrain():
     with torch.no_grad(), pytest.raises(RuntimeError, match="would change pinned rows"):
         s.emb.weight.data.fill_(1.0)
     assert torch.equal(s.emb.weight[s.pinned], s.reference)
+
+
+# -- the state dict's tensors and the parameter vectors ---------------------------------------------
+
+_EXPORTS = {
+    "state_dict": lambda e: e.state_dict()["weight"],
+    "state_dict(keep_vars=True)": lambda e: e.state_dict(keep_vars=True)["weight"],
+    "nested state_dict": lambda e: nn.Sequential(e).state_dict()["0.weight"],
+    "merged_state_dict": lambda e: merged_state_dict(nn.Sequential(e))["0.weight"],
+}
+
+
+@pytest.mark.parametrize("way", list(_EXPORTS))
+def test_writing_into_a_state_dict_keeps_pinned_rows(layout, way) -> None:
+    emb = constrained(layout.indices)
+    try:
+        with torch.no_grad():
+            _EXPORTS[way](emb).add_(1.0)
+    except RuntimeError:
+        pass  # refusing the write is fine too
+    assert torch.equal(emb.weight[layout.pinned], reference())
+    assert torch.equal(emb(IDS)[[0]], reference()[[layout.pinned.index(0)]])
+
+
+def test_parameter_vectors_only_reach_the_free_rows(layout) -> None:
+    from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+    emb = constrained(layout.indices)
+    parameters_to_vector(emb.parameters()).add_(1.0)  # a copy
+    assert torch.equal(emb.weight[layout.pinned], reference())
+    vector_to_parameters(torch.arange(float((V - N) * D)), emb.parameters())
+    assert torch.equal(emb.weight[layout.pinned], reference())
+    assert torch.equal(emb.weight[layout.free], torch.arange(float((V - N) * D)).view(V - N, D))
+    named = dict(emb.named_parameters())
+    assert list(named) == ["parametrizations.weight.original"]
+    with torch.no_grad():
+        named["parametrizations.weight.original"].zero_()
+    assert torch.equal(emb.weight[layout.pinned], reference())
+
+
+def test_set_on_weight_raises(layout) -> None:
+    emb = constrained(layout.indices)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="set_"):
+        emb.weight.set_(torch.zeros(V, D))

@@ -1,6 +1,6 @@
 """Two-process CPU DDP (gloo) run with EmbeddingConstraint; each rank saves what it saw.
 
-Usage: python tests/_lightning_ddp_script.py OUT_DIR
+Usage: PYTHONPATH=tests:. python tests/scripts/lightning_ddp.py OUT_DIR   (tests/test_lightning_distributed.py runs it)
 
 Lightning's DDP launcher re-runs this script for rank 1. Each rank writes OUT_DIR/rank<r>.pt
 with its final state dict, a per-step record (constrained? pinned rows exact? weights), the
@@ -15,11 +15,9 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from helpers.lightning import PLTinyLM, loader, probe, reference, trainer_kwargs
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _lightning_helpers import PLTinyLM, loader, probe, reference, trainer_kwargs  # noqa: E402
-
-from embconstraint import EmbeddingConstraint  # noqa: E402
+from embconstraint import EmbeddingConstraint
 
 
 class _Wrapped(pl.Callback):

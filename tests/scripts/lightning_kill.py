@@ -1,6 +1,7 @@
 """Train with EmbeddingConstraint and a ModelCheckpoint every N steps, then SIGKILL this process.
 
-Usage: python tests/_lightning_fault_script.py OUT_DIR EVERY_N_STEPS KILL_AT_STEP
+Usage: PYTHONPATH=tests:. python tests/scripts/lightning_kill.py OUT_DIR EVERY_N_STEPS KILL_AT_STEP
+(tests/test_lightning_faults.py runs it)
 
 The process kills itself with SIGKILL in ``on_train_batch_end`` once ``global_step`` reaches
 KILL_AT_STEP (mid-epoch, after the checkpoint at the last multiple of EVERY_N_STEPS was
@@ -13,16 +14,13 @@ import os
 import signal
 import sys
 import warnings
-from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from helpers.lightning import PLTinyLM, loader, reference, trainer_kwargs
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _lightning_helpers import PLTinyLM, loader, reference, trainer_kwargs  # noqa: E402
-
-from embconstraint import EmbeddingConstraint  # noqa: E402
+from embconstraint import EmbeddingConstraint
 
 
 class _Kill(pl.Callback):

@@ -1,4 +1,4 @@
-"""Tiny LightningModules and data for the Lightning tests (importable read-only by other tests).
+"""Tiny LightningModules, data and a fit helper for the Lightning tests and scripts.
 
 ``PLTinyLM`` subclasses ``pytorch_lightning.LightningModule`` and ``LTinyLM`` subclasses
 ``lightning.pytorch.LightningModule``; both are the same model: an embedding of ``vocab``
@@ -138,6 +138,14 @@ def probe(pkg: str, reference_rows: torch.Tensor):
             self._record("predict", pl_module)
 
     return Probe()
+
+
+def fit(model, callbacks, tmp_path, pkg: str = "pytorch_lightning", val: bool = True, ckpt_path=None, **kw):
+    """``Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, **kw)).fit(...)`` on :func:`loader`
+    (and a one-batch validation loader when ``val``), for Lightning package ``pkg``; the trainer."""
+    trainer = PACKAGES[pkg][0].Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, **kw))
+    trainer.fit(model, loader(), loader(batches=1, seed=5) if val else None, ckpt_path=ckpt_path)
+    return trainer
 
 
 def trainer_kwargs(tmp_path=None, **overrides) -> dict:

@@ -1,8 +1,8 @@
 """Lightning on 2 CPU processes (gloo) with EmbeddingConstraint: ModelParallelStrategy (FSDP2
 applied in configure_model) or DDP, an embedding built in ``__init__`` (``emb``) and one built in
-``configure_model`` (``late``), both constrained by the callback (issue 11).
+``configure_model`` (``late``), both constrained by the callback.
 
-Usage: python tests/_lightning_fsdp_script.py OUT_DIR {mp,ddp}
+Usage: PYTHONPATH=tests:. python tests/scripts/lightning_fsdp.py OUT_DIR {mp,ddp}   (tests/test_lightning_distributed.py runs it)
 
 Lightning's launcher re-runs this script for rank 1. Each rank writes OUT_DIR/rank<r>.pt.
 """
@@ -20,8 +20,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, TensorDataset
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 V, D, N = 98, 16, 60
 STEPS = 3

@@ -1,42 +1,71 @@
-"""Issue 12.4: ``release()`` with a pending gradient and with a live optimizer.
-
-Same convention as ``test_silent_wrong_core.py``: each ``xfail(strict=True)`` test states the
-behaviour the issue asks for; a fix makes it pass and removes the marker.
-"""
+"""``release()``: a plain module again, with the same Parameter object (now (V, D)) holding the
+merged weight; a pending gradient and a live optimizer's state are widened to (V, D), so that
+training goes on exactly as on a plain embedding; constrain/release cycles keep every free row's
+gradient."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from _issue12 import LAYOUTS, D, N, V, emb_of, free_grad, free_rows, loss_of, pinned_rows, reference
+from helpers import SCATTERED, D, N, V, constrained, constrained_and_plain, free_param, loss_of, reference
 from torch import nn
 
-from embconstraint import constrain, release
+from embconstraint import constrain, is_constrained, merged_state_dict, release
 
-# -- 12.4: release() and gradients / optimizers ---------------------------------------------
+
+def test_release_leaves_a_plain_trainable_embedding(layout):
+    emb, _, _ = constrained_and_plain(indices=layout.indices)
+    opt = torch.optim.SGD(emb.parameters(), lr=0.1)
+    emb(torch.arange(V)).sum().backward()
+    opt.step()
+    merged = emb.weight.detach().clone()
+    param = free_param(emb)
+    assert release(emb) is emb
+    assert not is_constrained(emb)
+    assert type(emb) is nn.Embedding and type(emb.weight) is nn.Parameter
+    assert emb.weight is param  # same Parameter object, now (V, D)
+    assert torch.equal(emb.weight, merged)
+    assert list(emb.state_dict()) == ["weight"]
+    emb.weight.grad = None
+    emb(torch.arange(V)).sum().backward()
+    assert emb.weight.grad.shape == (V, D) and torch.equal(emb.weight.grad, torch.ones(V, D))
+    with pytest.raises(ValueError, match="holds no constrained embedding"):
+        release(emb)
+
+
+def test_release_walks_a_model():
+    model = nn.Sequential(nn.Embedding(V, D), nn.Linear(D, 2), nn.EmbeddingBag(V, D))
+    constrain(model[0], torch.zeros(N, D))
+    constrain(model[2], torch.ones(N, D), indices=SCATTERED)
+    merged = merged_state_dict(model)
+    release(model)
+    assert not any(is_constrained(m) for m in model.modules())
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, merged[key])
+
+
+# -- gradients and optimizers --------------------------------------------------------------------
 
 def _full_grad(weight: torch.Tensor) -> torch.Tensor:
-    """The (V, D) gradient of ``_loss`` at ``weight``, computed on a plain embedding."""
+    """The (V, D) gradient of ``loss_of`` at ``weight``, computed on a plain embedding."""
     plain = nn.Embedding.from_pretrained(weight.detach().clone(), freeze=False)
     loss_of(plain).backward()
     return plain.weight.grad
 
 
-@pytest.mark.parametrize("indices", LAYOUTS)
-def test_release_merges_a_pending_grad(indices) -> None:
-    emb = emb_of(indices)
+def test_release_merges_a_pending_grad(layout) -> None:
+    emb = constrained(layout.indices)
     loss_of(emb).backward()
     expected = _full_grad(emb.weight)
-    expected[pinned_rows(indices)] = 0  # pinned rows had no gradient
+    expected[layout.pinned] = 0  # pinned rows had no gradient
     release(emb)
     assert emb.weight.grad is not None and torch.equal(emb.weight.grad, expected)
     loss_of(emb).backward()  # accumulates into the (V, D) grad, as on any Parameter
     assert torch.equal(emb.weight.grad, expected + _full_grad(emb.weight))
 
 
-@pytest.mark.parametrize("indices", LAYOUTS)
-def test_release_without_a_grad_leaves_none(indices) -> None:
-    emb = emb_of(indices)
+def test_release_without_a_grad_leaves_none(layout) -> None:
+    emb = constrained(layout.indices)
     release(emb)
     assert emb.weight.grad is None
 
@@ -47,7 +76,7 @@ def test_sgd_step_after_release_does_not_move_pinned_rows() -> None:
     emb = constrain(nn.Embedding(V, D), ref)  # one free row: its grad broadcasts onto (V, D)
     opt = torch.optim.SGD(emb.parameters(), lr=0.1)
     loss_of(emb).backward()
-    free_before, grad = emb.weight[V - 1].detach().clone(), free_grad(emb)[0].clone()
+    free_before, grad = emb.weight[V - 1].detach().clone(), free_param(emb).grad[0].clone()
     release(emb)
     opt.step()
     assert torch.equal(emb.weight[: V - 1], ref)
@@ -78,15 +107,14 @@ def _widened(state: dict, free_rows: list[int], num_free: int) -> dict:
 
 
 @pytest.mark.parametrize("name", list(_OPTIMIZERS))
-@pytest.mark.parametrize("indices", LAYOUTS)
-def test_release_with_optimizer_keeps_training_all_rows(indices, name) -> None:
-    emb = emb_of(indices)
+def test_release_with_optimizer_keeps_training_all_rows(layout, name) -> None:
+    emb = constrained(layout.indices)
     opt = _OPTIMIZERS[name](emb.parameters())
     for _ in range(2):  # stage 1: only the free rows train
         opt.zero_grad()
         loss_of(emb).backward()
         opt.step()
-    rows = free_rows(indices)
+    rows = layout.free
     assert torch.equal(emb.parametrizations.weight.original, emb.weight[rows])  # state row k = free row k
     # the independent computation: a plain embedding with the widened state, same optimizer
     plain = nn.Embedding.from_pretrained(emb.weight.detach().clone(), freeze=False)
@@ -99,25 +127,24 @@ def test_release_with_optimizer_keeps_training_all_rows(indices, name) -> None:
             loss_of(module).backward()
             o.step()
     assert torch.equal(emb.weight, plain.weight)
-    assert not torch.equal(emb.weight[pinned_rows(indices)], reference())  # pinned rows moved by real gradients
+    assert not torch.equal(emb.weight[layout.pinned], reference())  # pinned rows moved by real gradients
 
 
-@pytest.mark.parametrize("indices", LAYOUTS)
-def test_release_merges_a_pending_sparse_grad(indices) -> None:
-    emb = emb_of(indices, sparse=True)
+def test_release_merges_a_pending_sparse_grad(layout) -> None:
+    emb = constrained(layout.indices, sparse=True)
     loss_of(emb).backward()
     expected = _full_grad(emb.weight)
-    expected[pinned_rows(indices)] = 0
+    expected[layout.pinned] = 0
     release(emb)
     assert emb.weight.grad.is_sparse and emb.weight.grad.shape == (V, D)
     assert torch.equal(emb.weight.grad.to_dense(), expected)
     opt = torch.optim.SparseAdam(emb.parameters(), lr=0.1)
     opt.step()  # a sparse optimizer takes the widened sparse gradient
-    assert torch.equal(emb.weight[pinned_rows(indices)], reference())  # zero gradient: not moved
+    assert torch.equal(emb.weight[layout.pinned], reference())  # zero gradient: not moved
 
 
 def test_release_with_an_optimizer_keeps_scalar_state_and_others_untouched() -> None:
-    emb = emb_of(None)
+    emb = constrained()
     other = nn.Parameter(torch.ones(V - N, D))  # same shape as the free rows, another parameter
     opt = torch.optim.Adam([*emb.parameters(), other], lr=0.1)
     (loss_of(emb) + other.sum()).backward()
@@ -131,16 +158,15 @@ def test_release_with_an_optimizer_keeps_scalar_state_and_others_untouched() -> 
 
 
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
-@pytest.mark.parametrize("indices", LAYOUTS)
-def test_constrain_keeps_the_free_rows_of_a_pending_grad(indices, sparse) -> None:
+def test_constrain_keeps_the_free_rows_of_a_pending_grad(layout, sparse) -> None:
     torch.manual_seed(0)
     emb = nn.Embedding(V, D, sparse=sparse)
     loss_of(emb).backward()
     pending = emb.weight.grad.to_dense().clone()
-    constrain(emb, reference(), indices=indices)
-    assert torch.equal(free_grad(emb).to_dense(), pending[free_rows(indices)])
+    constrain(emb, reference(), indices=layout.indices)
+    assert torch.equal(free_param(emb).grad.to_dense(), pending[layout.free])
     loss_of(emb).backward()  # accumulates into the (V - n, D) gradient
     release(emb)  # and back: constrain and release cycles keep every free row's gradient
     expected = pending + _full_grad(emb.weight)
-    expected[pinned_rows(indices)] = 0
+    expected[layout.pinned] = 0
     assert torch.equal(emb.weight.grad.to_dense(), expected)

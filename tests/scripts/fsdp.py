@@ -1,9 +1,8 @@
 """Two CPU processes (gloo) training a constrained model sharded with FSDP2 ``fully_shard``.
 
-Usage: python tests/_fsdp_script.py OUT_DIR
+Usage: PYTHONPATH=tests:. python tests/scripts/fsdp.py OUT_DIR   (tests/test_sharded.py runs it)
 
-Each rank writes
-OUT_DIR/rank<r>.pt with what it saw: per step, whether the pinned rows were bitwise the reference
+Each rank writes OUT_DIR/rank<r>.pt with the model's sizes and what it saw: per step, whether the pinned rows were bitwise the reference
 and the free rows against a single-process run on the global batch; elements all-gathered and
 reduce-scattered per step (constrained and unconstrained model); whether any op built a (V, D)
 tensor in a step; state-dict / DCP round trips. Failures are recorded, not raised, so that the
@@ -13,7 +12,6 @@ pytest wrapper can name them.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import traceback
 from pathlib import Path
@@ -25,8 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from benchmarks.harness import CollectiveCounter, free_port
 
 V, D, N_TOK = 98, 16, 60          # token embedding: the first 60 rows pinned (vocabulary growth)
 V_BAG, N_BAG = 50, 20             # bag embedding: 20 scattered rows pinned
@@ -34,6 +31,7 @@ BAG_ROWS = list(range(1, 40, 2))  # 20 rows
 H = 24
 N_HEAD = 40                       # output head (V, H): its first 40 rows pinned (root FSDP unit)
 STEPS, BATCH, SEQ, LR = 4, 4, 6, 0.5
+SIZES = {"V": V, "D": D, "N_TOK": N_TOK, "V_BAG": V_BAG, "N_BAG": N_BAG, "H": H, "N_HEAD": N_HEAD, "STEPS": STEPS}
 
 
 class TinyLM(nn.Module):
@@ -81,39 +79,6 @@ def loss_fn(model, x, feats, y):
     return F.cross_entropy(model(x, feats).flatten(0, 1), y.flatten())
 
 
-class _Comm:
-    """Counts elements through FSDP2's all-gather and reduce-scatter (torch 2.13 calls
-    dist.all_gather_single / dist.reduce_scatter_single; older ones the *_into_tensor names)."""
-
-    NAMES = {"all_gather": ("all_gather_single", "all_gather_into_tensor"),
-             "reduce_scatter": ("reduce_scatter_single", "reduce_scatter_tensor")}
-
-    def __init__(self) -> None:
-        self.counts = {"all_gather": 0, "reduce_scatter": 0}
-        self.saved = []
-
-    def __enter__(self):
-        for kind, names in self.NAMES.items():
-            for name in names:
-                fn = getattr(dist, name, None)
-                if fn is None:
-                    continue
-                self.saved.append((name, fn))
-
-                def wrapped(*args, _fn=fn, _kind=kind, **kwargs):
-                    out = kwargs.get("output", kwargs.get("output_tensor", args[0] if args else None))
-                    self.counts[_kind] += out.numel() if _kind == "all_gather" else kwargs.get(
-                        "input", args[1] if len(args) > 1 else None).numel()
-                    return _fn(*args, **kwargs)
-
-                setattr(dist, name, wrapped)
-        return self
-
-    def __exit__(self, *exc):
-        for name, fn in self.saved:
-            setattr(dist, name, fn)
-
-
 class _Shapes(TorchDispatchMode):
     """Records whether any op of a step produced a tensor of the given shape."""
 
@@ -141,7 +106,7 @@ def train(model, rank: int, record: dict, name: str, refs=None, single=None) -> 
     for step in range(STEPS):
         x, feats, y = batch(step)
         part = slice(rank * BATCH, (rank + 1) * BATCH)
-        with _Comm() as comm, _Shapes([(V, D), (V_BAG, D), (V, H)]) as shapes:
+        with CollectiveCounter() as comm, _Shapes([(V, D), (V_BAG, D), (V, H)]) as shapes:
             loss_fn(model, x[part], feats[part], y[part]).backward()
             opt.step()
             opt.zero_grad()
@@ -264,7 +229,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     g = torch.Generator().manual_seed(7)
     refs = {"tok": torch.randn(N_TOK, D, generator=g), "bag": torch.randn(N_BAG, D, generator=g),
             "head": torch.randn(N_HEAD, H, generator=g)}
-    record: dict = {"rank": rank, "refs": refs}
+    record: dict = {"rank": rank, "refs": refs, "sizes": SIZES}
     try:
         plain = shard(build(False, refs), mesh)
         train(plain, rank, record, "plain")
@@ -287,12 +252,6 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     torch.save(record, out / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":
