@@ -12,6 +12,8 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
+from helpers import IDS as _IDS
+from helpers import LAYOUTS, CatRows, D, N, V, reference
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 from torch.nn.utils import parametrize
@@ -20,27 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from embconstraint import PinnedRowsError, constrain, merged_state_dict, release
 from embconstraint._mechanism import pin_of
 
-V, D, N = 12, 4, 7
-LAYOUTS = {"prefix": None, "scattered": [11, 0, 3, 5, 6, 8, 2]}
-IDS = torch.tensor([[0, 1, 4, 11], [3, 9, 9, 2]])
-
-
-class CatRows(nn.Module):
-    """The reference: ``weight = cat([pinned, free])`` put in user order, differentiable."""
-
-    def __init__(self, pinned: torch.Tensor, rows: list[int] | None) -> None:
-        super().__init__()
-        rows = list(range(N)) if rows is None else rows
-        self.register_buffer("pinned", pinned.clone())
-        order = torch.tensor(rows + [r for r in range(V) if r not in rows])
-        self.register_buffer("inverse", torch.argsort(order))
-        self.free_rows = order[N:]
-
-    def forward(self, free: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.pinned, free]).index_select(0, self.inverse)
-
-    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight.index_select(0, self.free_rows).clone()
+IDS = torch.stack([_IDS, _IDS.flip(0)])  # (2, 4): 2-D ids
 
 
 def _pair(kind: str, layout: str, **kwargs) -> tuple[nn.Module, nn.Module]:
@@ -48,7 +30,7 @@ def _pair(kind: str, layout: str, **kwargs) -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(0)
     module = {"embedding": nn.Embedding, "bag": nn.EmbeddingBag, "head": nn.Linear}[kind]
     module = module(D, V, bias=False) if kind == "head" else module(V, D, **kwargs)
-    ref = torch.randn(N, D, generator=torch.Generator().manual_seed(3))
+    ref = reference()
     other = copy.deepcopy(module)
     constrain(module, ref, indices=LAYOUTS[layout])
     parametrize.register_parametrization(other, "weight", CatRows(ref, LAYOUTS[layout]), unsafe=True)
@@ -92,7 +74,7 @@ def test_input_gradient_penalty_through_a_tied_model(layout):
         emb, head = nn.Embedding(V, D), nn.Linear(D, V, bias=False)
         head.weight = emb.weight
         model = nn.ModuleDict({"emb": emb, "head": head})
-        ref = torch.randn(N, D, generator=torch.Generator().manual_seed(3))
+        ref = reference()
         if tied_cat:
             parametrize.register_parametrization(emb, "weight", CatRows(ref, LAYOUTS[layout]), unsafe=True)
             free = emb.parametrizations.weight.original

@@ -11,13 +11,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import LAYOUTS, D, N, V, reference
 from torch import nn
 
 from embconstraint import constrain
 from embconstraint._mechanism import pin_of
-
-V, D, N = 64, 8, 40
-SCATTERED = [3, *range(10, 49)]  # 40 rows, not the first ones
 
 
 @pytest.fixture(autouse=True)
@@ -27,14 +25,10 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-def _indices(layout: str) -> list[int] | None:
-    return None if layout == "prefix" else SCATTERED
-
-
 class _TiedLM(nn.Module):
     def __init__(self, bias: bool = False) -> None:
         super().__init__()
-        self.emb = nn.Embedding(V, D, padding_idx=5)
+        self.emb = nn.Embedding(V, D, padding_idx=3)
         self.head = nn.Linear(D, V, bias=bias)
         self.head.weight = self.emb.weight
 
@@ -44,10 +38,9 @@ class _TiedLM(nn.Module):
 
 def _model(kind: str, layout: str) -> nn.Module:
     torch.manual_seed(0)
-    ref = torch.randn(N, D)
-    idx = _indices(layout)
+    ref, idx = reference(), LAYOUTS[layout]
     if kind == "embedding":
-        return constrain(nn.Embedding(V, D, padding_idx=7), ref, indices=idx)
+        return constrain(nn.Embedding(V, D, padding_idx=8), ref, indices=idx)
     if kind == "bag":
         return constrain(nn.EmbeddingBag(V, D, mode="sum"), ref, indices=idx)
     if kind == "head":
@@ -59,9 +52,9 @@ def _model(kind: str, layout: str) -> nn.Module:
 
 def _input(kind: str) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
-    if kind == "head":
-        return torch.randn(3, 4, D, generator=g)
-    return torch.randint(0, V, (3, 4), generator=g)
+    if kind == "head":  # (batches of 2 x 3: no value of the program is (V, D) by coincidence)
+        return torch.randn(2, 3, D, generator=g)
+    return torch.randint(0, V, (2, 3), generator=g)
 
 
 def _loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -76,7 +69,6 @@ def _step(loss_fn, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 KINDS = ["embedding", "bag", "head", "tied"]
-LAYOUTS = ["prefix", "scattered"]
 
 
 class _Shapes:
@@ -155,7 +147,7 @@ def test_inductor_trains_exactly():
     """The default backend (inductor): a tied model with a biased head, five SGD steps."""
     torch.manual_seed(0)
     eager = _TiedLM(bias=True)
-    constrain(eager.emb, torch.randn(N, D), indices=SCATTERED, root=eager)
+    constrain(eager.emb, reference(), indices=LAYOUTS["scattered"], root=eager)
     compiled_model = copy.deepcopy(eager)
     ref = _pinned(eager).clone()
     loss_fn = torch.compile(_loss, fullgraph=True)

@@ -84,6 +84,25 @@ def constrained_and_plain(cls: type = nn.Embedding, indices: list[int] | None = 
     return emb, plain, reference()
 
 
+class CatRows(nn.Module):
+    """The independent reference: a literal ``torch.cat`` parametrization, ``weight = cat([pinned,
+    free])`` put in user order (differentiable, (V, D) in forward and backward)."""
+
+    def __init__(self, pinned: torch.Tensor, indices: list[int] | None) -> None:
+        super().__init__()
+        rows = list(range(pinned.shape[0])) if indices is None else list(indices)
+        self.register_buffer("pinned", pinned.clone())
+        order = torch.tensor(rows + [r for r in range(V) if r not in rows])
+        self.register_buffer("inverse", torch.argsort(order))
+        self.free_rows = order[len(rows):]
+
+    def forward(self, free: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.pinned, free]).index_select(0, self.inverse)
+
+    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.index_select(0, self.free_rows).clone()
+
+
 def free_param(emb: nn.Module) -> torch.Tensor:
     """The trainable ``(V - n, D)`` tensor of a constrained embedding."""
     return pin_of(emb).free_parameter
