@@ -44,7 +44,16 @@ import torch
 from torch import Tensor, nn
 
 from .._mechanism import PinnedRows, pin_of, tie_of
-from .formats import PathLike, SafetensorsFile, load_tensors, path_str, pick, state_dict_of, write_atomic
+from .formats import (
+    PathLike,
+    SafetensorsFile,
+    load_tensors,
+    path_str,
+    pick,
+    refuse_same_file,
+    state_dict_of,
+    write_atomic,
+)
 
 __all__ = ["save_rows", "load_rows", "extract_rows", "METADATA_KEY", "PEFT_PREFIX"]
 
@@ -258,7 +267,8 @@ def extract_rows(weights: PathLike, out: PathLike, *, num_pinned: int, keys: Ite
     if isinstance(num_pinned, bool) or not isinstance(num_pinned, int):
         raise TypeError(f"num_pinned must be an int, got {type(num_pinned).__name__}")
     _rows_path(out)
-    container = state_dict_of(load_tensors(weights, what="weights"), path_str(weights))
+    refuse_same_file(out, weights, "weights file", "the rows")
+    container = state_dict_of(load_tensors(weights, what="weights"), f"weights {path_str(weights)!r}")
     if isinstance(container, Tensor):
         raise ValueError(f"weights {path_str(weights)!r} holds a bare tensor; a rows file needs named weights")
     picked = [pick(container, key, f"weights {path_str(weights)!r}", False) for key in (list(keys) if keys else [None])]
