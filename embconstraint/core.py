@@ -6,6 +6,7 @@ integrations call these and that package's declared interface, nothing else.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Literal
 
@@ -167,6 +168,70 @@ def _check_optimizer(optimizer: object) -> None:
         raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
 
 
+# Per-row statistics of factored optimizers, one entry per row: (key, shape of the entry given the
+# free rows' shape). transformers' Adafactor keeps ``exp_avg_sq_row`` (rows,), torch's ``row_var`` (rows, 1).
+_ROW_STATISTICS = {"exp_avg_sq_row": lambda shape: shape[:-1], "row_var": lambda shape: (*shape[:-1], 1)}
+# Their per-column statistics: a mean over the rows, with no entry per row; kept as they are.
+_COLUMN_STATISTICS = {"exp_avg_sq_col": lambda shape: (*shape[:-2], shape[-1]),
+                      "col_var": lambda shape: (*shape[:-2], 1, shape[-1])}
+
+
+def _holds(optimizer: torch.optim.Optimizer, param: Tensor) -> bool:
+    return any(p is param for group in optimizer.param_groups for p in group["params"])
+
+
+def _widening_plan(optimizer: torch.optim.Optimizer | None, frees: list[Tensor]) -> list[tuple[dict, str]]:
+    """The ``(state, key)`` entries of ``optimizer`` to widen from the free rows to every row, for
+    the free-row parameters ``frees``; raises (``ValueError``) for a state that cannot be widened,
+    before anything changes. Kept as they are: scalars and 0-d tensors (``step``), and the column
+    statistics of a factored optimizer (Adafactor), a mean over the rows with no entry per row."""
+    if optimizer is None:
+        return []
+    name = type(optimizer).__name__
+    held = [free for free in frees if _holds(optimizer, free)]
+    zero = sys.modules.get("torch.distributed.optim")
+    if held and zero is not None and isinstance(optimizer, getattr(zero, "ZeroRedundancyOptimizer", ())):
+        raise ValueError(
+            f"release: {name} partitions its parameters across ranks by their size when it is built, and a "
+            "released weight changes size; call release(module) without optimizer= and build a new optimizer"
+        )
+    if held and isinstance(optimizer, torch.optim.LBFGS) and (optimizer.state or getattr(optimizer, "_numel_cache", None)):
+        raise ValueError(
+            "release: LBFGS keeps one flat history over all its parameters (its directions and steps), which "
+            "cannot be widened to the released rows; call release(module) without optimizer= and build a new LBFGS"
+        )
+    plan = []
+    for free in held:
+        state = optimizer.state.get(free, {})
+        shape = tuple(free.shape)
+        for key, value in state.items():
+            if not isinstance(value, Tensor):
+                if _holds_tensors(value):
+                    raise ValueError(f"release: {name} keeps state {key!r} as a {type(value).__name__} of tensors, "
+                                     "which cannot be widened to the released rows; call release(module) without "
+                                     "optimizer= and build a new optimizer")
+                continue  # a number (step), a flag
+            if value.dim() == 0 or (key in _COLUMN_STATISTICS and tuple(value.shape) == _COLUMN_STATISTICS[key](shape)):
+                continue
+            if tuple(value.shape) == shape or (key in _ROW_STATISTICS and tuple(value.shape) == _ROW_STATISTICS[key](shape)):
+                plan.append((state, key))
+                continue
+            raise ValueError(
+                f"release: {name}'s state {key!r} has shape {tuple(value.shape)}, neither one entry per free row "
+                f"(the free rows are {shape}) nor a scalar, so it cannot be widened to the released rows; call "
+                "release(module) without optimizer= and build a new optimizer"
+            )
+    return plan
+
+
+def _holds_tensors(value: object) -> bool:
+    if isinstance(value, Tensor):
+        return True
+    if isinstance(value, dict):
+        return any(_holds_tensors(v) for v in value.values())
+    return isinstance(value, (list, tuple)) and any(_holds_tensors(v) for v in value)
+
+
 def release(module: nn.Module, *, optimizer: torch.optim.Optimizer | None = None) -> nn.Module:
     """Remove every constraint in ``module`` (an embedding or any module holding some).
 
@@ -217,6 +282,8 @@ def release(module: nn.Module, *, optimizer: torch.optim.Optimizer | None = None
                 "release: a constrained module in sharded training (fully_shard) cannot be released in "
                 "place; save merged_state_dict(model) (or a full state dict) and load it into a plain model"
             )
+    plan = _widening_plan(optimizer, [pin_of(m, n).free_parameter for m in pinned for n in m.parametrizations.keys()
+                                      if pin_of(m, n) is not None])
     for m in pinned:
         remove_hooks(m)
         for name in [n for n in m.parametrizations.keys() if pin_of(m, n) is not None]:
@@ -225,9 +292,9 @@ def release(module: nn.Module, *, optimizer: torch.optim.Optimizer | None = None
             rows, num_rows = pin.free_rows(), pin.num_rows
             grad = None if free.grad is None else _widened(free.grad, rows, num_rows)
             state = optimizer.state.get(free, {}) if optimizer is not None else {}
-            for key, value in list(state.items()):
-                if isinstance(value, Tensor) and value.dim() > 0 and value.shape == free.shape:
-                    state[key] = _widened(value, rows, num_rows)
+            for st, key in plan:
+                if st is state:
+                    state[key] = _widened(state[key], rows, num_rows)
             parametrize.remove_parametrizations(m, name, leave_parametrized=False)
             pin.unbind()
             with torch.no_grad():
