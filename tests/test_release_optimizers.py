@@ -39,6 +39,15 @@ def _train(module: nn.Module, opt: torch.optim.Optimizer, steps: range) -> None:
         opt.step()
 
 
+def _closure(module: nn.Module, opt: torch.optim.Optimizer):
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = _loss(module, 0)
+        loss.backward()
+        return loss
+    return closure
+
+
 def _hf_adafactor(params, **kw):
     from transformers.optimization import Adafactor
 
@@ -101,11 +110,7 @@ def test_lbfgs_after_a_step_is_refused_and_nothing_changes():
     emb = _emb(3)
     opt = torch.optim.LBFGS(emb.parameters(), max_iter=2)
 
-    def closure():
-        opt.zero_grad()
-        loss = _loss(emb, 0)
-        loss.backward()
-        return loss
+    closure = _closure(emb, opt)
 
     opt.step(closure)
     weight, free = emb.weight.detach().clone(), emb.parametrizations.weight.original
@@ -122,11 +127,7 @@ def test_lbfgs_before_any_step_is_accepted():
     opt = torch.optim.LBFGS(emb.parameters(), max_iter=2)
     release(emb, optimizer=opt)
 
-    def closure():
-        opt.zero_grad()
-        loss = _loss(emb, 0)
-        loss.backward()
-        return loss
+    closure = _closure(emb, opt)
 
     opt.step(closure)
     assert opt.state[emb.weight]["d"].shape == (V * 3,)
