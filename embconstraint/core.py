@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -30,7 +31,7 @@ from ._mechanism import (
     tie_of,
 )
 
-__all__ = ["constrain", "release", "is_constrained", "merged_state_dict"]
+__all__ = ["constrain", "release", "is_constrained", "merged_state_dict", "check_constrain", "ConstrainPlan"]
 
 Embedding = nn.Embedding | nn.EmbeddingBag | nn.Linear
 Reference = nn.Embedding | nn.EmbeddingBag | nn.Linear | Tensor
@@ -107,30 +108,75 @@ def constrain(
     >>> torch.equal(new.weight[:3], old.weight), [tuple(p.shape) for p in new.parameters()]
     (True, [(2, 4)])
     """
-    ref, idx = check_constrain_args(embedding, reference, indices, on_mismatch, heads=True)
-    if root is not None and not isinstance(root, nn.Module):
-        raise TypeError(f"root must be an nn.Module, got {type(root).__name__}")
-    tied = _shared_with(root, embedding.weight, embedding) if root is not None else []
-    _check_not_shared(embedding, tied)
-    layout = Layout.from_indices(idx, ref.shape[0], embedding.weight.shape[0])
-    bias = _bias_reference(embedding, reference, idx, ref.shape[0])
-    _pin(embedding, "weight", ref, layout, on_mismatch)
-    if bias is not None:
-        _pin(embedding, "bias", bias, layout, on_mismatch)
-    install_hooks(embedding)
-    pin = pin_of(embedding)
-    for module, name in tied:
-        parametrize.register_parametrization(module, name, TiedTo(embedding, pin), unsafe=True)
-        pin.add_tie(module, name)
-        install_hooks(module)
+    check_constrain(embedding, reference, indices=indices, on_mismatch=on_mismatch, root=root).apply()
     return embedding
 
 
-def _check_not_shared(embedding: nn.Module, tied: list[tuple[nn.Module, str]]) -> None:
+@dataclass
+class ConstrainPlan:
+    """What :func:`constrain` will do, every argument checked (:func:`check_constrain`); nothing
+    has changed until :meth:`apply`. Integrations that constrain several modules at once (an
+    embedding and an untied head) check all of them first, then apply."""
+
+    embedding: nn.Module
+    reference: Tensor
+    layout: Layout
+    bias: Tensor | None
+    on_mismatch: str
+    tied: list[tuple[nn.Module, str, str]]  # (module, its attribute, the embedding's tensor it shares)
+
+    def apply(self) -> nn.Module:
+        """Constrain ``embedding`` (and tie the modules that share its tensors); returns it."""
+        embedding = self.embedding
+        _pin(embedding, "weight", self.reference, self.layout, self.on_mismatch)
+        if self.bias is not None:
+            _pin(embedding, "bias", self.bias, self.layout, self.on_mismatch)
+        install_hooks(embedding)
+        for module, name, shares in self.tied:
+            pin = pin_of(embedding, shares)
+            parametrize.register_parametrization(module, name, TiedTo(embedding, pin, shares), unsafe=True)
+            pin.add_tie(module, name)
+        for module in {id(m): m for m, _, _ in self.tied}.values():
+            install_hooks(module)
+        return embedding
+
+
+def check_constrain(
+    embedding: Embedding,
+    reference: Reference,
+    *,
+    indices: Indices = None,
+    on_mismatch: str = "error",
+    root: nn.Module | None = None,
+) -> ConstrainPlan:
+    """Check the arguments of :func:`constrain` without changing anything; ``.apply()`` the plan
+    to constrain. Same arguments and errors as :func:`constrain`.
+
+    >>> import torch
+    >>> emb = torch.nn.Embedding(5, 2)
+    >>> plan = check_constrain(emb, torch.zeros(3, 2))
+    >>> is_constrained(emb), is_constrained(plan.apply())
+    (False, True)
+    """
+    ref, idx = check_constrain_args(embedding, reference, indices, on_mismatch, heads=True)
+    if root is not None and not isinstance(root, nn.Module):
+        raise TypeError(f"root must be an nn.Module, got {type(root).__name__}")
+    tied = []
+    for name in ("weight", "bias"):
+        param = embedding._parameters.get(name)
+        if param is not None and root is not None:
+            tied += [(m, n, name) for m, n in _shared_with(root, param, embedding)]
+    _check_not_shared(embedding, tied)
+    layout = Layout.from_indices(idx, ref.shape[0], embedding.weight.shape[0])
+    bias = _bias_reference(embedding, reference, idx, ref.shape[0])
+    return ConstrainPlan(embedding, ref, layout, bias, on_mismatch, tied)
+
+
+def _check_not_shared(embedding: nn.Module, tied: list[tuple[nn.Module, str, str]]) -> None:
     """Refuse a Parameter that a module other than ``embedding`` (and the ``tied`` ones) holds:
     constraining would silently shrink it there to the free rows."""
     for name in ("weight", "bias"):
-        others = shared(embedding, name, tied if name == "weight" else [])
+        others = shared(embedding, name, [(m, n) for m, n, shares in tied if shares == name])
         if others:
             where = ", ".join(f"{type(m).__name__}.{n}" for m, n in others)
             raise RuntimeError(
