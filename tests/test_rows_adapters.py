@@ -107,7 +107,7 @@ def test_float16_and_bfloat16_cannot_be_compared(tmp_path):
     path, _ = _file(tmp_path, "a", A_ROWS, seed=1, dtype=torch.float16)
     model = _base(torch.bfloat16)
     _refused(model, path, r"emb\.weight is torch\.bfloat16 in the model, the file holds torch\.float16 "
-                                         r"and no fingerprint of its pinned rows in torch\.bfloat16")
+                          r"and no fingerprint of its pinned rows in torch\.bfloat16")
 
 
 def test_a_float32_file_onto_a_constrained_bfloat16_model(tmp_path):
@@ -174,7 +174,7 @@ def test_a_partial_overlap_is_refused(tmp_path):
     model = _base()
     load_rows(model, a)
     _refused(model, c, r"rows of emb\.weight in .*c\.safetensors' overlap rows loaded from "
-                                         r".*a\.safetensors' \(not the same rows\); unload_rows")
+                          r".*a\.safetensors' \(not the same rows\); unload_rows")
 
 
 def test_stacking_still_checks_the_base(tmp_path):
