@@ -126,50 +126,61 @@ def test_a_best_checkpoint_without_rows_is_refused(tmp_path):
         trainer.train()
 
 
-@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_resume_restores_the_rows_without_a_manual_load(tmp_path, tied):
-    full = _model(lora=True, tied=tied)
-    _trainer(full, tmp_path / "full").train()
-    checkpoint = tmp_path / "full" / "checkpoint-3"
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory) -> tuple[Path, tuple[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]:
+    """An uninterrupted untied LoRA run: its output folder, final tables and LoRA weights."""
+    out = tmp_path_factory.mktemp("full")
+    model = _model(lora=True)
+    _trainer(model, out).train()
+    return out, _tables(model), _lora(model)
+
+
+def _same(model: nn.Module, tables: tuple[torch.Tensor, torch.Tensor]) -> bool:
+    return all(torch.equal(a, b) for a, b in zip(_tables(model), tables, strict=True))
+
+
+def _resume(out: Path, checkpoint: Path | bool, *, tied: bool = False, manual: bool = False) -> nn.Module:
+    """A fresh constrained LoRA model (its new rows zeroed: not the checkpoint's), resumed from ``checkpoint``."""
     resumed = _model(lora=True, tied=tied)
     with torch.no_grad():
-        resumed.get_input_embeddings().parametrizations.weight.original.zero_()  # not the checkpoint's rows
-    _trainer(resumed, tmp_path / "resumed").train(resume_from_checkpoint=str(checkpoint))
-    for a, b in zip(_tables(resumed), _tables(full), strict=True):
-        assert torch.equal(a, b)  # bit-exact against the uninterrupted run
-    assert all(torch.equal(v, _lora(full)[k]) for k, v in _lora(resumed).items())
+        resumed.get_input_embeddings().parametrizations.weight.original.zero_()
+    if manual:
+        load_rows(resumed, Path(checkpoint) / ROWS_FILE)
+    _trainer(resumed, out).train(resume_from_checkpoint=checkpoint if checkpoint is True else str(checkpoint))
+    return resumed
 
 
-def test_resume_from_the_last_checkpoint_of_the_output_dir(tmp_path):
-    full = _model(lora=True)
+def test_resume_restores_the_rows_without_a_manual_load(tmp_path, full_run):
+    out, tables, lora = full_run
+    resumed = _resume(tmp_path, out / "checkpoint-3")
+    assert _same(resumed, tables)  # bit-exact against the uninterrupted run
+    assert _lora(resumed).keys() == lora.keys() and all(torch.equal(v, lora[k]) for k, v in _lora(resumed).items())
+
+
+def test_resume_of_a_tied_model(tmp_path):
+    full = _model(lora=True, tied=True)
     _trainer(full, tmp_path / "full").train()
-    out = tmp_path / "again"
-    shutil.copytree(tmp_path / "full" / "checkpoint-3", out / "checkpoint-3")
-    resumed = _model(lora=True)
-    _trainer(resumed, out).train(resume_from_checkpoint=True)  # get_last_checkpoint(output_dir)
-    for a, b in zip(_tables(resumed), _tables(full), strict=True):
-        assert torch.equal(a, b)
+    assert _same(_resume(tmp_path / "resumed", tmp_path / "full" / "checkpoint-3", tied=True), _tables(full))
 
 
-def test_the_manual_load_before_resume_still_works(tmp_path):
-    full = _model(lora=True)
-    _trainer(full, tmp_path / "full").train()
-    checkpoint = tmp_path / "full" / "checkpoint-3"
-    resumed = _model(lora=True)
-    load_rows(resumed, checkpoint / ROWS_FILE)
-    _trainer(resumed, tmp_path / "resumed").train(resume_from_checkpoint=str(checkpoint))
-    for a, b in zip(_tables(resumed), _tables(full), strict=True):
-        assert torch.equal(a, b)
+def test_resume_from_the_last_checkpoint_of_the_output_dir(tmp_path, full_run):
+    out, tables, _ = full_run
+    shutil.copytree(out / "checkpoint-3", tmp_path / "checkpoint-3")
+    assert _same(_resume(tmp_path, True), tables)  # get_last_checkpoint(output_dir)
 
 
-def test_a_resume_that_restores_no_rows_is_refused_before_any_step(tmp_path):
-    full = _model(lora=True)
-    _trainer(full, tmp_path / "full").train()
-    checkpoint = tmp_path / "full" / "checkpoint-3"
+def test_the_manual_load_before_resume_still_works(tmp_path, full_run):
+    out, tables, _ = full_run
+    assert _same(_resume(tmp_path, out / "checkpoint-3", manual=True), tables)
+
+
+def test_a_resume_that_restores_no_rows_is_refused_before_any_step(tmp_path, full_run):
+    out, _, _ = full_run
+    checkpoint = tmp_path / "checkpoint-3"
+    shutil.copytree(out / "checkpoint-3", checkpoint)
     (checkpoint / ROWS_FILE).unlink()
     resumed = _model(lora=True)
     before = _tables(resumed)
     with pytest.raises(RuntimeError, match="resumed a PeftModel at step 3 without its trained rows"):
         _trainer(resumed, tmp_path / "resumed").train(resume_from_checkpoint=str(checkpoint))
-    for a, b in zip(_tables(resumed), before, strict=True):
-        assert torch.equal(a, b)  # no step was taken
+    assert _same(resumed, before)  # no step was taken
