@@ -80,6 +80,9 @@ def constrain_input_embeddings(
     True
     """
     embedding = _input_embeddings(model)
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    if getattr(getattr(head, "base_layer", None), "weight", None) is embedding.weight:  # a tied head PEFT wraps
+        raise ValueError(peft_wrapper_problem(head, "model.get_output_embeddings()"))
     if isinstance(reference, bool) or not isinstance(reference, (int, Tensor, nn.Embedding, nn.EmbeddingBag)):
         raise TypeError(
             "reference must be an int (number of leading rows to pin at their current values), "

@@ -109,8 +109,15 @@ def record_base_rows(model: nn.Module) -> None:
 def base_rows(model: nn.Module) -> Iterator[None]:
     """Inside, the free rows of every constrained weight of ``model`` hold their base rows (see
     :func:`record_base_rows`); on exit they hold their own values again, bitwise. Only the
-    ``(k, D)`` free rows are copied, twice; the autograd graph of a forward made before is left
-    valid (its backward, run after the context, sees the rows it saw)."""
+    ``(k, D)`` free rows are copied, twice. Entered under ``torch.no_grad()``, the graph of a
+    forward made before stays valid: its backward, run after the context, computes what it
+    would have without it (run it after the context, not inside). Entered with gradients on, a
+    graph that crosses the context raises torch's in-place modification error at backward."""
+    # Under no_grad (how TRL computes a reference) the rows are written through .data, which autograd
+    # does not version: a graph made before the context saw these very rows and sees them again when
+    # its backward runs after it. With gradients on, a graph that crosses the context raises torch's
+    # in-place error instead of computing with rows that changed under it.
+    versioned = torch.is_grad_enabled()
     swapped: list[tuple[Tensor, Tensor]] = []
     try:
         with torch.no_grad():
@@ -122,14 +129,14 @@ def base_rows(model: nn.Module) -> Iterator[None]:
                 if pin.storage == "split" or free.shape != base.shape:
                     raise RuntimeError("the new rows cannot be switched off here: a sharded (fully_shard) or "
                                        "re-shaped constrained weight; compute the reference with a separate model")
-                own = free.detach().clone()
-                swapped.append((free, own))
-                free.copy_(base.to(free))
+                target = free if versioned else free.data
+                swapped.append((target, target.clone()))
+                target.copy_(base.to(free))
         yield
     finally:
         with torch.no_grad():
-            for free, own in reversed(swapped):
-                free.copy_(own)
+            for target, own in reversed(swapped):
+                target.copy_(own)
 
 
 def restored_rows(model: nn.Module) -> str | None:

@@ -16,6 +16,7 @@ RuntimeError: model.resize_token_embeddings() would replace the weight of a cons
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -99,7 +100,7 @@ def _tie_weights_while_constrained(model: nn.Module, *args: Any, **kwargs: Any) 
             "embeddings again")
     if not callable(expand):
         raise RuntimeError(f"model.tie_weights() is not supported while an embedding is constrained; {hint}")
-    for target, source in expand(all_submodels=True).items():
+    for target, source in _tied_keys(model, expand, hint).items():
         (tpath, tattr), (spath, sattr) = _split(target), _split(source)
         try:
             tmod, smod = model.get_submodule(tpath), model.get_submodule(spath)
@@ -116,6 +117,29 @@ def _tie_weights_while_constrained(model: nn.Module, *args: Any, **kwargs: Any) 
         else:
             problem = f"{target} is not tied to {source}"
         raise RuntimeError(f"model.tie_weights() while an embedding is constrained: {problem}; {hint}")
+
+
+def _tied_keys(model: nn.Module, expand: Callable[..., dict], hint: str) -> dict[str, str]:
+    """transformers' tied-weight mapping. Its expansion looks names up among the parameters,
+    where a constrained weight is ``...parametrizations.weight.original``; it fails then for a
+    mapping it does not take as literal names (BERT's ``cls.predictions.bias``), whose
+    ``_tied_weights_keys`` are used as they are."""
+    try:
+        return expand(all_submodels=True)
+    except ValueError:
+        pass
+    literal = re.compile(r"[A-Za-z0-9_.]+")
+    out: dict[str, str] = {}
+    for prefix, sub in model.named_modules():
+        mapping = getattr(sub, "_tied_weights_keys", None)
+        if not isinstance(mapping, dict) or not getattr(getattr(sub, "config", None), "tie_word_embeddings", False):
+            continue
+        if not all(literal.fullmatch(k) for k in (*mapping, *mapping.values())):
+            raise RuntimeError(f"model.tie_weights(): cannot read the tied weights of {type(sub).__name__} while an "
+                               f"embedding is constrained; {hint}")
+        dot = f"{prefix}." if prefix else ""
+        out.update({dot + k: dot + v for k, v in mapping.items()})
+    return out
 
 
 def _tied(module: nn.Module, name: str, owner: nn.Module, owner_name: str) -> bool:
