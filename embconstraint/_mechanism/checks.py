@@ -137,7 +137,8 @@ def check_embedding(embedding: Any, parametrized: bool, constrained: bool, heads
         raise ValueError("embedding is already constrained; call release() first")
     tie = next((t for name in ("weight", "bias") if (t := tie_of(embedding, name)) is not None), None)
     if tie is not None:
-        what = type(tie.embedding).__name__
+        cls = type(tie.embedding)
+        what = (cls.__bases__[0] if parametrize.is_parametrized(tie.embedding) else cls).__name__  # not Parametrized*
         raise ValueError(
             f"embedding is tied to a constrained {what} (it shares that module's Parameter, as a tied output "
             f"head does), so it computes with the {what}'s merged weight and its pinned rows: a tied module cannot "
