@@ -99,8 +99,9 @@ def constrain(
         on_mismatch: what ``load_state_dict`` does when a plain checkpoint's pinned rows differ
             from the reference: ``"error"`` (default) or ``"checkpoint"`` (take them from it).
         root: the model, when a module of it shares the embedding's Parameter (weight tying,
-            e.g. ``head.weight = emb.weight``): those modules stay tied to the merged ``(V, D)``
-            weight. Without it, a shared Parameter is refused (``RuntimeError``, nothing changes).
+            e.g. ``head.weight = emb.weight``) or a head's bias (BERT's ``cls.predictions.bias``
+            is its ``decoder.bias``): those modules stay tied to the merged ``(V, D)`` weight (or
+            bias). Without it, a shared Parameter is refused (``RuntimeError``, nothing changes).
 
     >>> import torch
     >>> old = torch.nn.Embedding(3, 4)

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from .._mechanism import check_constrain_args, pin_of
 from ..core import Indices, Reference, check_constrain
-from .adapters import ROWS_FILE, peft_wrapper_problem, record_base_rows
+from .adapters import ROWS_FILE, is_peft_model, peft_wrapper_problem, record_base_rows
 from .guards import guard_while_constrained
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; transformers is an optional extra
@@ -99,9 +99,16 @@ def constrain_input_embeddings(
             raise ValueError(f"reference (number of pinned rows) must lie in [0, {num_rows}], got {reference}")
         reference = embedding.weight.detach()[:reference]
     check_constrain(embedding, reference, root=model, indices=indices).apply()
-    guard_while_constrained(model)
-    record_base_rows(model)
+    _after_constraining(model)
     return embedding
+
+
+def _after_constraining(model: nn.Module) -> None:
+    """The guards; on a ``PeftModel``, the hooks, and the new rows' values now (what
+    ``disable_adapter()`` puts in: a copy of the free rows)."""
+    guard_while_constrained(model)
+    if is_peft_model(model):
+        record_base_rows(model)
 
 
 def _input_embeddings(model: Any) -> nn.Embedding:
@@ -189,8 +196,7 @@ def constrain_new_tokens(
     if head is not None and not tied:
         plans.append(check_constrain(head, _reference(head.weight), indices=rows, root=model))
     modules = [plan.apply() for plan in plans]
-    guard_while_constrained(model)
-    record_base_rows(model)
+    _after_constraining(model)
     params = [pin.free_parameter for m in modules for name in list(m.parametrizations.keys())
               if (pin := pin_of(m, name)) is not None]
     for p in params:

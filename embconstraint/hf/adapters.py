@@ -32,6 +32,7 @@ True
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -154,8 +155,10 @@ def _rows_file_in(folder: Any) -> Path | None:
 
 def save_pretrained_with_rows(model: nn.Module, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
     """``PeftModel.save_pretrained``, then the rows file into the same folder (main process only)."""
-    result = type(model).save_pretrained(model, save_directory, *args, **kwargs)
-    if kwargs.get("is_main_process", True):
+    method = type(model).save_pretrained
+    result = method(model, save_directory, *args, **kwargs)
+    bound = inspect.signature(method).bind(model, save_directory, *args, **kwargs)
+    if bound.arguments.get("is_main_process", True):
         save_rows(model, Path(save_directory) / ROWS_FILE)
     return result
 

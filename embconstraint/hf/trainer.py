@@ -63,9 +63,10 @@ class SaveRowsCallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
                        **kwargs: Any) -> None:
         _hook(model)
+        restored = restored_rows(model) if model is not None else None
         if not _adapter_only(model) or state.global_step == 0:
             return
-        if restored_rows(model) is None and not loaded_rows(model):
+        if restored is None and not loaded_rows(model):
             raise RuntimeError(
                 f"resumed a PeftModel at step {state.global_step} without its trained rows: the checkpoint folder "
                 f"has no {self.filename}, so the adapter is the checkpoint's and the new rows are not. Load them "
