@@ -1,7 +1,8 @@
 """The ``embconstraint`` command: ``demo``, ``export``, ``verify`` and ``rows``.
 
 Exit codes: 0 success (``verify``: every pinned row bitwise equal), 1 (``verify`` only) some
-pinned row deviates, 2 bad usage or unreadable input (one line on stderr, no traceback).
+pinned row deviates, 2 bad usage, unreadable input or any other error (one line on stderr, no
+traceback; never 1).
 
 >>> main(["verify", "no-such-file.pt", "--reference", "ref.pt"])
 2
@@ -199,8 +200,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, TypeError, OSError) as err:
-        print(f"{_PROG}: error: {err}", file=sys.stderr)
+        print(f"{_PROG}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{_PROG}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - never Python's exit status 1, which is verify's "rows differ"
+        print(f"{_PROG}: error: unexpected {type(err).__name__}: {_one_line(err)} (please report it)",
+              file=sys.stderr)
+        return 2
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__

@@ -6,7 +6,9 @@ integrations call these and that package's declared interface, nothing else.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -29,7 +31,7 @@ from ._mechanism import (
     tie_of,
 )
 
-__all__ = ["constrain", "release", "is_constrained", "merged_state_dict"]
+__all__ = ["constrain", "release", "is_constrained", "merged_state_dict", "check_constrain", "ConstrainPlan"]
 
 Embedding = nn.Embedding | nn.EmbeddingBag | nn.Linear
 Reference = nn.Embedding | nn.EmbeddingBag | nn.Linear | Tensor
@@ -97,8 +99,9 @@ def constrain(
         on_mismatch: what ``load_state_dict`` does when a plain checkpoint's pinned rows differ
             from the reference: ``"error"`` (default) or ``"checkpoint"`` (take them from it).
         root: the model, when a module of it shares the embedding's Parameter (weight tying,
-            e.g. ``head.weight = emb.weight``): those modules stay tied to the merged ``(V, D)``
-            weight. Without it, a shared Parameter is refused (``RuntimeError``, nothing changes).
+            e.g. ``head.weight = emb.weight``) or a head's bias (BERT's ``cls.predictions.bias``
+            is its ``decoder.bias``): those modules stay tied to the merged ``(V, D)`` weight (or
+            bias). Without it, a shared Parameter is refused (``RuntimeError``, nothing changes).
 
     >>> import torch
     >>> old = torch.nn.Embedding(3, 4)
@@ -106,30 +109,75 @@ def constrain(
     >>> torch.equal(new.weight[:3], old.weight), [tuple(p.shape) for p in new.parameters()]
     (True, [(2, 4)])
     """
-    ref, idx = check_constrain_args(embedding, reference, indices, on_mismatch, heads=True)
-    if root is not None and not isinstance(root, nn.Module):
-        raise TypeError(f"root must be an nn.Module, got {type(root).__name__}")
-    tied = _shared_with(root, embedding.weight, embedding) if root is not None else []
-    _check_not_shared(embedding, tied)
-    layout = Layout.from_indices(idx, ref.shape[0], embedding.weight.shape[0])
-    bias = _bias_reference(embedding, reference, idx, ref.shape[0])
-    _pin(embedding, "weight", ref, layout, on_mismatch)
-    if bias is not None:
-        _pin(embedding, "bias", bias, layout, on_mismatch)
-    install_hooks(embedding)
-    pin = pin_of(embedding)
-    for module, name in tied:
-        parametrize.register_parametrization(module, name, TiedTo(embedding, pin), unsafe=True)
-        pin.add_tie(module, name)
-        install_hooks(module)
+    check_constrain(embedding, reference, indices=indices, on_mismatch=on_mismatch, root=root).apply()
     return embedding
 
 
-def _check_not_shared(embedding: nn.Module, tied: list[tuple[nn.Module, str]]) -> None:
+@dataclass
+class ConstrainPlan:
+    """What :func:`constrain` will do, every argument checked (:func:`check_constrain`); nothing
+    has changed until :meth:`apply`. Integrations that constrain several modules at once (an
+    embedding and an untied head) check all of them first, then apply."""
+
+    embedding: nn.Module
+    reference: Tensor
+    layout: Layout
+    bias: Tensor | None
+    on_mismatch: str
+    tied: list[tuple[nn.Module, str, str]]  # (module, its attribute, the embedding's tensor it shares)
+
+    def apply(self) -> nn.Module:
+        """Constrain ``embedding`` (and tie the modules that share its tensors); returns it."""
+        embedding = self.embedding
+        _pin(embedding, "weight", self.reference, self.layout, self.on_mismatch)
+        if self.bias is not None:
+            _pin(embedding, "bias", self.bias, self.layout, self.on_mismatch)
+        install_hooks(embedding)
+        for module, name, shares in self.tied:
+            pin = pin_of(embedding, shares)
+            parametrize.register_parametrization(module, name, TiedTo(embedding, pin, shares), unsafe=True)
+            pin.add_tie(module, name)
+        for module in {id(m): m for m, _, _ in self.tied}.values():
+            install_hooks(module)
+        return embedding
+
+
+def check_constrain(
+    embedding: Embedding,
+    reference: Reference,
+    *,
+    indices: Indices = None,
+    on_mismatch: str = "error",
+    root: nn.Module | None = None,
+) -> ConstrainPlan:
+    """Check the arguments of :func:`constrain` without changing anything; ``.apply()`` the plan
+    to constrain. Same arguments and errors as :func:`constrain`.
+
+    >>> import torch
+    >>> emb = torch.nn.Embedding(5, 2)
+    >>> plan = check_constrain(emb, torch.zeros(3, 2))
+    >>> is_constrained(emb), is_constrained(plan.apply())
+    (False, True)
+    """
+    ref, idx = check_constrain_args(embedding, reference, indices, on_mismatch, heads=True)
+    if root is not None and not isinstance(root, nn.Module):
+        raise TypeError(f"root must be an nn.Module, got {type(root).__name__}")
+    tied = []
+    for name in ("weight", "bias"):
+        param = embedding._parameters.get(name)
+        if param is not None and root is not None:
+            tied += [(m, n, name) for m, n in _shared_with(root, param, embedding)]
+    _check_not_shared(embedding, tied)
+    layout = Layout.from_indices(idx, ref.shape[0], embedding.weight.shape[0])
+    bias = _bias_reference(embedding, reference, idx, ref.shape[0])
+    return ConstrainPlan(embedding, ref, layout, bias, on_mismatch, tied)
+
+
+def _check_not_shared(embedding: nn.Module, tied: list[tuple[nn.Module, str, str]]) -> None:
     """Refuse a Parameter that a module other than ``embedding`` (and the ``tied`` ones) holds:
     constraining would silently shrink it there to the free rows."""
     for name in ("weight", "bias"):
-        others = shared(embedding, name, tied if name == "weight" else [])
+        others = shared(embedding, name, [(m, n) for m, n, shares in tied if shares == name])
         if others:
             where = ", ".join(f"{type(m).__name__}.{n}" for m, n in others)
             raise RuntimeError(
@@ -165,6 +213,70 @@ def _widened(value: Tensor, free_rows: Tensor, num_rows: int) -> Tensor:
 def _check_optimizer(optimizer: object) -> None:
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+
+
+# Per-row statistics of factored optimizers, one entry per row: (key, shape of the entry given the
+# free rows' shape). transformers' Adafactor keeps ``exp_avg_sq_row`` (rows,), torch's ``row_var`` (rows, 1).
+_ROW_STATISTICS = {"exp_avg_sq_row": lambda shape: shape[:-1], "row_var": lambda shape: (*shape[:-1], 1)}
+# Their per-column statistics: a mean over the rows, with no entry per row; kept as they are.
+_COLUMN_STATISTICS = {"exp_avg_sq_col": lambda shape: (*shape[:-2], shape[-1]),
+                      "col_var": lambda shape: (*shape[:-2], 1, shape[-1])}
+
+
+def _holds(optimizer: torch.optim.Optimizer, param: Tensor) -> bool:
+    return any(p is param for group in optimizer.param_groups for p in group["params"])
+
+
+def _widening_plan(optimizer: torch.optim.Optimizer | None, frees: list[Tensor]) -> list[tuple[dict, str]]:
+    """The ``(state, key)`` entries of ``optimizer`` to widen from the free rows to every row, for
+    the free-row parameters ``frees``; raises (``ValueError``) for a state that cannot be widened,
+    before anything changes. Kept as they are: scalars and 0-d tensors (``step``), and the column
+    statistics of a factored optimizer (Adafactor), a mean over the rows with no entry per row."""
+    if optimizer is None:
+        return []
+    name = type(optimizer).__name__
+    held = [free for free in frees if _holds(optimizer, free)]
+    zero = sys.modules.get("torch.distributed.optim")
+    if held and zero is not None and isinstance(optimizer, getattr(zero, "ZeroRedundancyOptimizer", ())):
+        raise ValueError(
+            f"release: {name} partitions its parameters across ranks by their size when it is built, and a "
+            "released weight changes size; call release(module) without optimizer= and build a new optimizer"
+        )
+    if held and isinstance(optimizer, torch.optim.LBFGS) and (optimizer.state or getattr(optimizer, "_numel_cache", None)):
+        raise ValueError(
+            "release: LBFGS keeps one flat history over all its parameters (its directions and steps), which "
+            "cannot be widened to the released rows; call release(module) without optimizer= and build a new LBFGS"
+        )
+    plan = []
+    for free in held:
+        state = optimizer.state.get(free, {})
+        shape = tuple(free.shape)
+        for key, value in state.items():
+            if not isinstance(value, Tensor):
+                if _holds_tensors(value):
+                    raise ValueError(f"release: {name} keeps state {key!r} as a {type(value).__name__} of tensors, "
+                                     "which cannot be widened to the released rows; call release(module) without "
+                                     "optimizer= and build a new optimizer")
+                continue  # a number (step), a flag
+            if value.dim() == 0 or (key in _COLUMN_STATISTICS and tuple(value.shape) == _COLUMN_STATISTICS[key](shape)):
+                continue
+            if tuple(value.shape) == shape or (key in _ROW_STATISTICS and tuple(value.shape) == _ROW_STATISTICS[key](shape)):
+                plan.append((state, key))
+                continue
+            raise ValueError(
+                f"release: {name}'s state {key!r} has shape {tuple(value.shape)}, neither one entry per free row "
+                f"(the free rows are {shape}) nor a scalar, so it cannot be widened to the released rows; call "
+                "release(module) without optimizer= and build a new optimizer"
+            )
+    return plan
+
+
+def _holds_tensors(value: object) -> bool:
+    if isinstance(value, Tensor):
+        return True
+    if isinstance(value, dict):
+        return any(_holds_tensors(v) for v in value.values())
+    return isinstance(value, (list, tuple)) and any(_holds_tensors(v) for v in value)
 
 
 def release(module: nn.Module, *, optimizer: torch.optim.Optimizer | None = None) -> nn.Module:
@@ -217,6 +329,8 @@ def release(module: nn.Module, *, optimizer: torch.optim.Optimizer | None = None
                 "release: a constrained module in sharded training (fully_shard) cannot be released in "
                 "place; save merged_state_dict(model) (or a full state dict) and load it into a plain model"
             )
+    plan = _widening_plan(optimizer, [pin_of(m, n).free_parameter for m in pinned for n in m.parametrizations.keys()
+                                      if pin_of(m, n) is not None])
     for m in pinned:
         remove_hooks(m)
         for name in [n for n in m.parametrizations.keys() if pin_of(m, n) is not None]:
@@ -225,9 +339,9 @@ def release(module: nn.Module, *, optimizer: torch.optim.Optimizer | None = None
             rows, num_rows = pin.free_rows(), pin.num_rows
             grad = None if free.grad is None else _widened(free.grad, rows, num_rows)
             state = optimizer.state.get(free, {}) if optimizer is not None else {}
-            for key, value in list(state.items()):
-                if isinstance(value, Tensor) and value.dim() > 0 and value.shape == free.shape:
-                    state[key] = _widened(value, rows, num_rows)
+            for st, key in plan:
+                if st is state:
+                    state[key] = _widened(state[key], rows, num_rows)
             parametrize.remove_parametrizations(m, name, leave_parametrized=False)
             pin.unbind()
             with torch.no_grad():

@@ -20,7 +20,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from embconstraint import constrain, is_constrained, load_rows, merged_state_dict, release, save_rows
+from embconstraint import (
+    constrain,
+    is_constrained,
+    load_rows,
+    merged_state_dict,
+    release,
+    save_rows,
+    unload_rows,
+)
 
 V, D, N = 6, 3, 3
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -373,6 +381,50 @@ CASES: list[Case] = [
          lambda m: load_rows(m, _rows_file(constrain(nn.Embedding(V, D), _ref(N - 1, D)))), ValueError,
          "load_rows: weight is constrained with 3 free rows in the model, other than the file's 4 free rows",
          _constrained),
+    # -- issue 17: tied heads, optimizers release cannot widen, rows files, PEFT -------------------
+    Case("`constrain(head, …)` on a head tied to a constrained embedding (to pin other rows)",
+         lambda m: constrain(m[1], _ref(), indices=[3, 4, 5]), ValueError,
+         "embedding is tied to a constrained Embedding (it shares that module's Parameter, as a tied output head "
+         "does), so it computes with the Embedding's merged weight and its pinned rows: a tied module cannot pin "
+         "rows of its own. Pin the rows on the module it is tied to", lambda: _tied_constrained()),
+    Case("`release(…, optimizer=LBFGS)` after a step",
+         lambda m: release(m, optimizer=m.opt), ValueError,
+         "release: LBFGS keeps one flat history over all its parameters (its directions and steps), which cannot "
+         "be widened to the released rows; call release(module) without optimizer= and build a new LBFGS",
+         lambda: _stepped(torch.optim.LBFGS)),
+    Case("`release(…, optimizer=…)` whose state is neither one entry per free row nor a scalar",
+         lambda m: release(m, optimizer=m.opt), ValueError,
+         "release: _BlockState's state 'absmax' has shape (2,), neither one entry per free row (the free rows are "
+         "(3, 3)) nor a scalar, so it cannot be widened", lambda: _stepped(lambda p: _BlockState(p))),
+    Case("`release(…, optimizer=ZeroRedundancyOptimizer)`",
+         lambda m: _release_zero(m), ValueError,
+         "release: ZeroRedundancyOptimizer partitions its parameters across ranks by their size when it is built",
+         _constrained),
+    Case("`load_rows` of a float16 rows file into a bfloat16 model",
+         lambda m: load_rows(m, _rows_file(constrain(_plain().half(), _ref(dtype=torch.float16)))), ValueError,
+         "load_rows: weight is torch.bfloat16 in the model, the file holds torch.float16 and no fingerprint of its "
+         "pinned rows in torch.bfloat16; cast the model to torch.float16", lambda: _plain().bfloat16()),
+    Case("`load_rows` of a rows file whose rows partly overlap those loaded from another file",
+         lambda m: load_rows(m, _rows_file(constrain(nn.Embedding(V, D), m.weight.detach()[:4]))), ValueError,
+         "load_rows: rows of weight in '…' overlap rows loaded from '…' (not the same rows); unload_rows(model, '…') "
+         "first", lambda: _loaded_plain()),
+    Case("`unload_rows` of a model into which no rows file was loaded",
+         lambda m: unload_rows(m), ValueError, "unload_rows: no rows file loaded into Embedding"),
+    Case("`constrain_new_tokens` on a `PeftModel` whose LoRA targets `embed_tokens` (or `lm_head`)",
+         lambda m: _hf().constrain_new_tokens(m, V - 2), ValueError,
+         "model.get_input_embeddings() is a PEFT adapter layer (peft.tuners.lora.layer.Embedding) around the "
+         "Embedding (the module is in the adapter's target_modules): an adapter there adds its own update (LoRA's "
+         "B @ A) to every row, pinned rows included, so they cannot stay exact. Leave the embedding and the output "
+         "head out of target_modules", lambda: _peft_llama(["q_proj", "embed_tokens"])),
+    Case("`constrain_new_tokens` on a `PeftModel` with `trainable_token_indices`",
+         lambda m: _hf().constrain_new_tokens(m, V - 2), ValueError,
+         "model.get_input_embeddings() is PEFT's TrainableTokensWrapper (trainable_token_indices): PEFT already "
+         "trains those rows and keeps the others. Use one of the two", lambda: _peft_llama(["q_proj"], [V - 1])),
+    Case("`peft_model.resize_token_embeddings(…)` while an embedding is constrained",
+         lambda m: m.resize_token_embeddings(V + 2), RuntimeError,
+         "model.resize_token_embeddings() would replace the weight of a constrained embedding; call "
+         "embconstraint.release(model) first, resize, then constrain the input embeddings again",
+         lambda: _peft_llama(["q_proj"], constrained=True)),
 ]
 
 
@@ -490,6 +542,84 @@ def test_markdown_table_has_one_row_per_case() -> None:
     table = markdown_table().splitlines()
     assert len(table) == len(CASES) + 2
     assert len({c.input for c in CASES}) == len(CASES)  # inputs are unique (they are the test ids)
+
+
+# -- helpers of the issue-17 cases (looked up when a case runs) ---------------------------------
+
+
+def _tied_constrained() -> nn.Module:
+    model = _tied_model()
+    constrain(model[0], _ref(), root=model)
+    return model
+
+
+class _BlockState(torch.optim.SGD):
+    """SGD that also keeps a per-block statistic: neither one entry per free row nor a scalar."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p]["absmax"] = p.grad.abs().flatten()[:2].clone()
+        return super().step(closure)
+
+
+def _stepped(make) -> nn.Module:
+    """A constrained embedding after one step of ``make(params)``, kept as ``.opt``."""
+    emb = _constrained()
+    opt = make(emb.parameters())
+
+    def closure():
+        opt.zero_grad()
+        loss = emb(torch.arange(V)).pow(2).sum()
+        loss.backward()
+        return loss
+
+    if isinstance(opt, torch.optim.LBFGS):
+        opt.step(closure)
+    else:
+        closure()
+        opt.step()
+    emb.opt = opt
+    return emb
+
+
+def _release_zero(emb: nn.Module) -> None:
+    import torch.distributed as dist
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        release(emb, optimizer=ZeroRedundancyOptimizer(list(emb.parameters()), optimizer_class=torch.optim.SGD, lr=0.1))
+    finally:
+        dist.destroy_process_group()
+
+
+def _loaded_plain() -> nn.Module:
+    """A plain embedding with rows 3..5 loaded from a rows file trained on it."""
+    emb = _plain()
+    load_rows(emb, _rows_file(constrain(nn.Embedding(V, D), emb.weight.detach()[:N])))
+    return emb
+
+
+def _hf():
+    import embconstraint.hf
+
+    return embconstraint.hf
+
+
+def _peft_llama(targets: list[str], tokens: list[int] | None = None, constrained: bool = False) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=4, intermediate_size=8, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
+    extra = {"trainable_token_indices": tokens} if tokens else {}
+    model = peft.get_peft_model(transformers.LlamaForCausalLM(cfg),
+                                peft.LoraConfig(r=2, target_modules=targets, **extra))
+    if constrained:
+        _hf().constrain_new_tokens(model, V - 2)
+    return model
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .._common import casts_exactly, check_rows, index_tensor
-from .parametrization import pin_of
+from .parametrization import pin_of, tie_of
 from .sharded import is_sharded
 from .weight import plain
 
@@ -135,6 +135,18 @@ def check_embedding(embedding: Any, parametrized: bool, constrained: bool, heads
         raise TypeError(f"embedding must be {expected}, got {type(embedding).__name__}")
     if constrained:
         raise ValueError("embedding is already constrained; call release() first")
+    tie = next((t for name in ("weight", "bias") if (t := tie_of(embedding, name)) is not None), None)
+    if tie is not None:
+        cls = type(tie.embedding)
+        what = (cls.__bases__[0] if parametrize.is_parametrized(tie.embedding) else cls).__name__  # not Parametrized*
+        raise ValueError(
+            f"embedding is tied to a constrained {what} (it shares that module's Parameter, as a tied output "
+            f"head does), so it computes with the {what}'s merged weight and its pinned rows: a tied module cannot "
+            "pin rows of its own. Pin the rows on the module it is tied to (constrain that one with these "
+            "indices), or untie it: release(model), give it its own Parameter "
+            "(head.weight = nn.Parameter(head.weight.detach().clone()); for transformers also "
+            "config.tie_word_embeddings=False), then constrain each"
+        )
     if parametrized:
         raise ValueError("embedding.weight already has a parametrization; embconstraint must be the only one")
     if not isinstance(embedding.weight, nn.Parameter):

@@ -480,11 +480,14 @@ class PinnedRows(nn.Module):
 
 class TiedTo(nn.Module):
     """Parametrization of a module that shares its weight with a constrained embedding
-    (e.g. a tied output head): it computes with that embedding's merged weight."""
+    (e.g. a tied output head): it computes with that embedding's merged weight. ``name`` is the
+    constrained tensor it shares (``"bias"``: a head's bias held by another module too, as BERT's
+    ``cls.predictions.bias`` is its decoder's)."""
 
-    def __init__(self, embedding: nn.Module, pin: PinnedRows) -> None:
+    def __init__(self, embedding: nn.Module, pin: PinnedRows, name: str = "weight") -> None:
         super().__init__()
         self._embedding = [embedding, pin]  # a list keeps them out of this module's children
+        self._name = name
 
     @property
     def embedding(self) -> nn.Module:
@@ -496,13 +499,13 @@ class TiedTo(nn.Module):
         return self._embedding[1]
 
     def forward(self, _: Tensor) -> Tensor:
-        return self.embedding.weight
+        return getattr(self.embedding, self._name)
 
     def __prepare_scriptable__(self) -> nn.Module:
         raise RuntimeError(SCRIPTING_REFUSED)
 
     def right_inverse(self, value: Tensor) -> Tensor:
-        emb_weight = self.embedding.weight
+        emb_weight = getattr(self.embedding, self._name)
         original = self.pin.free_parameter
         # At registration ``value`` is the shared Parameter, which constrain() already turned
         # into the embedding's free rows (``original``): accept it as the tie itself.

@@ -22,10 +22,11 @@ from __future__ import annotations
 
 from .export import export_checkpoint, export_state_dict
 from .formats import checkpoint_problem, load_tensors, read_indices
-from .rows import extract_rows, load_rows, save_rows
+from .rows import extract_rows, load_rows, loaded_rows, save_rows, unload_rows
 from .verify import Verification, verify
 
 __all__ = [
-    "export_checkpoint", "export_state_dict", "verify", "Verification", "save_rows", "load_rows", "extract_rows",
+    "export_checkpoint", "export_state_dict", "verify", "Verification", "save_rows", "load_rows", "unload_rows",
+    "loaded_rows", "extract_rows",
     "load_tensors", "read_indices", "checkpoint_problem",
 ]

@@ -16,7 +16,6 @@ each with a one-line message. Files are read and written by :mod:`.formats`.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from .formats import (
     load_tensors,
     path_str,
     pick,
+    refuse_same_file,
     state_dict_of,
     tensor_problem,
     tensor_source,
@@ -42,14 +42,6 @@ from .formats import (
 from .verify import exact_cast
 
 __all__ = ["export_checkpoint", "export_state_dict"]
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    """Whether ``a`` and ``b`` name one file (a symlink or a hard link included)."""
-    try:
-        return os.path.samefile(a, b)
-    except OSError:  # one of them does not exist (yet)
-        return a.resolve() == b.resolve()
 
 
 def _foreign(state_dict: Mapping[str, Any], key: str) -> bool:
@@ -178,9 +170,7 @@ def export_checkpoint(
     """
     writer_kind(Path(out))  # refuse a bad output name before reading anything
     where = f"checkpoint {path_str(checkpoint)!r}"
-    if _same_file(Path(out), Path(checkpoint)):
-        raise ValueError(f"output {path_str(out)!r} is the checkpoint itself: exporting onto it would replace "
-                         "the checkpoint by its weights only; write to another file")
+    refuse_same_file(out, checkpoint, "checkpoint", "its weights")
     obj = load_tensors(checkpoint, what="checkpoint")
     sd = state_dict_of(obj, where)
     if isinstance(sd, Tensor):

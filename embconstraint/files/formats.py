@@ -25,6 +25,7 @@ from .._common import index_tensor
 __all__ = [
     "PathLike", "SafetensorsFile", "load_tensors", "checkpoint_problem", "read_indices", "state_dict_of",
     "pick", "tensor_problem", "listing", "path_str", "tensor_source", "as_indices", "writer_kind", "write_atomic",
+    "same_file", "refuse_same_file",
 ]
 
 PathLike = str | os.PathLike
@@ -196,13 +197,34 @@ def _check_zip(path: Path, what: str) -> None:
 
 
 def state_dict_of(obj: Mapping[str, Any] | Tensor, where: str) -> Mapping[str, Any] | Tensor:
-    """The state dict of a Lightning checkpoint, or ``obj`` itself."""
+    """The state dict of a Lightning checkpoint, or ``obj`` itself; a key that is not a string
+    (``{0: tensor}``, which ``torch.save`` accepts) is a ``ValueError``."""
     if isinstance(obj, Mapping) and "state_dict" in obj:
         sd = obj["state_dict"]
         if not isinstance(sd, Mapping):
             raise ValueError(f"{where}: its 'state_dict' entry is a {type(sd).__name__}, expected a dict")
-        return sd
+        obj = sd
+    if isinstance(obj, Mapping) and not isinstance(obj, SafetensorsFile):
+        bad = next((k for k in obj if not isinstance(k, str)), None)
+        if bad is not None:
+            raise ValueError(f"{where} has the key {bad!r} ({type(bad).__name__}); the keys of a state dict "
+                             "must be strings (parameter names such as 'emb.weight')")
     return obj
+
+
+def same_file(a: PathLike, b: PathLike) -> bool:
+    """Whether ``a`` and ``b`` name one file (through a symbolic or a hard link included)."""
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):  # one of them does not exist (yet)
+        return Path(a).resolve() == Path(b).resolve()
+
+
+def refuse_same_file(out: PathLike, source: PathLike, what: str, product: str) -> None:
+    """``ValueError`` when writing ``out`` would replace the input file ``source`` (a link to it included)."""
+    if same_file(out, source):
+        raise ValueError(f"output {path_str(out)!r} is the {what} itself: writing onto it would replace the {what} "
+                         f"by {product} only; write to another file")
 
 
 def read_indices(path: PathLike) -> Tensor:
@@ -322,8 +344,10 @@ def pick(container: Mapping[str, Any] | Tensor, key: str | None, where: str,
 
 def tensor_source(value: PathLike | Mapping[str, Any] | Tensor, what: str):
     """``value`` (a path, a tensor or a dict of tensors) as (tensors, where), for messages."""
-    if isinstance(value, (Tensor, Mapping)):
+    if isinstance(value, Tensor):
         return value, what
+    if isinstance(value, Mapping):
+        return state_dict_of(value, what) if not isinstance(value, SafetensorsFile) else value, what
     if isinstance(value, (str, os.PathLike)):
         return state_dict_of(load_tensors(value, what=what), f"{what} {path_str(value)!r}"), \
             f"{what} {path_str(value)!r}"

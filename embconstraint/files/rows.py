@@ -13,8 +13,15 @@ from a plain weights file (``embconstraint rows WEIGHTS OUT --pinned N``).
 
 File layout: tensor ``NAME`` is the ``(k, ...)`` free rows, tensor ``NAME.free_rows`` their ``k``
 row indices (int64, increasing); the metadata entry ``embconstraint_rows`` is a JSON object
-``{NAME: {"num_rows": V, "sha256": ...}}``. The fingerprint hashes the dtype, the shape and the
-bytes of the pinned rows (every row not in ``free_rows``) in increasing row order.
+``{NAME: {"num_rows": V, "sha256": ..., "sha256_as": {DTYPE: ...}}}``. The fingerprint hashes the
+dtype, the shape and the bytes of the pinned rows (every row not in ``free_rows``) in increasing
+row order; ``sha256_as`` holds the same fingerprint of the pinned rows cast to each lower precision
+(``torch.bfloat16`` and ``torch.float16`` for a float32 file), so that a file loads onto the same
+base in another precision: its rows are cast to the model's dtype, as PEFT casts on load.
+
+Several files with disjoint rows stack on one base (each one's fingerprint is checked against
+the base's rows, the rows loaded from the others set aside); :func:`unload_rows` puts back the
+rows a file replaced, and loading a file with the same rows as a loaded one switches to it.
 
 >>> import os, tempfile, torch
 >>> from embconstraint import constrain
@@ -36,17 +43,27 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from .._mechanism import PinnedRows, pin_of, tie_of
-from .formats import PathLike, SafetensorsFile, load_tensors, path_str, pick, state_dict_of, write_atomic
+from .formats import (
+    PathLike,
+    SafetensorsFile,
+    load_tensors,
+    path_str,
+    pick,
+    refuse_same_file,
+    state_dict_of,
+    write_atomic,
+)
 
-__all__ = ["save_rows", "load_rows", "extract_rows", "METADATA_KEY", "PEFT_PREFIX"]
+__all__ = ["save_rows", "load_rows", "unload_rows", "loaded_rows", "extract_rows", "METADATA_KEY", "PEFT_PREFIX"]
 
 METADATA_KEY = "embconstraint_rows"
 PEFT_PREFIX = "base_model.model."
@@ -68,9 +85,16 @@ def _pinned_part(weight: Tensor, free_rows: Tensor) -> Tensor:
     return weight[keep.to(weight.device)]
 
 
-def _fingerprint(weight: Tensor, free_rows: Tensor) -> str:
-    """SHA-256 of the dtype, shape and bytes of the pinned rows of ``weight``."""
-    pinned = _pinned_part(weight.detach(), free_rows).cpu().contiguous()
+# Lower precisions a file's pinned rows are also fingerprinted in: a dtype -> the dtypes it holds exactly.
+_LOWER = {torch.float64: (torch.float32, torch.bfloat16, torch.float16), torch.float32: (torch.bfloat16, torch.float16)}
+
+
+def _fingerprint(weight: Tensor, free_rows: Tensor, dtype: torch.dtype | None = None) -> str:
+    """SHA-256 of the dtype, shape and bytes of the pinned rows of ``weight`` (cast to ``dtype`` first)."""
+    pinned = _pinned_part(weight.detach(), free_rows)
+    if dtype is not None and pinned.dtype != dtype:
+        pinned = pinned.to(dtype)
+    pinned = pinned.cpu().contiguous()
     digest = hashlib.sha256(f"{pinned.dtype}|{tuple(pinned.shape)}|".encode())
     if pinned.numel():
         digest.update(pinned.reshape(-1).view(torch.uint8).numpy())
@@ -84,12 +108,23 @@ class _Entry:
     free_rows: Tensor  # (k,) int64, increasing, CPU
     num_rows: int
     sha256: str
+    sha256_as: dict[str, str] = field(default_factory=dict)  # the pinned rows cast to each lower precision
+
+    def fingerprint_for(self, dtype: torch.dtype) -> tuple[str | None, torch.dtype]:
+        """(the file's fingerprint to compare with, the dtype to hash the model's pinned rows in)
+        for a model weight of ``dtype``; (None, ...) when the two precisions cannot be compared."""
+        own = self.values.dtype
+        if dtype == own or own in _LOWER.get(dtype, ()):  # same, or the file is the lower precision
+            return self.sha256, own
+        return self.sha256_as.get(str(dtype)), dtype
 
 
 def _entry(name: str, weight: Tensor, free_rows: Tensor) -> _Entry:
     weight = weight.detach()
     values = weight.index_select(0, free_rows.to(weight.device)).cpu().contiguous()
-    return _Entry(name, values, free_rows.cpu().long(), weight.shape[0], _fingerprint(weight, free_rows))
+    lower = {str(dt): _fingerprint(weight, free_rows, dt) for dt in _LOWER.get(weight.dtype, ())}
+    rows = free_rows.cpu().long().clone()  # its own memory: a head's weight and bias share one layout
+    return _Entry(name, values, rows, weight.shape[0], _fingerprint(weight, free_rows), lower)
 
 
 def _constrained_weights(module: nn.Module) -> Iterator[tuple[str, PinnedRows]]:
@@ -107,7 +142,7 @@ def _write(entries: Iterable[_Entry], path: PathLike) -> list[str]:
     tensors, meta = {}, {}
     for e in entries:
         tensors[e.name], tensors[e.name + _ROWS_SUFFIX] = e.values, e.free_rows
-        meta[e.name] = {"num_rows": e.num_rows, "sha256": e.sha256}
+        meta[e.name] = {"num_rows": e.num_rows, "sha256": e.sha256, "sha256_as": e.sha256_as}
     write_atomic(tensors, out, "safetensors", metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
     return list(meta)
 
@@ -125,8 +160,9 @@ def save_rows(module: nn.Module, path: PathLike) -> list[str]:
     """Write the free rows of every constrained weight in ``module`` to ``path`` (``.safetensors``).
 
     Each weight is stored under its name without PEFT's ``base_model.model.`` prefix, with its free
-    row indices and the SHA-256 fingerprint of its pinned rows; a head tied to a constrained
-    embedding is the embedding's weight and is saved once. Returns the names written.
+    row indices and the SHA-256 fingerprint of its pinned rows (also of the pinned rows cast to each
+    lower precision); a head tied to a constrained embedding is the embedding's weight and is saved
+    once. Returns the names written.
 
     Raises ``TypeError`` for a ``module`` that is not an ``nn.Module``, ``ValueError`` when it
     holds no constrained weight or ``path`` does not end in ``.safetensors``.
@@ -157,7 +193,8 @@ def _read(path: PathLike) -> list[_Entry]:
         raise ValueError(f"rows file {path_str(path)!r} has no {METADATA_KEY!r} metadata: not written by save_rows")
     try:
         meta = json.loads(raw)
-        entries = [_Entry(name, file[name], file[name + _ROWS_SUFFIX].long(), int(m["num_rows"]), str(m["sha256"]))
+        entries = [_Entry(name, file[name], file[name + _ROWS_SUFFIX].long(), int(m["num_rows"]), str(m["sha256"]),
+                          {str(k): str(v) for k, v in m.get("sha256_as", {}).items()})
                    for name, m in meta.items()]
     except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as err:
         raise ValueError(f"rows file {path_str(path)!r}: damaged {METADATA_KEY!r} entry ({err!r})") from None
@@ -170,12 +207,81 @@ def _read(path: PathLike) -> list[_Entry]:
     return entries
 
 
+# -- what was loaded where ----------------------------------------------------------------------
+
+@dataclass
+class _Loaded:
+    """Rows of one weight loaded from one file, and the rows they replaced (the base's)."""
+
+    source: str  # the file, resolved
+    free_rows: Tensor  # (k,) CPU int64
+    base: Tensor  # (k, ...) the rows before the load, on the weight's device and dtype
+
+
+# module -> {attribute: [_Loaded, in load order]}; weak: a model that is dropped takes its record along.
+_LOADED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _source(path: PathLike) -> str:
+    return str(Path(path).resolve())
+
+
+def loaded_rows(module: nn.Module) -> dict[str, list[str]]:
+    """The rows files loaded into ``module`` and not unloaded: ``{file: [weight names]}``, in load order.
+
+    >>> import torch
+    >>> loaded_rows(torch.nn.Embedding(3, 2))
+    {}
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    out: dict[str, list[str]] = {}
+    for name, m in _targets(module).items():
+        for attr, records in _LOADED.get(m, {}).items():
+            for r in records:
+                out.setdefault(r.source, []).append(f"{name}.{attr}" if name else attr)
+    return out
+
+
 def _targets(module: nn.Module) -> dict[str, nn.Module]:
     return {_canonical(name): m for name, m in module.named_modules()}
 
 
-def _target_weight(targets: Mapping[str, nn.Module], e: _Entry) -> tuple[nn.Module, str, Tensor]:
-    """The module, attribute and current (merged) weight that entry ``e`` goes to; the refusals."""
+@dataclass
+class _Step:
+    """One entry of a rows file, checked and ready to write into ``module.<attr>``."""
+
+    entry: _Entry
+    module: nn.Module
+    attr: str
+    weight: Tensor  # the current (merged) weight
+    replaces: list[_Loaded]  # loaded records with exactly these rows (a switch): their base rows are kept
+
+
+def _rows_loaded_from_others(records: list[_Loaded], e: _Entry, source: str, path: PathLike) -> list[_Loaded]:
+    """The records ``e`` replaces (same rows: a switch, or the same file again); refuses a partial overlap."""
+    replaced = []
+    for r in records:
+        if r.source == source or torch.equal(r.free_rows, e.free_rows):
+            replaced.append(r)
+        elif bool(torch.isin(e.free_rows, r.free_rows).any()):
+            raise ValueError(f"load_rows: rows of {e.name} in {path_str(path)!r} overlap rows loaded from "
+                             f"{r.source!r} (not the same rows); unload_rows(model, {r.source!r}) first")
+    return replaced
+
+
+def _base_weight(weight: Tensor, others: list[_Loaded]) -> Tensor:
+    """``weight`` with the rows loaded from other files put back to the base's (a copy if any)."""
+    if not others:
+        return weight
+    base = weight.detach().clone()
+    for r in others:
+        base.index_copy_(0, r.free_rows.to(base.device), r.base.to(base))
+    return base
+
+
+def _check_entry(targets: Mapping[str, nn.Module], e: _Entry, path: PathLike) -> _Step:
+    """Everything :func:`load_rows` refuses of one entry, checked without changing anything."""
     mpath, _, attr = e.name.rpartition(".")
     m = targets.get(mpath)
     if m is None:
@@ -192,15 +298,55 @@ def _target_weight(targets: Mapping[str, nn.Module], e: _Entry) -> tuple[nn.Modu
     if tuple(weight.shape) != expected:
         raise ValueError(f"load_rows: {e.name} has shape {tuple(weight.shape)} in the model, "
                          f"the file's rows are for shape {expected}")
-    if weight.dtype != e.values.dtype:
-        raise ValueError(f"load_rows: {e.name} is {weight.dtype} in the model, the file holds {e.values.dtype}")
     if pin is not None and not torch.equal(pin.free_rows(), e.free_rows):
         raise ValueError(f"load_rows: {e.name} is constrained with {pin.num_rows - pin.num_pinned} free rows "
                          f"in the model, other than the file's {e.free_rows.numel()} free rows")
-    if _fingerprint(weight, e.free_rows) != e.sha256:
+    expected_sha, dtype = e.fingerprint_for(weight.dtype)
+    if expected_sha is None:
+        raise ValueError(f"load_rows: {e.name} is {weight.dtype} in the model, the file holds {e.values.dtype} "
+                         f"and no fingerprint of its pinned rows in {weight.dtype}; cast the model to "
+                         f"{e.values.dtype} to load it")
+    records = _LOADED.get(m, {}).get(attr, [])
+    replaces = _rows_loaded_from_others(records, e, _source(path), path)
+    others = [r for r in records if not any(r is x for x in replaces)]
+    if _fingerprint(_base_weight(weight, others), e.free_rows, dtype) != expected_sha:
         raise ValueError(f"load_rows: the pinned rows of {e.name} differ from those the file's rows were "
                          "trained against (SHA-256 fingerprint mismatch): a rows file for another model")
-    return m, attr, weight
+    return _Step(e, m, attr, weight, replaces)
+
+
+def check_rows_file(module: nn.Module, path: PathLike) -> list[_Step]:
+    """Every check of :func:`load_rows`, nothing written; pass the result to :func:`write_rows`."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    entries = _read(path)
+    targets = _targets(module)
+    steps = [_check_entry(targets, e, path) for e in entries]
+    names = {e.name for e in entries}
+    left = [name for name, _ in _constrained_weights(module) if name not in names]
+    if left:
+        raise ValueError(f"load_rows: the model's constrained weight(s) {left} are not in the rows file "
+                         f"{path_str(path)!r} (it holds {sorted(names)})")
+    return steps
+
+
+@torch.no_grad()
+def write_rows(steps: list[_Step], path: PathLike) -> list[str]:
+    """Write the rows :func:`check_rows_file` checked (cast to each weight's dtype); returns the names."""
+    source = _source(path)
+    for s in steps:
+        e, pin = s.entry, pin_of(s.module, s.attr)
+        rows = e.free_rows.to(s.weight.device)
+        base = s.replaces[0].base if s.replaces else s.weight.index_select(0, rows).clone()
+        values = e.values.to(device=s.weight.device, dtype=s.weight.dtype)
+        if pin is not None:  # free_parameter holds the free rows in increasing order
+            pin.free_parameter.copy_(values)
+        else:
+            s.weight.index_copy_(0, rows, values)
+        records = _LOADED.setdefault(s.module, {}).setdefault(s.attr, [])
+        records[:] = [r for r in records if not any(r is x for x in s.replaces)]
+        records.append(_Loaded(source, e.free_rows, base))
+    return [s.entry.name for s in steps]
 
 
 def load_rows(module: nn.Module, path: PathLike) -> list[str]:
@@ -208,11 +354,20 @@ def load_rows(module: nn.Module, path: PathLike) -> list[str]:
 
     ``module`` may be plain or constrained, a ``PeftModel`` or a base model (names are matched
     without PEFT's ``base_model.model.`` prefix). Every entry is checked first: the module exists,
-    the weight has the file's shape and dtype, its pinned rows (every row but the file's) have the
-    file's SHA-256 fingerprint, and a constrained weight frees exactly the file's rows. Any
-    difference raises a ``ValueError`` naming the weight, and nothing is written. A constrained
-    weight of ``module`` that the file does not hold is refused too (its new rows would stay
-    untrained).
+    the weight has the file's shape, its pinned rows (every row but the file's) have the file's
+    SHA-256 fingerprint, and a constrained weight frees exactly the file's rows. Any difference
+    raises a ``ValueError`` naming the weight, and nothing is written. A constrained weight of
+    ``module`` that the file does not hold is refused too (its new rows would stay untrained).
+
+    **Precision.** A file loads onto the same base in another precision: its rows are cast to
+    the model's dtype (a float32 file onto a bfloat16 base, as PEFT casts on load), and the
+    fingerprint is compared in the lower of the two precisions (float16 against bfloat16, where
+    neither holds the other, is refused).
+
+    **Several files.** Files with disjoint rows, trained on the same base, stack: each one's
+    fingerprint is taken over the base's rows, those loaded from the other files set aside.
+    Loading a file with exactly the rows of a loaded one switches to it (the same file again
+    reloads it); a partial overlap is refused. :func:`unload_rows` puts the base's rows back.
 
     >>> import os, tempfile, torch
     >>> from embconstraint import constrain
@@ -224,24 +379,50 @@ def load_rows(module: nn.Module, path: PathLike) -> list[str]:
     ...
     ValueError: load_rows: the pinned rows of weight differ from those the file's rows were trained against (SHA-256 fingerprint mismatch): a rows file for another model
     """
+    return write_rows(check_rows_file(module, path), path)
+
+
+@torch.no_grad()
+def unload_rows(module: nn.Module, path: PathLike | None = None) -> list[str]:
+    """Put back the rows that :func:`load_rows` of ``path`` replaced (``None``: of every file
+    loaded into ``module``, last loaded first); returns the names restored. The rows get the
+    values they had before that load, bitwise (also after training them since).
+
+    >>> import os, tempfile, torch
+    >>> from embconstraint import constrain
+    >>> trained = constrain(torch.nn.Embedding(5, 2), torch.zeros(3, 2))
+    >>> path = os.path.join(tempfile.mkdtemp(), "rows.safetensors")
+    >>> _ = save_rows(trained, path)
+    >>> base = torch.nn.Embedding(5, 2)
+    >>> with torch.no_grad():
+    ...     _ = base.weight[:3].zero_()
+    >>> before = base.weight.detach().clone()
+    >>> load_rows(base, path), unload_rows(base, path)
+    (['weight'], ['weight'])
+    >>> torch.equal(base.weight, before)
+    True
+    """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
-    entries = _read(path)
-    targets = _targets(module)
-    plan = [(e, *_target_weight(targets, e)) for e in entries]
-    names = {e.name for e in entries}
-    left = [name for name, _ in _constrained_weights(module) if name not in names]
-    if left:
-        raise ValueError(f"load_rows: the model's constrained weight(s) {left} are not in the rows file "
-                         f"{path_str(path)!r} (it holds {sorted(names)})")
-    with torch.no_grad():
-        for e, m, attr, weight in plan:
-            pin = pin_of(m, attr)
-            if pin is not None:  # free_parameter holds the free rows in increasing order
-                pin.free_parameter.copy_(e.values)
-            else:
-                weight.index_copy_(0, e.free_rows.to(weight.device), e.values.to(weight.device))
-    return [e.name for e in entries]
+    source = None if path is None else _source(_rows_path(path))
+    plan = []
+    for name, m in _targets(module).items():
+        for attr, records in _LOADED.get(m, {}).items():
+            plan += [(f"{name}.{attr}" if name else attr, m, attr, r) for r in records
+                     if source is None or r.source == source]
+    if not plan:
+        what = "no rows file" if path is None else f"no rows from {path_str(path)!r}"
+        raise ValueError(f"unload_rows: {what} loaded into {type(module).__name__}")
+    for _, m, attr, r in reversed(plan):
+        pin = pin_of(m, attr)
+        if pin is not None:
+            pin.free_parameter.copy_(r.base.to(pin.free_parameter))
+        else:
+            weight = getattr(m, attr)
+            weight.index_copy_(0, r.free_rows.to(weight.device), r.base.to(weight))
+        records = _LOADED[m][attr]
+        records[:] = [x for x in records if x is not r]
+    return list(dict.fromkeys(name for name, *_ in plan))
 
 
 def extract_rows(weights: PathLike, out: PathLike, *, num_pinned: int, keys: Iterable[str] | None = None) -> list[str]:
@@ -258,7 +439,8 @@ def extract_rows(weights: PathLike, out: PathLike, *, num_pinned: int, keys: Ite
     if isinstance(num_pinned, bool) or not isinstance(num_pinned, int):
         raise TypeError(f"num_pinned must be an int, got {type(num_pinned).__name__}")
     _rows_path(out)
-    container = state_dict_of(load_tensors(weights, what="weights"), path_str(weights))
+    refuse_same_file(out, weights, "weights file", "the rows")
+    container = state_dict_of(load_tensors(weights, what="weights"), f"weights {path_str(weights)!r}")
     if isinstance(container, Tensor):
         raise ValueError(f"weights {path_str(weights)!r} holds a bare tensor; a rows file needs named weights")
     picked = [pick(container, key, f"weights {path_str(weights)!r}", False) for key in (list(keys) if keys else [None])]

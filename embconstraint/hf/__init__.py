@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor, nn
 
 from .._mechanism import check_constrain_args, pin_of
-from ..core import Indices, Reference, constrain
+from ..core import Indices, Reference, check_constrain
+from .adapters import ROWS_FILE, is_peft_model, peft_wrapper_problem, record_base_rows
 from .guards import guard_while_constrained
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; transformers is an optional extra
@@ -79,6 +80,9 @@ def constrain_input_embeddings(
     True
     """
     embedding = _input_embeddings(model)
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    if getattr(getattr(head, "base_layer", None), "weight", None) is embedding.weight:  # a tied head PEFT wraps
+        raise ValueError(peft_wrapper_problem(head, "model.get_output_embeddings()"))
     if isinstance(reference, bool) or not isinstance(reference, (int, Tensor, nn.Embedding, nn.EmbeddingBag)):
         raise TypeError(
             "reference must be an int (number of leading rows to pin at their current values), "
@@ -94,9 +98,17 @@ def constrain_input_embeddings(
         if not 0 <= reference <= num_rows:
             raise ValueError(f"reference (number of pinned rows) must lie in [0, {num_rows}], got {reference}")
         reference = embedding.weight.detach()[:reference]
-    constrain(embedding, reference, root=model, indices=indices)
-    guard_while_constrained(model)
+    check_constrain(embedding, reference, root=model, indices=indices).apply()
+    _after_constraining(model)
     return embedding
+
+
+def _after_constraining(model: nn.Module) -> None:
+    """The guards; on a ``PeftModel``, the hooks, and the new rows' values now (what
+    ``disable_adapter()`` puts in: a copy of the free rows)."""
+    guard_while_constrained(model)
+    if is_peft_model(model):
+        record_base_rows(model)
 
 
 def _input_embeddings(model: Any) -> nn.Embedding:
@@ -109,6 +121,9 @@ def _input_embeddings(model: Any) -> nn.Embedding:
         embedding = model.get_input_embeddings()
     except NotImplementedError as err:
         raise TypeError(f"model {type(model).__name__} does not expose its input embeddings: {err}") from err
+    problem = peft_wrapper_problem(embedding, "model.get_input_embeddings()")
+    if problem is not None:
+        raise ValueError(problem)
     if not isinstance(embedding, nn.Embedding):
         raise TypeError(
             "model.get_input_embeddings() must return an nn.Embedding, "
@@ -155,6 +170,9 @@ def constrain_new_tokens(
     if not 0 <= old_vocab_size <= num_rows:
         raise ValueError(f"old_vocab_size must lie in [0, {num_rows}], got {old_vocab_size}")
     head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    problem = peft_wrapper_problem(head, "model.get_output_embeddings()")
+    if problem is not None:
+        raise ValueError(problem)
     tied = head is not None and getattr(head, "weight", None) is embedding.weight
     if head is not None and not tied and not isinstance(head, nn.Linear):
         raise TypeError(
@@ -167,21 +185,18 @@ def constrain_new_tokens(
             f"model.get_output_embeddings() has {head.weight.shape[0]} rows but the input embeddings have "
             f"{num_rows}; resize both (model.resize_token_embeddings) first"
         )
-    # everything is checked before anything changes
     _, rows = check_constrain_args(embedding, embedding.weight.detach()[:old_vocab_size], indices, "error")
 
     def _reference(weight: Tensor) -> Tensor:
         weight = weight.detach()
         return weight[:old_vocab_size] if rows is None else weight.index_select(0, rows.to(weight.device))
 
+    # everything is checked (the head too, and who shares its tensors) before anything changes
+    plans = [check_constrain(embedding, _reference(embedding.weight), indices=rows, root=model)]
     if head is not None and not tied:
-        check_constrain_args(head, _reference(head.weight), rows, "error", heads=True)
-    constrain(embedding, _reference(embedding.weight), root=model, indices=rows)
-    modules = [embedding]
-    if head is not None and not tied:
-        constrain(head, _reference(head.weight), indices=rows)
-        modules.append(head)
-    guard_while_constrained(model)
+        plans.append(check_constrain(head, _reference(head.weight), indices=rows, root=model))
+    modules = [plan.apply() for plan in plans]
+    _after_constraining(model)
     params = [pin.free_parameter for m in modules for name in list(m.parametrizations.keys())
               if (pin := pin_of(m, name)) is not None]
     for p in params:
@@ -191,7 +206,7 @@ def constrain_new_tokens(
 
 def __getattr__(name: str) -> Any:
     # SaveRowsCallback subclasses transformers.TrainerCallback: imported on first use only.
-    if name in ("SaveRowsCallback", "ROWS_FILE"):
+    if name == "SaveRowsCallback":
         from . import trainer
 
         return getattr(trainer, name)

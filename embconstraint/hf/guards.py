@@ -16,23 +16,45 @@ RuntimeError: model.resize_token_embeddings() would replace the weight of a cons
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
-from .._mechanism import tie_of
+from .._mechanism import pin_of, tie_of
 from ..core import is_constrained
+from .adapters import (
+    base_model_of,
+    disable_adapter_with_rows,
+    load_adapter_with_rows,
+    save_pretrained_with_rows,
+)
 
-__all__ = ["guard_while_constrained"]
+__all__ = ["guard_while_constrained", "guard_peft_model", "is_guarded"]
 
 
 def guard_while_constrained(model: nn.Module) -> None:
     """Guard ``model.tie_weights()`` (it only checks that every tie holds) and
     ``model.resize_token_embeddings()`` (it raises) while an embedding of ``model`` is constrained;
-    each guard removes itself once nothing is constrained."""
-    _guard(model, "tie_weights", _tie_weights_while_constrained)
-    _guard(model, "resize_token_embeddings", _resize_while_constrained)
+    each guard removes itself once nothing is constrained. On a ``PeftModel`` the guards go on
+    the transformers model inside it (which the ``PeftModel`` forwards those calls to), and its
+    ``save_pretrained``, ``load_adapter`` and ``disable_adapter`` take the trained rows along
+    (see :mod:`embconstraint.hf.adapters`; ``disable_adapter`` only where the base rows were
+    recorded, by ``constrain_new_tokens`` or ``constrain_input_embeddings``)."""
+    base = base_model_of(model)
+    _guard(base, "tie_weights", _tie_weights_while_constrained)
+    _guard(base, "resize_token_embeddings", _resize_while_constrained)
+    if base is not model:
+        guard_peft_model(model)
+
+
+def guard_peft_model(model: nn.Module, *, rows_off: bool = True) -> None:
+    """The ``PeftModel`` hooks of :mod:`embconstraint.hf.adapters` (``rows_off``: ``disable_adapter`` too)."""
+    _guard(model, "save_pretrained", save_pretrained_with_rows)
+    _guard(model, "load_adapter", load_adapter_with_rows)
+    if rows_off:
+        _guard(model, "disable_adapter", disable_adapter_with_rows)
 
 
 def _constrained(model: nn.Module) -> bool:
@@ -55,6 +77,11 @@ class _WhileConstrained:
         return getattr(model, self.name)(*args, **kwargs)
 
 
+def is_guarded(model: nn.Module, name: str) -> bool:
+    """Whether ``model.<name>`` is one of these guards (or hooks)."""
+    return isinstance(model.__dict__.get(name), _WhileConstrained)
+
+
 def _guard(model: nn.Module, name: str, action: Callable[..., Any]) -> None:
     if callable(getattr(type(model), name, None)) and not isinstance(model.__dict__.get(name), _WhileConstrained):
         model.__dict__[name] = _WhileConstrained(model, name, action)
@@ -73,24 +100,52 @@ def _tie_weights_while_constrained(model: nn.Module, *args: Any, **kwargs: Any) 
             "embeddings again")
     if not callable(expand):
         raise RuntimeError(f"model.tie_weights() is not supported while an embedding is constrained; {hint}")
-    for target, source in expand(all_submodels=True).items():
+    for target, source in _tied_keys(model, expand, hint).items():
         (tpath, tattr), (spath, sattr) = _split(target), _split(source)
         try:
             tmod, smod = model.get_submodule(tpath), model.get_submodule(spath)
         except AttributeError as err:
             raise RuntimeError(f"model.tie_weights(): cannot resolve {target} -> {source} ({err}); {hint}") from err
-        if is_constrained(smod) and sattr == "weight":
-            tie = tie_of(tmod, tattr)
-            if tie is not None and tie.embedding is smod:
-                continue  # the head already computes with the constrained weight
+        if _tied(tmod, tattr, smod, sattr) or _tied(smod, sattr, tmod, tattr):
+            continue  # one side already computes with the other's constrained tensor
+        if pin_of(smod, sattr) is not None:
             problem = f"{target} does not compute with the constrained {source}"
-        elif is_constrained(tmod) and tattr == "weight":
+        elif pin_of(tmod, tattr) is not None:
             problem = f"tying would replace the constrained {target}"
         elif getattr(tmod, tattr, None) is getattr(smod, sattr, object()):
             continue  # a tie unrelated to the constraint, which holds
         else:
             problem = f"{target} is not tied to {source}"
         raise RuntimeError(f"model.tie_weights() while an embedding is constrained: {problem}; {hint}")
+
+
+def _tied_keys(model: nn.Module, expand: Callable[..., dict], hint: str) -> dict[str, str]:
+    """transformers' tied-weight mapping. Its expansion looks names up among the parameters,
+    where a constrained weight is ``...parametrizations.weight.original``; it fails then for a
+    mapping it does not take as literal names (BERT's ``cls.predictions.bias``), whose
+    ``_tied_weights_keys`` are used as they are."""
+    try:
+        return expand(all_submodels=True)
+    except ValueError:
+        pass
+    literal = re.compile(r"[A-Za-z0-9_.]+")
+    out: dict[str, str] = {}
+    for prefix, sub in model.named_modules():
+        mapping = getattr(sub, "_tied_weights_keys", None)
+        if not isinstance(mapping, dict) or not getattr(getattr(sub, "config", None), "tie_word_embeddings", False):
+            continue
+        if not all(literal.fullmatch(k) for k in (*mapping, *mapping.values())):
+            raise RuntimeError(f"model.tie_weights(): cannot read the tied weights of {type(sub).__name__} while an "
+                               f"embedding is constrained; {hint}")
+        dot = f"{prefix}." if prefix else ""
+        out.update({dot + k: dot + v for k, v in mapping.items()})
+    return out
+
+
+def _tied(module: nn.Module, name: str, owner: nn.Module, owner_name: str) -> bool:
+    """Whether ``module.<name>`` is tied to the constrained ``owner.<owner_name>``."""
+    tie = tie_of(module, name)
+    return tie is not None and tie.pin is pin_of(owner, owner_name)
 
 
 def _resize_while_constrained(model: nn.Module, *args: Any, **kwargs: Any) -> None:
