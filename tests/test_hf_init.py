@@ -32,7 +32,7 @@ from transformers import (  # noqa: E402
 
 from embconstraint import is_constrained, release  # noqa: E402
 from embconstraint._common import bitwise_equal  # noqa: E402
-from embconstraint._mechanism import pin_of  # noqa: E402
+from embconstraint._mechanism import pin_of, tie_of  # noqa: E402
 from embconstraint.hf import InitializedToken, constrain_new_tokens, init_new_tokens  # noqa: E402
 from embconstraint.hf.init import _values  # noqa: E402
 
@@ -86,7 +86,7 @@ def tables(model) -> dict[str, torch.Tensor]:
     """Snapshot of every row that could be written: embedding, head, head bias."""
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     out = {"emb": emb.weight.detach().clone()}
-    if head.weight is not emb.weight:
+    if head.weight is not emb.weight and tie_of(head, "weight") is None:  # untied
         out["head"] = head.weight.detach().clone()
         if head.bias is not None:
             out["bias"] = head.bias.detach().clone()
@@ -94,7 +94,8 @@ def tables(model) -> dict[str, torch.Tensor]:
 
 
 def pieces(old_tok, text: str) -> list[int]:
-    return old_tok.encode(text, add_special_tokens=False)
+    """The ids of ``text`` under the old tokenizer, the unknown token skipped."""
+    return [i for i in old_tok.encode(text, add_special_tokens=False) if i != old_tok.unk_token_id]
 
 
 def expected_rows(before, tok, old_tok, texts: dict[str, str]) -> dict[str, dict[int, torch.Tensor]]:
@@ -137,6 +138,30 @@ def test_subwords_and_descriptions_write_only_the_new_rows(base_json, head, cons
                 assert torch.equal(pin_of(m).pinned_rows(), torch.arange(old_vocab))
     if head == "tied":
         assert torch.equal(model.get_output_embeddings().weight, model.get_input_embeddings().weight)
+
+
+@pytest.mark.parametrize("head", ["tied", "untied", "bias"])
+def test_ends_reads_the_last_piece_and_predicts_the_first(base_json, head):
+    model, tok, old_tok, _ = grown(base_json, tied=head == "tied", bias=head == "bias")
+    constrain_new_tokens(model, len(old_tok))
+    before = tables(model)
+    done = init_new_tokens(model, tok, WORDS + CHAT, method="ends", descriptions={"<|user|>": "ka lo"})
+    assert [d.method for d in done] == ["ends"] * 3 + ["description", "ends"]
+    texts = {**{w: w for w in WORDS}, "<|user|>": "ka lo", "<|assistant|>": "<|assistant|>"}
+    assert old_tok.unk_token_id in old_tok.encode("<|assistant|>")  # "<", "|", ">" are unknown: skipped
+    expected = {name: {} for name in before}
+    for t, text in texts.items():
+        p, row = pieces(old_tok, text), tok.convert_tokens_to_ids(t)
+        assert len(p) > 1 and p[0] != p[-1]
+        if t == "<|user|>":  # a description: the mean of all its pieces, in every table
+            picks = {name: p for name in before}
+        elif head == "tied":
+            picks = {"emb": [p[0], p[-1]]}
+        else:
+            picks = {"emb": [p[-1]], "head": [p[0]], "bias": [p[0]]}
+        for name, w in before.items():
+            expected[name][row] = w[picks[name]].mean(0)
+    assert_written(model, before, expected)
 
 
 def test_old_tokenizer_given_or_derived_agree(base_json):
@@ -207,7 +232,7 @@ def test_the_covariance_sample_has_the_old_rows_covariance():
     table = torch.cat([olds, torch.zeros(1, 10)])  # one new row, its value irrelevant
     n, draws, scale = 6, 20000, 0.5
     plan = [InitializedToken("t", 6, "mean", "", ())] * draws
-    (out,) = _values([table], plan, list(range(n)), scale, torch.Generator().manual_seed(1))
+    (out,) = _values([table], "input", plan, list(range(n)), scale, torch.Generator().manual_seed(1))
     centered = olds - olds.mean(0)
     sigma = centered.T @ centered / n
     torch.testing.assert_close(out.mean(0), olds.mean(0), rtol=0, atol=0.03)
@@ -266,7 +291,7 @@ REFUSALS = [
      r"descriptions name tokens that are not being added: \['<\|system\|>'\]"),
     ({"method": "description", "descriptions": {"<|user|>": "ka"}}, ValueError,
      r"method='description' needs a description for every token; missing: \['kalomi', 'raveno', 'sudobi', "),
-    ({"method": "random"}, ValueError, r"method must be one of \('subwords', 'mean', 'description'\), got 'random'"),
+    ({"method": "random"}, ValueError, r"method must be one of \('subwords', 'ends', 'mean', 'description'\), got 'random'"),
     ({"covariance_scale": -1.0}, ValueError, r"covariance_scale must be a finite number >= 0, got -1.0"),
     ({"covariance_scale": float("nan"), "method": "mean"}, ValueError, "covariance_scale must be a finite number"),
     ({"covariance_scale": 1e-5}, ValueError, r"covariance_scale applies to method='mean' only, got method='subwords'"),

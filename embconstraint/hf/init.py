@@ -8,6 +8,12 @@ nothing else. Methods:
     the mean of the rows of the pieces the token's text splits into under the *old* tokenizer
     (for the head, the head's rows and bias entries of those pieces: the new token's logit is
     the mean of its pieces' logits).
+``"ends"``
+    from the same pieces, the ends of the word: the input row is the row of the *last* piece (in
+    a causal model, what the model has just read when it predicts the next word), the head row
+    and bias entry those of the *first* piece (the only piece predicted where the word starts;
+    the later pieces' logits are low there). A tied table, one row for both, gets the mean of
+    the first and the last piece's rows.
 ``"mean"``
     the mean of every old row; with ``covariance_scale=s > 0``, plus a sample of
     ``N(0, s * Sigma)``, Sigma the old rows' covariance (Hewitt's recipe is ``s = 1e-5``),
@@ -21,7 +27,7 @@ nothing else. Methods:
 The old tokenizer is ``old_tokenizer`` when given (a copy taken before ``add_tokens``), else the
 tokenizer's own ``tokenizers`` backend without the tokens being initialised (their added-token
 entries are removed from a copy; ``tokenizer`` itself is not changed). "Old rows" are the rows of
-the tokens that old tokenizer knows. Rows that belong to no token (the padding rows of
+the tokens that old tokenizer knows; a piece that is its unknown token is skipped. Rows that belong to no token (the padding rows of
 ``resize_token_embeddings(..., pad_to_multiple_of=...)``) are left as they are.
 
 Everything is checked before anything is written. The weights may be plain or constrained
@@ -66,8 +72,8 @@ from .._mechanism import pin_of, tie_of
 
 __all__ = ["init_new_tokens", "InitializedToken", "METHODS"]
 
-METHODS = ("subwords", "mean", "description")
-Method = Literal["subwords", "mean", "description"]
+METHODS = ("subwords", "ends", "mean", "description")
+Method = Literal["subwords", "ends", "mean", "description"]
 _CHUNK = 64  # new rows drawn at once for the covariance sample (bounds a (chunk, old rows) buffer)
 
 
@@ -76,9 +82,9 @@ class InitializedToken:
     """What :func:`init_new_tokens` wrote for one token.
 
     ``token``: the token's text; ``row``: its row (its id); ``method``: ``"subwords"``,
-    ``"mean"`` or ``"description"``; ``text``: the text whose pieces were averaged (the token's
-    own text, its description, or ``""`` for ``"mean"``); ``pieces``: those pieces' ids under the
-    old tokenizer (``()`` for ``"mean"``, which averages every old row).
+    ``"ends"``, ``"mean"`` or ``"description"``; ``text``: the text that was split (the token's
+    own text, its description, or ``""`` for ``"mean"``); ``pieces``: its pieces' ids under the
+    old tokenizer, in order (``()`` for ``"mean"``, which averages every old row).
     """
 
     token: str
@@ -121,8 +127,8 @@ def init_new_tokens(
         tokenizer: the tokenizer the tokens were added to (a ``transformers`` tokenizer).
         new_tokens: the added tokens (``str`` or ``tokenizers.AddedToken``), as given to
             ``add_tokens``; each must be known to ``tokenizer`` and not to the old tokenizer.
-        method: ``"subwords"``, ``"mean"`` or ``"description"`` (see the module docstring), for
-            every token without a description.
+        method: ``"subwords"``, ``"ends"``, ``"mean"`` or ``"description"`` (see the module
+            docstring), for every token without a description.
         descriptions: ``{token: text}``: these tokens get the mean of the rows of ``text``'s
             pieces. Every key must be one of ``new_tokens``; with ``method="description"`` every
             token needs one.
@@ -165,7 +171,7 @@ def init_new_tokens(
     >>> torch.equal(w[4], w[1:4].mean(0))
     True
     """
-    embedding, head = _tables(model)
+    embedding, head, tied = _tables(model)
     tokens = _token_texts(new_tokens)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -185,7 +191,7 @@ def init_new_tokens(
     plan: list[InitializedToken] = []
     for token, row in zip(tokens, rows, strict=True):
         if token in descriptions or method != "mean":
-            how = "description" if token in descriptions else "subwords"
+            how = "description" if token in descriptions else method
             text = descriptions.get(token, token)
             plan.append(InitializedToken(token, row, how, text, _pieces(old, token, text, how, new_rows,
                                                                          embedding.num_embeddings)))
@@ -197,13 +203,14 @@ def init_new_tokens(
 
     generator = torch.Generator().manual_seed(seed)
     writes = [(embedding, "weight")]
-    (values,) = _values([embedding.weight.detach()], plan, old_rows, covariance_scale, generator)
+    (values,) = _values([embedding.weight.detach()], "tied" if tied else "input", plan, old_rows,
+                        covariance_scale, generator)
     results = [values]
     if head is not None:
         names = ["weight"] + (["bias"] if head.bias is not None else [])
         writes += [(head, name) for name in names]
-        results += _values([getattr(head, name).detach() for name in names], plan, old_rows, covariance_scale,
-                           generator)
+        results += _values([getattr(head, name).detach() for name in names], "head", plan, old_rows,
+                           covariance_scale, generator)
     index = torch.tensor(rows, dtype=torch.long)
     with torch.no_grad():
         for (module, name), values in zip(writes, results, strict=True):
@@ -212,8 +219,9 @@ def init_new_tokens(
     return plan
 
 
-def _tables(model: Any) -> tuple[nn.Embedding, nn.Linear | None]:
-    """The input embedding and the untied output head (None when tied or absent)."""
+def _tables(model: Any) -> tuple[nn.Embedding, nn.Linear | None, bool]:
+    """The input embedding, the untied output head (None when tied or absent), and whether a head
+    is tied to the embedding."""
     getter = getattr(model, "get_input_embeddings", None)
     if not callable(getter):
         raise TypeError(f"model must have a get_input_embeddings() method (a transformers model), "
@@ -222,18 +230,19 @@ def _tables(model: Any) -> tuple[nn.Embedding, nn.Linear | None]:
     if not isinstance(embedding, nn.Embedding):
         raise TypeError(f"model.get_input_embeddings() must return an nn.Embedding, got {type(embedding).__name__}")
     head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
-    if head is None or head is embedding:
-        return embedding, None
+    if head is None:
+        return embedding, None, False
     tie = tie_of(head, "weight")
-    if getattr(head, "weight", None) is embedding.weight or (tie is not None and tie.embedding is embedding):
-        return embedding, None
+    if head is embedding or getattr(head, "weight", None) is embedding.weight \
+            or (tie is not None and tie.embedding is embedding):
+        return embedding, None, True
     if not isinstance(head, nn.Linear):
         raise TypeError("model.get_output_embeddings() must be an nn.Linear or share the input embedding's "
                         f"weight, got {type(head).__name__}")
     if head.weight.shape[0] != embedding.num_embeddings:
         raise ValueError(f"model.get_output_embeddings() has {head.weight.shape[0]} rows but the input "
                          f"embeddings have {embedding.num_embeddings}; resize both (model.resize_token_embeddings) first")
-    return embedding, head
+    return embedding, head, False
 
 
 def _token_texts(new_tokens: Any) -> list[str]:
@@ -360,11 +369,12 @@ def _pieces(old: _OldTokenizer, token: str, text: str, how: str, new_rows: set[i
     return tuple(ids)
 
 
-def _values(tables: list[Tensor], plan: list[InitializedToken], old_rows: list[int], covariance_scale: float,
-            generator: torch.Generator) -> list[Tensor]:
-    """The new rows of each ``(V, ...)`` table (a weight, a head's bias), in float32 or wider: each
-    the mean of its pieces' rows, or of the old rows plus the covariance sample (one draw shared by
-    the tables: a head's weight row and bias entry are sampled jointly)."""
+def _values(tables: list[Tensor], role: str, plan: list[InitializedToken], old_rows: list[int],
+            covariance_scale: float, generator: torch.Generator) -> list[Tensor]:
+    """The new rows of each ``(V, ...)`` table (a weight, a head's bias; ``role``: "input", "head"
+    or "tied"), in float32 or wider: each the mean of its pieces' rows (for "ends", the pieces
+    :func:`_ends` picks), or of the old rows plus the covariance sample (one draw shared by the
+    tables: a head's weight row and bias entry are sampled jointly)."""
     mean_at = [i for i, p in enumerate(plan) if p.method == "mean"]
     n = len(old_rows)
     dtypes = [torch.promote_types(t.dtype, torch.float32) for t in tables]
@@ -388,6 +398,15 @@ def _values(tables: list[Tensor], plan: list[InitializedToken], old_rows: list[i
             out[at] = center + math.sqrt(covariance_scale / n) * sample.reshape(len(at), *center.shape)
     for i, p in enumerate(plan):
         if p.method != "mean":
+            rows = _ends(p.pieces, role) if p.method == "ends" else list(p.pieces)
             for table, dtype, out in zip(tables, dtypes, outs, strict=True):
-                out[i] = table[list(p.pieces)].mean(0, dtype=dtype)
+                out[i] = table[rows].mean(0, dtype=dtype)
     return outs
+
+
+def _ends(pieces: tuple[int, ...], role: str) -> list[int]:
+    """The pieces method "ends" averages: the last (the input embedding: what the model reads
+    before predicting the next word), the first (the head: the only piece predicted where the
+    word starts), both (one tied table)."""
+    first, last = pieces[0], pieces[-1]
+    return [last] if role == "input" else [first] if role == "head" else sorted({first, last})
