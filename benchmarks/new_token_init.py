@@ -20,8 +20,8 @@ A generated language and a tiny Llama, all built in the process (nothing is down
 
 Methods: ``random`` (``resize_token_embeddings(mean_resizing=False)``: N(0, initializer_range)),
 ``hf-default`` (``resize_token_embeddings()``'s default: the old mean plus a 1e-9-scaled covariance
-sample), and ``init_new_tokens``' ``mean``, ``subwords`` and ``description`` (the description of a
-domain word is the general word it stands for, which this language guarantees).
+sample), and ``init_new_tokens``' ``mean``, ``subwords``, ``ends`` and ``description`` (the
+description of a domain word is the general word it stands for, which this language guarantees).
 
 Reported: the loss of held-out domain text in nats per word (total negative log-likelihood of each
 text divided by its number of words: comparable across tokenizations) at step 0 and along the
@@ -30,8 +30,12 @@ pieces): what a perfect start would reproduce.
 
 Run from the repository root::
 
-    python -m benchmarks.new_token_init                 # 3 seeds, table, JSON and PNG
+    python -m benchmarks.new_token_init --plot docs/new_token_init.png   # 3 seeds, 2 processes
+    python -m benchmarks.new_token_init --tied          # a tied head (one table)
     python -m benchmarks.new_token_init --quick         # 1 seed, shorter: a smoke test
+
+Seeds run in parallel processes (``--workers``, default 2), each with ``--threads`` (default 1)
+torch threads.
 """
 
 from __future__ import annotations
@@ -39,11 +43,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
+import multiprocessing
 import random
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,7 +64,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 from benchmarks.step_time import machine_info  # noqa: E402
 from embconstraint.hf import constrain_new_tokens, init_new_tokens  # noqa: E402
 
-METHODS = ("random", "hf-default", "mean", "subwords", "description")
+METHODS = ("random", "hf-default", "mean", "subwords", "ends", "description")
 CONSONANTS, VOWELS = "ptkbdgmnlsvz", "aeiou"
 SUFFIX = {"N": "ra", "V": "ki", "A": "lu"}
 FUNCTION = (("ta", "po", "me"), ("si", "vo", "de"))
@@ -170,6 +175,8 @@ def train(model: LlamaForCausalLM, params: list[torch.Tensor], batches: list[dic
 
 
 def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    hf_logging.set_verbosity_error()  # resize_token_embeddings' notes on mean resizing
     lang = make_language(seed)
     general = [lang.text(args.sentences, domain=False) for _ in range(args.tokenizer_texts)]
     tok = make_tokenizer(general, args.vocab)
@@ -179,7 +186,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=old_vocab, hidden_size=args.dim, intermediate_size=2 * args.dim,
                       num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=4,
-                      max_position_embeddings=512, tie_word_embeddings=False,
+                      max_position_embeddings=512, tie_word_embeddings=args.tied,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     base = LlamaForCausalLM(cfg)
     pre_batches = [batch(tok, [lang.text(args.sentences, domain=b % 2 == 1) for _ in range(args.batch)])
@@ -208,7 +215,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
         model = copy.deepcopy(base)
         torch.manual_seed(seed + 1)
         model.resize_token_embeddings(len(new_tok), mean_resizing=method == "hf-default")
-        if method in ("mean", "subwords"):
+        if method in ("mean", "subwords", "ends"):
             init_new_tokens(model, new_tok, new_tokens, method=method)
         elif method == "description":
             init_new_tokens(model, new_tok, new_tokens, method="description", descriptions=descriptions)
@@ -234,7 +241,8 @@ def summarize(runs: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
     out = {"steps": steps, "median_curves": med, "old_tokenization": old, "methods": {}}
     for m in methods:
         reach = [steps_to_reach(r["curves"][m], r["curves"]["mean"][-1][1]) for r in runs] if "mean" in methods else []
-        out["methods"][m] = {"step0": med[m][0], "final": med[m][-1], "gap0": med[m][0] - old,
+        gap0 = statistics.median(r["curves"][m][0][1] - r["old_tokenization"] for r in runs)
+        out["methods"][m] = {"step0": med[m][0], "final": med[m][-1], "gap0": gap0,
                              "reach_mean_final": reach}
     return out
 
@@ -245,7 +253,7 @@ def table(summary: dict[str, Any], runs: list[dict[str, Any]]) -> str:
     lines = [f"held-out domain text, nats per word (median of {len(runs)} seed(s)); old tokenization: "
              f"{summary['old_tokenization']:.3f}",
              "",
-             f"| method | step 0 | gap to old tokenization at step 0 | step {mid} | step {steps[-1]} | "
+             f"| method | step 0 | step 0 minus old tokenization | step {mid} | step {steps[-1]} | "
              "steps to reach mean's final loss (per seed) |",
              "|---|---|---|---|---|---|"]
     for m, r in summary["methods"].items():
@@ -272,7 +280,6 @@ def plot(summary: dict[str, Any], path: Path) -> bool:
                label="old tokenization (perfect start)")
     ax.set_xlabel("training steps of the new rows only")
     ax.set_ylabel("held-out loss (nats per word)")
-    ax.set_yscale("log")
     ax.set_title("New tokens: loss from each initialisation")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -298,7 +305,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--tokenizer-texts", type=int, default=2000)
     p.add_argument("--eval-texts", type=int, default=64)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--workers", type=int, default=2, help="processes running seeds in parallel")
+    p.add_argument("--tied", action="store_true", help="tie the head to the input embedding")
     p.add_argument("--quick", action="store_true", help="1 seed, 150 pretraining steps, 20 steps: a smoke test")
     p.add_argument("--json", type=Path, default=None, help="write the runs and the summary here")
     p.add_argument("--plot", type=Path, default=None, help="write the PNG here (default: none)")
@@ -314,16 +323,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    hf_logging.set_verbosity_error()  # resize_token_embeddings' notes on mean resizing
     t0 = time.perf_counter()
-    runs = [run_seed(seed, args) for seed in range(args.seeds)]
+    if args.workers > 1 and args.seeds > 1:
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(args.workers, args.seeds), mp_context=ctx) as pool:
+            runs = list(pool.map(run_seed, range(args.seeds), [args] * args.seeds))
+    else:
+        runs = [run_seed(seed, args) for seed in range(args.seeds)]
     summary = summarize(runs, args.methods)
     wall = time.perf_counter() - t0
     print(table(summary, runs))
     print(f"\n{runs[0]['new_tokens']} new tokens, {statistics.mean(r['pieces_per_new_token'] for r in runs):.1f} "
           f"old pieces each on average; old vocabulary {runs[0]['old_vocab']}; "
-          f"wall {wall:.0f} s ({args.threads} threads)")
+          f"{'tied' if args.tied else 'untied'} head; wall {wall:.0f} s ({args.workers} processes x "
+          f"{args.threads} thread(s))")
     result = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "machine": machine_info("cpu"), "wall_s": wall, "summary": summary, "runs": runs}
     if args.json:
@@ -336,4 +349,3 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     main()
-    sys.exit(0 if math.isfinite(0.0) else 1)

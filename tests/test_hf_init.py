@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -146,16 +148,14 @@ def test_ends_reads_the_last_piece_and_predicts_the_first(base_json, head):
     constrain_new_tokens(model, len(old_tok))
     before = tables(model)
     done = init_new_tokens(model, tok, WORDS + CHAT, method="ends", descriptions={"<|user|>": "ka lo"})
-    assert [d.method for d in done] == ["ends"] * 3 + ["description", "ends"]
+    assert [d.method for d in done] == ["ends"] * 3 + ["description-ends", "ends"]
     texts = {**{w: w for w in WORDS}, "<|user|>": "ka lo", "<|assistant|>": "<|assistant|>"}
     assert old_tok.unk_token_id in old_tok.encode("<|assistant|>")  # "<", "|", ">" are unknown: skipped
     expected = {name: {} for name in before}
     for t, text in texts.items():
         p, row = pieces(old_tok, text), tok.convert_tokens_to_ids(t)
         assert len(p) > 1 and p[0] != p[-1]
-        if t == "<|user|>":  # a description: the mean of all its pieces, in every table
-            picks = {name: p for name in before}
-        elif head == "tied":
+        if head == "tied":  # the ends of its text, or of its description
             picks = {"emb": [p[0], p[-1]]}
         else:
             picks = {"emb": [p[-1]], "head": [p[0]], "bias": [p[0]]}
@@ -420,11 +420,19 @@ def test_recipe_add_resize_init_constrain_train_save_reload(base_json, tmp_path)
 
 @pytest.mark.subprocess
 def test_example_runs(tmp_path):
-    result = run_python(EXAMPLE, tmp_path / "out", timeout=120)
+    root = str(EXAMPLE.parent.parent)  # this checkout's embconstraint, not another installed one
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    result = run_python(EXAMPLE, tmp_path / "out", timeout=120, env=env)
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "old rows bitwise equal after training: True" in out
     assert "reloaded: same weights, same tokenization: True" in out
+    loss = dict(re.findall(r"held-out loss, ([^:]+): +([0-9.]+) nats/word", out))
+    assert set(loss) == {"old tokenization", "new tokens, resize default", "new tokens, subwords",
+                         "new tokens, ends", "new tokens, mean", "new tokens, 40 steps"}
+    best = min(float(loss[f"new tokens, {m}"]) for m in ("subwords", "ends", "mean"))
+    assert best < float(loss["new tokens, resize default"])  # the kept start beats transformers' default
+    assert float(loss["new tokens, 40 steps"]) < best
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -22,7 +22,8 @@ nothing else. Methods:
     the mean of the rows of the pieces of a text given per token in ``descriptions`` (for chat
     markers or tool-call tokens, whose own text means nothing). A token with a description uses
     it whatever ``method`` says, so one call initialises domain words by their subwords and chat
-    tokens by their descriptions.
+    tokens by their descriptions; under ``method="ends"`` it takes the ends of its description
+    (recorded as ``"description-ends"``), otherwise the mean of its pieces.
 
 The old tokenizer is ``old_tokenizer`` when given (a copy taken before ``add_tokens``), else the
 tokenizer's own ``tokenizers`` backend without the tokens being initialised (their added-token
@@ -82,7 +83,7 @@ class InitializedToken:
     """What :func:`init_new_tokens` wrote for one token.
 
     ``token``: the token's text; ``row``: its row (its id); ``method``: ``"subwords"``,
-    ``"ends"``, ``"mean"`` or ``"description"``; ``text``: the text that was split (the token's
+    ``"ends"``, ``"mean"``, ``"description"`` or ``"description-ends"``; ``text``: the text that was split (the token's
     own text, its description, or ``""`` for ``"mean"``); ``pieces``: its pieces' ids under the
     old tokenizer, in order (``()`` for ``"mean"``, which averages every old row).
     """
@@ -191,7 +192,7 @@ def init_new_tokens(
     plan: list[InitializedToken] = []
     for token, row in zip(tokens, rows, strict=True):
         if token in descriptions or method != "mean":
-            how = "description" if token in descriptions else method
+            how = method if token not in descriptions else "description-ends" if method == "ends" else "description"
             text = descriptions.get(token, token)
             plan.append(InitializedToken(token, row, how, text, _pieces(old, token, text, how, new_rows,
                                                                          embedding.num_embeddings)))
@@ -355,7 +356,7 @@ def _check_not_pinned(embedding: nn.Embedding, head: nn.Linear | None, tokens: l
 
 
 def _pieces(old: _OldTokenizer, token: str, text: str, how: str, new_rows: set[int], num_rows: int) -> tuple[int, ...]:
-    what = f"the description of {token!r}" if how == "description" else f"the text of {token!r}"
+    what = f"the description of {token!r}" if how.startswith("description") else f"the text of {token!r}"
     if not text:
         raise ValueError(f"{what} is empty: it splits into no old token")
     ids = [i for i in old.encode(text) if i != old.unk]
@@ -398,7 +399,7 @@ def _values(tables: list[Tensor], role: str, plan: list[InitializedToken], old_r
             out[at] = center + math.sqrt(covariance_scale / n) * sample.reshape(len(at), *center.shape)
     for i, p in enumerate(plan):
         if p.method != "mean":
-            rows = _ends(p.pieces, role) if p.method == "ends" else list(p.pieces)
+            rows = _ends(p.pieces, role) if p.method.endswith("ends") else list(p.pieces)
             for table, dtype, out in zip(tables, dtypes, outs, strict=True):
                 out[i] = table[rows].mean(0, dtype=dtype)
     return outs
