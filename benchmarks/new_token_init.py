@@ -192,9 +192,9 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
     pre_batches = [batch(tok, [lang.text(args.sentences, domain=b % 2 == 1) for _ in range(args.batch)])
                    for b in range(args.pretrain_steps)]
     t0 = time.perf_counter()
-    pre_curve = train(base, list(base.parameters()), pre_batches, args.pretrain_lr, lambda: 0.0, args.pretrain_steps)
+    train(base, list(base.parameters()), pre_batches, args.pretrain_lr, lambda: 0.0, args.pretrain_steps)
     pretrain_s = time.perf_counter() - t0
-    del pre_curve
+    base.zero_grad(set_to_none=True)  # no stale (V, D) gradient survives resize_token_embeddings
     base.eval()
 
     held_out = [lang.text(args.sentences, domain=True) for _ in range(args.eval_texts)]

@@ -435,5 +435,23 @@ def test_example_runs(tmp_path):
     assert float(loss["new tokens, 40 steps"]) < best
 
 
+@pytest.mark.slow
+def test_benchmark_quick(tmp_path, capsys):
+    """``python -m benchmarks.new_token_init --quick`` (about 15 s): the table, the JSON, and the
+    issue's claim on its one seed: ``subwords`` starts closer to the old tokenization than ``mean``."""
+    sys.path.insert(0, str(EXAMPLE.parent.parent))
+    from benchmarks.new_token_init import METHODS, main
+
+    result = main(["--quick", "--json", str(tmp_path / "r.json")])
+    summary = result["summary"]
+    assert summary["steps"] == [0, 10, 20] and set(summary["methods"]) == set(METHODS)
+    assert (tmp_path / "r.json").is_file() and "| subwords |" in capsys.readouterr().out
+    step0 = {m: r["step0"] for m, r in summary["methods"].items()}
+    assert step0["subwords"] < step0["mean"] and step0["ends"] < step0["subwords"]
+    assert step0["mean"] == pytest.approx(step0["hf-default"], abs=1e-3)  # the default is the mean, 1e-9 noise
+    for m, r in summary["methods"].items():
+        assert math.isfinite(r["final"]) and r["final"] < r["step0"], m
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
