@@ -238,7 +238,7 @@ def summarize(runs: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
     steps = [s for s, _ in runs[0]["curves"][methods[0]]]
     med = {m: [statistics.median(r["curves"][m][i][1] for r in runs) for i in range(len(steps))] for m in methods}
     old = statistics.median(r["old_tokenization"] for r in runs)
-    out = {"steps": steps, "median_curves": med, "old_tokenization": old, "methods": {}}
+    out = {"steps": steps, "seeds": len(runs), "median_curves": med, "old_tokenization": old, "methods": {}}
     for m in methods:
         reach = [steps_to_reach(r["curves"][m], r["curves"]["mean"][-1][1]) for r in runs] if "mean" in methods else []
         gap0 = statistics.median(r["curves"][m][0][1] - r["old_tokenization"] for r in runs)
@@ -274,13 +274,14 @@ def plot(summary: dict[str, Any], path: Path) -> bool:
         print("matplotlib is not installed: no plot")
         return False
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for m, curve in summary["median_curves"].items():
-        ax.plot(summary["steps"], curve, marker="o", markersize=3, label=m)
+    for m, curve in summary["median_curves"].items():  # hf-default lies on mean: drawn wide and dashed below it
+        style = {"linestyle": "--", "linewidth": 4, "alpha": 0.5, "zorder": 1} if m == "hf-default" else {"zorder": 2}
+        ax.plot(summary["steps"], curve, marker="o", markersize=3, label=m, **style)
     ax.axhline(summary["old_tokenization"], color="black", linestyle="--", linewidth=1,
                label="old tokenization (perfect start)")
     ax.set_xlabel("training steps of the new rows only")
     ax.set_ylabel("held-out loss (nats per word)")
-    ax.set_title("New tokens: loss from each initialisation")
+    ax.set_title(f"New tokens: held-out loss from each initialisation (median of {summary['seeds']} seeds)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -301,6 +301,7 @@ REFUSALS = [
     ({"new_tokens": []}, ValueError, "new_tokens is empty"),
     ({"new_tokens": ["kalomi", "kalomi"]}, ValueError, r"new_tokens must be distinct, got \['kalomi'\]"),
     ({"descriptions": ["ka"]}, TypeError, "descriptions must be a mapping"),
+    ({"descriptions": {"<|user|>": 3}}, TypeError, "descriptions must map str to str, got '<\\|user\\|>': int"),
     ({"old_tokenizer": "gpt2"}, TypeError, "old_tokenizer must be a transformers tokenizer or a tokenizers.Tokenizer"),
 ]
 
