@@ -130,9 +130,9 @@ def init_new_tokens(
             ``add_tokens``; each must be known to ``tokenizer`` and not to the old tokenizer.
         method: ``"subwords"``, ``"ends"``, ``"mean"`` or ``"description"`` (see the module
             docstring), for every token without a description.
-        descriptions: ``{token: text}``: these tokens get the mean of the rows of ``text``'s
-            pieces. Every key must be one of ``new_tokens``; with ``method="description"`` every
-            token needs one.
+        descriptions: ``{token: text}``: these tokens are initialised from ``text``'s pieces (their
+            mean; their ends under ``method="ends"``). Every key must be one of ``new_tokens``; with
+            ``method="description"`` every token needs one.
         old_tokenizer: the tokenizer before the tokens were added (e.g. ``copy.deepcopy`` of it,
             or a ``tokenizers.Tokenizer``). Default: ``tokenizer``'s backend without
             ``new_tokens`` (needs a fast tokenizer). Pass it to have "not new" checked against
