@@ -35,11 +35,13 @@ from .._mechanism import check_constrain_args, pin_of
 from ..core import Indices, Reference, check_constrain
 from .adapters import ROWS_FILE, is_peft_model, peft_wrapper_problem, record_base_rows
 from .guards import guard_while_constrained
+from .init import InitializedToken, init_new_tokens
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; transformers is an optional extra
     from transformers import PreTrainedModel
 
-__all__ = ["constrain_input_embeddings", "constrain_new_tokens", "SaveRowsCallback", "ROWS_FILE"]  # noqa: F822 (lazy)
+__all__ = ["constrain_input_embeddings", "constrain_new_tokens", "SaveRowsCallback", "ROWS_FILE",
+           "init_new_tokens", "InitializedToken"]  # noqa: F822 (lazy)
 
 
 def constrain_input_embeddings(
