@@ -22,7 +22,7 @@ from torch import nn
 
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
-from conftest import run_python  # noqa: E402
+from helpers import run_python  # noqa: E402
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
