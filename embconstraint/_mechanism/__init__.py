@@ -9,6 +9,7 @@ Layers, each importing only those above it:
 - :mod:`.parametrization`: :class:`PinnedRows` (owns the table) and :class:`TiedTo` (a tied head).
 - :mod:`.checks`: what ``constrain`` refuses, checked before anything changes.
 - :mod:`.hooks`: plain-key state dicts; :mod:`.ties`: who else holds a Parameter; :mod:`.queries`.
+- :mod:`.zero`: a module DeepSpeed ZeRO-3 partitioned, gathered while it is constrained.
 
 The names below are the interface the front door (:mod:`embconstraint.core`), the file formats
 (:mod:`embconstraint.files`) and the integrations (:mod:`embconstraint.lightning`,
@@ -30,12 +31,13 @@ from .hooks import install_hooks, remove_hooks
 from .layout import Layout
 from .parametrization import PinnedRows, TiedTo, install_accessors, parametrization_list, pin_of, tie_of
 from .queries import pinned_deviation, pinned_values, tied_modules
-from .sharded import full, is_sharded
+from .sharded import full, is_sharded, zero_managed, zero_partitioned
 from .ties import shared
+from .zero import gathered, gathered_params
 
 __all__ = [
     "Layout", "PinnedRows", "TiedTo", "pin_of", "tie_of", "parametrization_list", "install_accessors",
     "install_hooks", "remove_hooks", "shared", "tied_modules", "pinned_values", "pinned_deviation",
     "as_reference", "check_constrain_args", "check_on_mismatch", "check_reference", "checked_indices",
-    "reference_bias", "full", "is_sharded",
+    "reference_bias", "full", "is_sharded", "zero_managed", "zero_partitioned", "gathered", "gathered_params",
 ]

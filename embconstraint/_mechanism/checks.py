@@ -19,7 +19,7 @@ from torch.nn.utils import parametrize
 
 from .._common import casts_exactly, check_rows, index_tensor
 from .parametrization import pin_of, tie_of
-from .sharded import is_sharded
+from .sharded import is_sharded, zero_partitioned
 from .weight import plain
 
 __all__ = [
@@ -174,6 +174,12 @@ def check_constrain_args(embedding: Any, reference: Any, indices: Any, on_mismat
         raise ValueError(
             f"embedding.weight is already sharded (a {type(embedding.weight).__name__}, e.g. by fully_shard); "
             "call constrain() before fully_shard(), which then shards only the free rows"
+        )
+    if zero_partitioned(embedding.weight):
+        raise ValueError(
+            "embedding.weight is partitioned by DeepSpeed ZeRO-3 (built under deepspeed.zero.Init): constrain() "
+            "gathers it for the time it takes; to check it first, gather it on every rank "
+            "(with deepspeed.zero.GatheredParameters([embedding.weight]): ...)"
         )
     weight = embedding.weight.detach()
     ref = check_reference(as_reference(reference), weight)

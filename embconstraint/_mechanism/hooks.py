@@ -9,6 +9,11 @@ Sharded (FSDP2) free rows: the saved weight is the merged ``(V, D)`` as a DTenso
 dim 0 over the same mesh (the free rows are all-gathered once; each rank keeps its chunk), so
 ``get_model_state_dict`` (full or sharded) and DCP see the plain key; a loaded weight (plain or
 DTensor) is sharded back the way the live free rows are, without communication.
+
+DeepSpeed ZeRO-3 free rows, while partitioned (outside forward and ``GatheredParameters``): the
+state dict keeps the raw key and DeepSpeed's placeholder, as for every other Parameter of a ZeRO-3
+module (a ZeRO-3 checkpoint keeps the values in its optimizer partitions, by Parameter name);
+gathered, the weight is saved merged under its plain key, as in one process.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from torch import Tensor, nn
 from .._common import original_key
 from ..exceptions import PinnedRowsError
 from .parametrization import pin_of, tie_of
-from .sharded import as_shards, full, like
+from .sharded import as_shards, full, like, zero_partitioned
 from .weight import constant, plain
 
 __all__ = ["install_hooks", "remove_hooks"]
@@ -74,6 +79,9 @@ def _merged_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadat
             state_dict[prefix + name] = value
             continue
         free = pin.free_parameter
+        if zero_partitioned(free):  # DeepSpeed ZeRO-3's placeholder: its checkpoints keep every Parameter by name
+            state_dict[key] = value
+            continue
         keep_vars = value is free  # state_dict(keep_vars=True): the weight itself, autograd-connected
         if not pin.is_split(free):
             if keep_vars:

@@ -14,7 +14,10 @@ table. The parametrization then drops the table and keeps the pinned rows apart,
 ``(n, D)`` tensor attribute: not a Parameter (FSDP would shard it, optimizers would see it) and
 not a buffer (DDP broadcasts every buffer at each forward). The kernels compute from
 ``(pinned, free)`` without a ``(V, D)`` tensor; ``storage`` says which scheme is in use. A
-Parameter is never re-pointed (``set_``) while FSDP manages it.
+Parameter is never re-pointed (``set_``) while FSDP manages it. DeepSpeed takes the split
+storage too: ZeRO-3 swaps the free rows' data between its partition and the gathered rows, and
+ZeRO-1/2 make them a view of DeepSpeed's flat buffer, which re-pointing them would leave behind.
+Under ZeRO-3 the weight is read through DeepSpeed's parameter dict (see :func:`install_accessors`).
 
 Nothing here synchronizes host and device during a step: aliasing checks read tensor metadata
 only, and index remapping is element-wise.
@@ -38,7 +41,7 @@ from .._common import bitwise_equal, max_abs_deviation
 from ..exceptions import PinnedRowsError
 from .kernels import merge
 from .layout import Layout
-from .sharded import fsdp_managed, full, is_sharded, like
+from .sharded import fsdp_managed, full, is_sharded, like, zero_managed
 from .traced import traced
 from .weight import functional, plain, storage_ptr, transformed, wrap
 
@@ -84,7 +87,16 @@ def install_accessors(module: nn.Module, name: str = "weight") -> None:
     :meth:`PinnedRows.forward` directly when that is what parametrize's getter would compute:
     caching off, no tracing, the list holds only our ``PinnedRows`` with no hooks, ``original``
     a registered tensor. Anything else (another parametrization appended, ``parametrize.cached()``,
-    hooks, ``torch.compile``) takes parametrize's own getter."""
+    hooks, ``torch.compile``) takes parametrize's own getter.
+
+    DeepSpeed ZeRO-3 registers hooks on every module, the ``ParametrizationList`` and the
+    ``PinnedRows`` included; those would gather the free rows for the list's call only,
+    partition them again before the lookup runs, and wrap the weight in an autograd function that
+    detaches it from the free rows. For a ZeRO-3 Parameter the getter calls
+    :meth:`PinnedRows.forward` directly and reads ``original`` through DeepSpeed's parameter dict,
+    which gathers it in forward and registers it as an external parameter of the module running
+    (the embedding, or a tied head): from then on DeepSpeed gathers the free rows before that
+    module's forward and backward and partitions them after, as for its own weights."""
     cls = type(module)
     prop = cls.__dict__[name]
     slow = prop.fget
@@ -97,8 +109,11 @@ def install_accessors(module: nn.Module, name: str = "weight") -> None:
             mods, orig = plist._modules, plist._parameters.get(_ORIGINAL)
             if orig is not None and len(mods) == 1:
                 pin = mods["0"]  # resolved per call: deepcopy keeps the class, not the PinnedRows
-                if type(pin) is PinnedRows and _no_module_hooks(pin):
-                    return pin.forward(orig)
+                if type(pin) is PinnedRows:
+                    if _no_module_hooks(pin):
+                        return pin.forward(orig)
+                    if "ds_id" in orig.__dict__:  # DeepSpeed ZeRO-3 (see above)
+                        return pin.forward(plist._parameters[_ORIGINAL])
         return slow(self)
 
     setattr(cls, name, property(get, prop.fset, prop.fdel, prop.__doc__))
@@ -245,10 +260,10 @@ class PinnedRows(nn.Module):
 
     def is_split(self, free: Tensor) -> bool:
         """Whether ``free`` is computed with the split storage; switches to it (once, for good)
-        when ``free`` is sharded or FSDP manages the parameter."""
+        when ``free`` is sharded, or FSDP or DeepSpeed manages the parameter."""
         if self._table is None:
             return True
-        if is_sharded(free) or (self._owner and fsdp_managed(self._owner[0])):
+        if is_sharded(free) or (self._owner and fsdp_managed(self._owner[0])) or zero_managed(free):
             self.split_storage()
             return True
         return False

@@ -1,10 +1,13 @@
-"""Sharded tensors (FSDP2 ``fully_shard``, DTensor): the few conversions the split storage needs.
+"""Sharded tensors (FSDP2 ``fully_shard``, DTensor, DeepSpeed ZeRO): the few conversions the split storage needs.
 
 Under FSDP2 the free rows (``parametrizations.weight.original``) are a sharded ``DTensor``
 outside forward and FSDP's all-gathered plain Parameter inside it; the pinned rows are never
-sharded (see :mod:`._parametrization`). Everything here is a no-op for plain tensors, and
-nothing here communicates except :func:`full` on a DTensor (an all-gather: a collective, every
-rank must call it). Works where ``torch.distributed`` is unavailable (then nothing is sharded).
+sharded (see :mod:`._parametrization`). Under DeepSpeed ZeRO-3 the free rows are a Parameter
+whose data DeepSpeed swaps between its partition (outside the forward and backward of the
+modules that use it) and the gathered rows; under ZeRO-1/2 (and DeepSpeed's bf16 optimizer) a
+view of DeepSpeed's flat buffer. Everything here is a no-op for plain tensors, and nothing here
+communicates except :func:`full` on a DTensor (an all-gather: a collective, every rank must call
+it). Works where ``torch.distributed`` or DeepSpeed is unavailable (then nothing is sharded).
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ try:  # torch.distributed may be missing on some builds
 except ImportError:  # pragma: no cover
     DTensor = None
 
-__all__ = ["is_sharded", "full", "like", "as_shards", "fsdp_managed"]
+__all__ = ["is_sharded", "full", "like", "as_shards", "fsdp_managed", "zero_managed", "zero_partitioned",
+           "ZERO_PARTITIONED"]
 
 # FSDP2's fully_shard marks every module whose parameters it manages (torch >= 2.4; used by Dynamo).
 _FSDP_MANAGED = "_is_fsdp_managed_module"
@@ -33,10 +37,40 @@ def fsdp_managed(module: nn.Module) -> bool:
     return bool(module.__dict__.get(_FSDP_MANAGED, False))
 
 
+_NONE: dict = {}
+
+
+def zero_managed(t: Tensor) -> bool:
+    """Whether DeepSpeed manages the Parameter ``t``: ZeRO-3 partitions it (``ds_id``), ZeRO-1/2
+    and DeepSpeed's bf16 optimizer made it a view of their flat buffer (``_hp_mapping``). Read
+    from ``__dict__``, where DeepSpeed sets them: no import, no raise for a missing attribute."""
+    d = getattr(t, "__dict__", _NONE)
+    return "ds_id" in d or "_hp_mapping" in d
+
+
+def zero_partitioned(t: Tensor) -> bool:
+    """Whether ``t`` is a ZeRO-3 Parameter holding only its partition now (outside the forward
+    and backward of the modules that use it, and outside ``deepspeed.zero.GatheredParameters``)."""
+    shape = getattr(t, "__dict__", _NONE).get("ds_shape")
+    return shape is not None and t.shape != shape
+
+
+ZERO_PARTITIONED = (
+    "the free rows of this constrained embedding are partitioned by DeepSpeed ZeRO-3 (each rank holds its "
+    "partition only): read the weight inside the engine's forward, or gather them first on every rank: "
+    "with deepspeed.zero.GatheredParameters(list(module.parameters())): ..."
+)
+
+
 def full(t: Tensor) -> Tensor:
     """``t`` as a plain, whole tensor: a DTensor is all-gathered (a collective), anything else
-    is returned as it is."""
-    return t.full_tensor() if is_sharded(t) else t
+    is returned as it is; a partitioned ZeRO-3 Parameter raises (``RuntimeError``: gathering it
+    is DeepSpeed's ``GatheredParameters``, on every rank)."""
+    if is_sharded(t):
+        return t.full_tensor()
+    if zero_partitioned(t):
+        raise RuntimeError(ZERO_PARTITIONED)
+    return t
 
 
 def like(value: Tensor, live: Tensor) -> Tensor:
