@@ -7,20 +7,22 @@ integrations call these and that package's declared interface, nothing else.
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from ._common import original_key
 from ._mechanism import (
     Layout,
     PinnedRows,
     TiedTo,
     check_constrain_args,
     full,
+    gathered,
     install_accessors,
     install_hooks,
     parametrization_list,
@@ -29,6 +31,7 @@ from ._mechanism import (
     remove_hooks,
     shared,
     tie_of,
+    zero_managed,
 )
 
 __all__ = ["constrain", "release", "is_constrained", "merged_state_dict", "check_constrain", "ConstrainPlan"]
@@ -109,7 +112,8 @@ def constrain(
     >>> torch.equal(new.weight[:3], old.weight), [tuple(p.shape) for p in new.parameters()]
     (True, [(2, 4)])
     """
-    check_constrain(embedding, reference, indices=indices, on_mismatch=on_mismatch, root=root).apply()
+    with gathered(embedding):  # a module built under deepspeed.zero.Init: its whole weight, once
+        check_constrain(embedding, reference, indices=indices, on_mismatch=on_mismatch, root=root).apply()
     return embedding
 
 
@@ -129,9 +133,14 @@ class ConstrainPlan:
     def apply(self) -> nn.Module:
         """Constrain ``embedding`` (and tie the modules that share its tensors); returns it."""
         embedding = self.embedding
+        zero = zero_managed(embedding.weight)  # gathered by the caller (see constrain)
         _pin(embedding, "weight", self.reference, self.layout, self.on_mismatch)
         if self.bias is not None:
             _pin(embedding, "bias", self.bias, self.layout, self.on_mismatch)
+        if zero:  # no row may stay in DeepSpeed's gathered buffer, which it frees on release
+            for name in ("weight", "bias"):
+                if (pin := pin_of(embedding, name)) is not None:
+                    pin.split_storage()
         install_hooks(embedding)
         for module, name, shares in self.tied:
             pin = pin_of(embedding, shares)
@@ -354,7 +363,7 @@ def release(module: nn.Module, *, optimizer: torch.optim.Optimizer | None = None
     return module
 
 
-def merged_state_dict(module: nn.Module) -> dict[str, Tensor]:
+def merged_state_dict(module: nn.Module, state_dict: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The state dict an unconstrained ``module`` would have, with the merged weights.
 
     Keys and shapes are the plain ones (``...embedding.weight``, shape ``(V, D)``), and no
@@ -362,12 +371,43 @@ def merged_state_dict(module: nn.Module) -> dict[str, Tensor]:
     ``safetensors``) or loaded into a plain model. Sharded (DTensor) values are all-gathered:
     under FSDP2 every rank must call it, and every rank gets plain, whole tensors.
 
+    ``state_dict``: make this one plain instead of ``module.state_dict()``: its raw entries
+    (``...parametrizations.weight.original``, the free rows only, as ``named_parameters()`` and
+    DeepSpeed ZeRO-3's consolidated state dict name them) become the merged weights under their
+    plain keys, with ``module``'s pinned rows (a tied head's entry is the same tensor as its
+    embedding's); every other entry is kept as it is. Nothing is communicated.
+
     >>> import torch
     >>> model = torch.nn.Sequential(constrain(torch.nn.Embedding(4, 2), torch.ones(1, 2)))
     >>> sd = merged_state_dict(model)
     >>> list(sd), tuple(sd["0.weight"].shape), torch.equal(sd["0.weight"][0], torch.ones(2))
     (['0.weight'], (4, 2), True)
+    >>> raw = {k: v.detach() for k, v in model.named_parameters()}   # the free rows only
+    >>> torch.equal(merged_state_dict(model, raw)["0.weight"], sd["0.weight"])
+    True
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
-    return {k: full(v).detach().clone() if isinstance(v, Tensor) else v for k, v in module.state_dict().items()}
+    if state_dict is None:
+        return {k: full(v).detach().clone() if isinstance(v, Tensor) else v for k, v in module.state_dict().items()}
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a dict of tensors or None, got {type(state_dict).__name__}")
+    out, merged = dict(state_dict), {}
+    for path, m in module.named_modules():
+        prefix = f"{path}." if path else ""
+        for name in list(getattr(m, "parametrizations", {}).keys()):
+            tie = tie_of(m, name)
+            pin = pin_of(m, name) or (tie.pin if tie is not None else None)
+            raw = original_key(prefix, name)
+            if pin is None or raw not in out or not isinstance(out[raw], Tensor):
+                continue
+            free = out.pop(raw)
+            expected = (pin.num_rows - pin.num_pinned, *pin.pinned_block().shape[1:])
+            if tuple(free.shape) != expected:
+                raise ValueError(f"state_dict[{raw!r}] has shape {tuple(free.shape)}, expected the free rows "
+                                 f"{expected} of {prefix + name}")
+            if id(free) not in merged:
+                pinned = pin.pinned_block().to(device=free.device, dtype=free.dtype)
+                merged[id(free)] = pin.layout.to_user_order(torch.cat([pinned, free.detach()]))
+            out[prefix + name] = merged[id(free)]
+    return out

@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .._common import original_key
 from .._mechanism import PinnedRows, pin_of, tie_of
 from .formats import (
     PathLike,
@@ -127,14 +128,34 @@ def _entry(name: str, weight: Tensor, free_rows: Tensor) -> _Entry:
     return _Entry(name, values, rows, weight.shape[0], _fingerprint(weight, free_rows), lower)
 
 
-def _constrained_weights(module: nn.Module) -> Iterator[tuple[str, PinnedRows]]:
-    """(name without PEFT's prefix, pin) of each constrained weight; a tied head (TiedTo) is the
-    embedding's weight and is left to it."""
+def _constrained_weights(module: nn.Module, with_path: bool = False) -> Iterator[tuple]:
+    """(name without PEFT's prefix, pin) of each constrained weight (with ``with_path``, also the
+    weight's full name, prefix included); a tied head (TiedTo) is the embedding's weight and is
+    left to it."""
     for mname, m in module.named_modules():
         for attr in list(getattr(m, "parametrizations", {}).keys()):
             pin = pin_of(m, attr)
             if pin is not None:
-                yield _canonical(f"{mname}.{attr}" if mname else attr), pin
+                full = f"{mname}.{attr}" if mname else attr
+                yield (_canonical(full), pin, full) if with_path else (_canonical(full), pin)
+
+
+def _merged_from(pin: PinnedRows, full: str, state_dict: Mapping[str, Tensor]) -> Tensor:
+    """The merged weight of ``pin`` (named ``full`` in the module) with the free rows of ``state_dict``:
+    its merged (plain) entry, or its raw entry (the free rows) completed with ``pin``'s pinned rows."""
+    path, _, attr = full.rpartition(".")
+    plain, raw = full, original_key(f"{path}." if path else "", attr)
+    if plain in state_dict:
+        return state_dict[plain].detach()
+    if raw not in state_dict:
+        raise ValueError(f"save_rows: state_dict holds neither {plain!r} nor {raw!r}")
+    free = state_dict[raw].detach()
+    pinned = pin.pinned_block()
+    if free.shape[1:] != pinned.shape[1:] or free.shape[0] != pin.num_rows - pin.num_pinned:
+        raise ValueError(f"save_rows: state_dict[{raw!r}] has shape {tuple(free.shape)}, expected the "
+                         f"{pin.num_rows - pin.num_pinned} free rows of shape {(pin.num_rows - pin.num_pinned, *pinned.shape[1:])}")
+    free = free.to(pinned.device)
+    return pin.layout.to_user_order(torch.cat([pinned.to(free.dtype), free]))
 
 
 def _write(entries: Iterable[_Entry], path: PathLike) -> list[str]:
@@ -156,13 +177,19 @@ def _rows_path(path: PathLike) -> Path:
     return out
 
 
-def save_rows(module: nn.Module, path: PathLike) -> list[str]:
+def save_rows(module: nn.Module, path: PathLike, *, state_dict: Mapping[str, Tensor] | None = None) -> list[str]:
     """Write the free rows of every constrained weight in ``module`` to ``path`` (``.safetensors``).
 
     Each weight is stored under its name without PEFT's ``base_model.model.`` prefix, with its free
     row indices and the SHA-256 fingerprint of its pinned rows (also of the pinned rows cast to each
     lower precision); a head tied to a constrained embedding is the embedding's weight and is saved
     once. Returns the names written.
+
+    ``state_dict``: take the free rows from it instead of from the module (the pinned rows still
+    come from the module), as ``save_pretrained(state_dict=...)`` saves a given state dict: each
+    weight by its plain name (the merged weight) or its raw name
+    (``...parametrizations.weight.original``, the free rows: what ``named_parameters()`` and
+    DeepSpeed ZeRO-3's consolidated state dict hold), names as in ``module``.
 
     Raises ``TypeError`` for a ``module`` that is not an ``nn.Module``, ``ValueError`` when it
     holds no constrained weight or ``path`` does not end in ``.safetensors``.
@@ -176,7 +203,10 @@ def save_rows(module: nn.Module, path: PathLike) -> list[str]:
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
     _rows_path(path)
-    entries = [_entry(name, pin.merged(), pin.free_rows()) for name, pin in _constrained_weights(module)]
+    if state_dict is not None and not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a dict of tensors or None, got {type(state_dict).__name__}")
+    entries = [_entry(name, pin.merged() if state_dict is None else _merged_from(pin, full, state_dict), pin.free_rows())
+               for name, pin, full in _constrained_weights(module, with_path=True)]
     if not entries:
         raise ValueError(f"save_rows: {type(module).__name__} holds no constrained weight")
     return _write(entries, path)

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
-from .._mechanism import check_constrain_args, pin_of
+from .._mechanism import check_constrain_args, gathered, pin_of
 from ..core import Indices, Reference, check_constrain
 from .adapters import ROWS_FILE, is_peft_model, peft_wrapper_problem, record_base_rows
 from .guards import guard_while_constrained
@@ -81,6 +81,11 @@ def constrain_input_embeddings(
     >>> bool((model.lm_head.weight[[3, 7]] == 0).all())
     True
     """
+    with gathered(*_embedding_modules(model)):  # built under deepspeed.zero.Init: the whole weights, once
+        return _constrain_input_embeddings(model, reference, indices)
+
+
+def _constrain_input_embeddings(model: nn.Module, reference: Reference | int, indices: Indices) -> nn.Embedding:
     embedding = _input_embeddings(model)
     head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
     if getattr(getattr(head, "base_layer", None), "weight", None) is embedding.weight:  # a tied head PEFT wraps
@@ -111,6 +116,20 @@ def _after_constraining(model: nn.Module) -> None:
     guard_while_constrained(model)
     if is_peft_model(model):
         record_base_rows(model)
+
+
+def _embedding_modules(model: Any) -> list[nn.Module]:
+    """The input and output embeddings of ``model``, where it has them (for :func:`gathered`;
+    what is wrong with them is reported by the function that constrains them)."""
+    modules = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            module = getattr(model, getter)()
+        except Exception:  # noqa: BLE001 (reported, with its own message, by the caller)
+            continue
+        if isinstance(module, nn.Module):
+            modules.append(module)
+    return modules
 
 
 def _input_embeddings(model: Any) -> nn.Embedding:
@@ -165,6 +184,11 @@ def constrain_new_tokens(
     >>> [tuple(p.shape) for p in constrain_new_tokens(model, 10)]
     [(2, 8), (2, 8)]
     """
+    with gathered(*_embedding_modules(model)):  # built under deepspeed.zero.Init: the whole weights, once
+        return _constrain_new_tokens(model, old_vocab_size, indices)
+
+
+def _constrain_new_tokens(model: nn.Module, old_vocab_size: int, indices: Indices) -> list[nn.Parameter]:
     embedding = _input_embeddings(model)
     if isinstance(old_vocab_size, bool) or not isinstance(old_vocab_size, int):
         raise TypeError(f"old_vocab_size must be an int, got {type(old_vocab_size).__name__}")

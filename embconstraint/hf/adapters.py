@@ -46,7 +46,8 @@ from .._mechanism import PinnedRows, pin_of
 from ..files.rows import check_rows_file, save_rows, write_rows
 
 __all__ = ["ROWS_FILE", "is_peft_model", "base_model_of", "peft_wrapper_problem", "record_base_rows", "base_rows",
-           "save_pretrained_with_rows", "load_adapter_with_rows", "disable_adapter_with_rows", "restored_rows"]
+           "save_pretrained_with_rows", "load_adapter_with_rows", "disable_adapter_with_rows", "restored_rows",
+           "constrained_pins"]
 
 ROWS_FILE = "embconstraint_rows.safetensors"
 
@@ -90,7 +91,8 @@ def peft_wrapper_problem(module: Any, what: str) -> str | None:
     return None
 
 
-def _pins(model: nn.Module) -> Iterator[PinnedRows]:
+def constrained_pins(model: nn.Module) -> Iterator[PinnedRows]:
+    """The :class:`PinnedRows` of every constrained weight of ``model`` (ties excluded)."""
     for m in model.modules():
         for name in list(getattr(m, "parametrizations", {}).keys()):
             pin = pin_of(m, name)
@@ -101,7 +103,7 @@ def _pins(model: nn.Module) -> Iterator[PinnedRows]:
 def record_base_rows(model: nn.Module) -> None:
     """Remember the current free rows of every constrained weight of ``model`` as its base rows
     (kept for the weights that already have some): what :func:`base_rows` puts in."""
-    for pin in _pins(model):
+    for pin in constrained_pins(model):
         if pin not in _BASE and pin.storage != "split":
             _BASE[pin] = pin.free_parameter.detach().clone()
 
@@ -122,7 +124,7 @@ def base_rows(model: nn.Module) -> Iterator[None]:
     swapped: list[tuple[Tensor, Tensor]] = []
     try:
         with torch.no_grad():
-            for pin in _pins(model):
+            for pin in constrained_pins(model):
                 base = _BASE.get(pin)
                 if base is None:
                     continue
@@ -154,12 +156,15 @@ def _rows_file_in(folder: Any) -> Path | None:
 
 
 def save_pretrained_with_rows(model: nn.Module, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
-    """``PeftModel.save_pretrained``, then the rows file into the same folder (main process only)."""
+    """``PeftModel.save_pretrained``, then the rows file into the same folder (main process only).
+    Given a ``state_dict`` (the ``Trainer`` under DeepSpeed ZeRO-3 passes the consolidated one, the
+    model's own rows being partitioned), the rows are taken from it, as the adapter is."""
     method = type(model).save_pretrained
     result = method(model, save_directory, *args, **kwargs)
     bound = inspect.signature(method).bind(model, save_directory, *args, **kwargs)
     if bound.arguments.get("is_main_process", True):
-        save_rows(model, Path(save_directory) / ROWS_FILE)
+        state_dict = bound.arguments.get("state_dict", bound.arguments.get("kwargs", {}).get("state_dict"))
+        save_rows(model, Path(save_directory) / ROWS_FILE, state_dict=state_dict if state_dict else None)
     return result
 
 

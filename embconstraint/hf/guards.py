@@ -16,14 +16,15 @@ RuntimeError: model.resize_token_embeddings() would replace the weight of a cons
 
 from __future__ import annotations
 
+import inspect
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import nn
 
 from .._mechanism import pin_of, tie_of
-from ..core import is_constrained
+from ..core import is_constrained, merged_state_dict
 from .adapters import (
     base_model_of,
     disable_adapter_with_rows,
@@ -36,8 +37,11 @@ __all__ = ["guard_while_constrained", "guard_peft_model", "is_guarded"]
 
 def guard_while_constrained(model: nn.Module) -> None:
     """Guard ``model.tie_weights()`` (it only checks that every tie holds) and
-    ``model.resize_token_embeddings()`` (it raises) while an embedding of ``model`` is constrained;
-    each guard removes itself once nothing is constrained. On a ``PeftModel`` the guards go on
+    ``model.resize_token_embeddings()`` (it raises) while an embedding of ``model`` is constrained,
+    and make ``model.save_pretrained(..., state_dict=sd)`` write plain merged weights where ``sd``
+    holds raw free-row entries (the ``Trainer`` under DeepSpeed ZeRO-3 saves DeepSpeed's
+    consolidated state dict, named by Parameter); each guard removes itself once nothing is
+    constrained. On a ``PeftModel`` the guards go on
     the transformers model inside it (which the ``PeftModel`` forwards those calls to), and its
     ``save_pretrained``, ``load_adapter`` and ``disable_adapter`` take the trained rows along
     (see :mod:`embconstraint.hf.adapters`; ``disable_adapter`` only where the base rows were
@@ -45,6 +49,7 @@ def guard_while_constrained(model: nn.Module) -> None:
     base = base_model_of(model)
     _guard(base, "tie_weights", _tie_weights_while_constrained)
     _guard(base, "resize_token_embeddings", _resize_while_constrained)
+    _guard(base, "save_pretrained", _save_pretrained_merged)
     if base is not model:
         guard_peft_model(model)
 
@@ -146,6 +151,17 @@ def _tied(module: nn.Module, name: str, owner: nn.Module, owner_name: str) -> bo
     """Whether ``module.<name>`` is tied to the constrained ``owner.<owner_name>``."""
     tie = tie_of(module, name)
     return tie is not None and tie.pin is pin_of(owner, owner_name)
+
+
+def _save_pretrained_merged(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """``model.save_pretrained(...)``; a given ``state_dict`` is saved with its raw free-row entries
+    merged into plain weights (:func:`embconstraint.merged_state_dict`)."""
+    method = type(model).save_pretrained
+    bound = inspect.signature(method).bind(model, *args, **kwargs)
+    state_dict = bound.arguments.get("state_dict")
+    if isinstance(state_dict, Mapping):
+        bound.arguments["state_dict"] = merged_state_dict(model, state_dict)
+    return method(*bound.args, **bound.kwargs)
 
 
 def _resize_while_constrained(model: nn.Module, *args: Any, **kwargs: Any) -> None:

@@ -18,9 +18,10 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .._mechanism import gathered_params, zero_managed
 from ..core import is_constrained
 from ..files import load_rows, loaded_rows, save_rows
-from .adapters import ROWS_FILE, is_peft_model, restored_rows
+from .adapters import ROWS_FILE, constrained_pins, is_peft_model, restored_rows
 from .guards import guard_peft_model, is_guarded
 
 __all__ = ["SaveRowsCallback", "ROWS_FILE"]
@@ -64,8 +65,8 @@ class SaveRowsCallback(TrainerCallback):
                        **kwargs: Any) -> None:
         _hook(model)
         restored = restored_rows(model) if model is not None else None
-        if not _adapter_only(model) or state.global_step == 0:
-            return
+        if not _adapter_only(model) or state.global_step == 0 or _deepspeed(model):
+            return  # (DeepSpeed's own checkpoint brought back every trainable Parameter, the rows too)
         if restored is None and not loaded_rows(model):
             raise RuntimeError(
                 f"resumed a PeftModel at step {state.global_step} without its trained rows: the checkpoint folder "
@@ -74,19 +75,24 @@ class SaveRowsCallback(TrainerCallback):
             )
 
     def on_save(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any) -> None:
-        if model is None or not state.is_world_process_zero:
+        if model is None:
             return
         folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        if not folder.is_dir():
+        if self.filename == ROWS_FILE and is_peft_model(model) and is_guarded(model, "save_pretrained"):
+            # the PeftModel's save_pretrained wrote it with this checkpoint (from the state dict the Trainer
+            # saved: DeepSpeed ZeRO-3's consolidated one where the rows are partitioned)
+            if state.is_world_process_zero and folder.is_dir() and not (folder / ROWS_FILE).is_file():
+                save_rows(model, folder / self.filename)
             return
-        if self.filename == ROWS_FILE and (folder / ROWS_FILE).is_file() and is_guarded(model, "save_pretrained"):
-            return  # the PeftModel's save_pretrained wrote it with this checkpoint
-        save_rows(model, folder / self.filename)
+        # Under DeepSpeed ZeRO-3 the rows are partitioned: every rank gathers them, the main one writes.
+        with gathered_params(pin.free_parameter for pin in constrained_pins(model)):
+            if state.is_world_process_zero and folder.is_dir():
+                save_rows(model, folder / self.filename)
 
     def on_train_end(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any) -> None:
         best = state.best_model_checkpoint
-        if not (args.load_best_model_at_end and best is not None and _adapter_only(model)):
-            return
+        if not (args.load_best_model_at_end and best is not None and _adapter_only(model)) or _deepspeed(model):
+            return  # (DeepSpeed loads the best checkpoint with its own: every trainable Parameter, the rows too)
         if any((Path(best) / name).is_file() for name in _FULL_WEIGHTS):
             return  # the Trainer loaded the whole model: its rows came with it
         path = Path(best) / self.filename
@@ -102,6 +108,11 @@ class SaveRowsCallback(TrainerCallback):
 def _adapter_only(model: nn.Module | None) -> bool:
     """A constrained ``PeftModel``: its Trainer checkpoints hold the adapter, not the rows."""
     return model is not None and is_peft_model(model) and any(is_constrained(m) for m in model.modules())
+
+
+def _deepspeed(model: nn.Module | None) -> bool:
+    """Whether DeepSpeed manages the constrained weights of ``model`` (its checkpoints then hold their rows)."""
+    return model is not None and any(zero_managed(pin.free_parameter) for pin in constrained_pins(model))
 
 
 def _hook(model: nn.Module | None) -> None:
