@@ -175,6 +175,12 @@ def check_constrain_args(embedding: Any, reference: Any, indices: Any, on_mismat
             f"embedding.weight is already sharded (a {type(embedding.weight).__name__}, e.g. by fully_shard); "
             "call constrain() before fully_shard(), which then shards only the free rows"
         )
+    if "ds_id" in embedding.__dict__ or "_hp_mapping" in getattr(embedding.weight, "__dict__", {}):
+        raise ValueError(
+            "embedding is already managed by a DeepSpeed engine (deepspeed.initialize ran): its optimizer holds "
+            "the whole weight. Call constrain() before deepspeed.initialize (and before the transformers Trainer "
+            "starts training), which then partitions only the free rows"
+        )
     if zero_partitioned(embedding.weight):
         raise ValueError(
             "embedding.weight is partitioned by DeepSpeed ZeRO-3 (built under deepspeed.zero.Init): constrain() "

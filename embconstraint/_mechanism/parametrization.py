@@ -87,7 +87,8 @@ def install_accessors(module: nn.Module, name: str = "weight") -> None:
     :meth:`PinnedRows.forward` directly when that is what parametrize's getter would compute:
     caching off, no tracing, the list holds only our ``PinnedRows`` with no hooks, ``original``
     a registered tensor. Anything else (another parametrization appended, ``parametrize.cached()``,
-    hooks, ``torch.compile``) takes parametrize's own getter.
+    hooks, ``torch.compile``) takes parametrize's own getter. Installed on a module tied to a
+    constrained one (:class:`TiedTo`), it takes parametrize's getter too, except under ZeRO-3 (below).
 
     DeepSpeed ZeRO-3 registers hooks on every module, the ``ParametrizationList`` and the
     ``PinnedRows`` included; those would gather the free rows for the list's call only,
@@ -96,7 +97,9 @@ def install_accessors(module: nn.Module, name: str = "weight") -> None:
     :meth:`PinnedRows.forward` directly and reads ``original`` through DeepSpeed's parameter dict,
     which gathers it in forward and registers it as an external parameter of the module running
     (the embedding, or a tied head): from then on DeepSpeed gathers the free rows before that
-    module's forward and backward and partitions them after, as for its own weights."""
+    module's forward and backward and partitions them after, as for its own weights. A tied head's
+    getter calls :meth:`TiedTo.forward` directly for the same reason (its list's hooks would detach
+    the weight from the free rows: the head's gradient would not reach them)."""
     cls = type(module)
     prop = cls.__dict__[name]
     slow = prop.fget
@@ -114,6 +117,8 @@ def install_accessors(module: nn.Module, name: str = "weight") -> None:
                         return pin.forward(orig)
                     if "ds_id" in orig.__dict__:  # DeepSpeed ZeRO-3 (see above)
                         return pin.forward(plist._parameters[_ORIGINAL])
+                elif type(pin) is TiedTo and "ds_id" in orig.__dict__:  # a tied head under ZeRO-3: the
+                    return pin.forward(orig)  # embedding's getter, which reads the free rows through DeepSpeed
         return slow(self)
 
     setattr(cls, name, property(get, prop.fset, prop.fdel, prop.__doc__))

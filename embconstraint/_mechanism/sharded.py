@@ -51,8 +51,8 @@ def zero_managed(t: Tensor) -> bool:
 def zero_partitioned(t: Tensor) -> bool:
     """Whether ``t`` is a ZeRO-3 Parameter holding only its partition now (outside the forward
     and backward of the modules that use it, and outside ``deepspeed.zero.GatheredParameters``)."""
-    shape = getattr(t, "__dict__", _NONE).get("ds_shape")
-    return shape is not None and t.shape != shape
+    status = getattr(t, "__dict__", _NONE).get("ds_status")  # DeepSpeed's ZeroParamStatus
+    return status is not None and status.name != "AVAILABLE"
 
 
 ZERO_PARTITIONED = (
