@@ -13,7 +13,8 @@ from the repository root, with its arguments parsed in its ``main(argv)``.
   :func:`tensor_bytes`.
 - **Load and machine**: :class:`LoadMeter` (other processes' share of the CPU while timing),
   :func:`wait_idle`, :func:`load_average`, :func:`machine_info`.
-- **Distributed**: :class:`CollectiveCounter` (elements through FSDP2's collectives), :func:`free_port`.
+- **Distributed**: :class:`CollectiveCounter` (elements through the collectives of FSDP2 and DeepSpeed),
+  :class:`FunctionalCollectiveCounter` (DTensor's, tensor parallelism's), :func:`free_port`.
 - **Reporting**: :func:`markdown_table` (every table of every report), :func:`write_json`.
 - **Arguments**: :func:`parse_size`, :func:`comma_list`.
 """
@@ -387,42 +388,92 @@ def machine_info(device: str) -> dict[str, Any]:
 
 # -- distributed -------------------------------------------------------------------------------------
 class CollectiveCounter:
-    """Counts the elements that go through FSDP2's all-gather and reduce-scatter while it is
-    entered (torch 2.13 calls ``dist.all_gather_single`` / ``dist.reduce_scatter_single``; older
-    ones the ``*_into_tensor`` names): ``counts["all_gather"]`` (output elements) and
-    ``counts["reduce_scatter"]`` (input elements)."""
+    """Counts the elements that go through the collectives of ``torch.distributed`` while it is
+    entered: ``counts["all_gather"]`` (output elements), ``counts["reduce_scatter"]`` (input
+    elements) and ``counts["all_reduce"]`` (elements reduced). FSDP2 (torch 2.13 calls
+    ``dist.all_gather_single`` / ``dist.reduce_scatter_single``, older ones the
+    ``*_into_tensor`` names) and DeepSpeed (its backend keeps the all-gather and reduce-scatter
+    functions it found at start: those are counted too) go through these. The functional
+    collectives DTensor uses (tensor parallelism) are counted by :class:`FunctionalCollectiveCounter`."""
 
-    NAMES = {"all_gather": ("all_gather_single", "all_gather_into_tensor"),
-             "reduce_scatter": ("reduce_scatter_single", "reduce_scatter_tensor")}
+    NAMES = {"all_gather": ("all_gather_single", "all_gather_into_tensor", "_all_gather_base"),
+             "reduce_scatter": ("reduce_scatter_single", "reduce_scatter_tensor", "_reduce_scatter_base"),
+             "all_reduce": ("all_reduce",)}
+    # DeepSpeed's TorchBackend: attribute -> kind (the functions it bound when it started)
+    DEEPSPEED = {"all_gather_function": "all_gather", "reduce_scatter_function": "reduce_scatter"}
 
     def __init__(self) -> None:
-        self.counts = {"all_gather": 0, "reduce_scatter": 0}
-        self.saved: list[tuple[str, Callable]] = []
+        self.counts = {"all_gather": 0, "reduce_scatter": 0, "all_reduce": 0}
+        self.saved: list[tuple[Any, str, Callable]] = []
+
+    def _wrap(self, fn: Callable, kind: str) -> Callable:
+        def wrapped(*args, **kwargs):
+            if kind == "all_gather":
+                t = kwargs.get("output", kwargs.get("output_tensor", args[0] if args else None))
+            elif kind == "reduce_scatter":
+                t = kwargs.get("input", kwargs.get("input_tensor", args[1] if len(args) > 1 else None))
+            else:
+                t = kwargs.get("tensor", args[0] if args else None)
+            self.counts[kind] += t.numel()
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    def _patch(self, owner: Any, name: str, kind: str) -> None:
+        fn = getattr(owner, name, None)
+        if fn is None:
+            return
+        self.saved.append((owner, name, fn))
+        setattr(owner, name, self._wrap(fn, kind))
 
     def __enter__(self) -> CollectiveCounter:
+        import sys
+
         import torch.distributed as dist
 
         for kind, names in self.NAMES.items():
             for name in names:
-                fn = getattr(dist, name, None)
-                if fn is None:
-                    continue
-                self.saved.append((name, fn))
-
-                def wrapped(*args, _fn=fn, _kind=kind, **kwargs):
-                    out = kwargs.get("output", kwargs.get("output_tensor", args[0] if args else None))
-                    self.counts[_kind] += out.numel() if _kind == "all_gather" else kwargs.get(
-                        "input", args[1] if len(args) > 1 else None).numel()
-                    return _fn(*args, **kwargs)
-
-                setattr(dist, name, wrapped)
+                self._patch(dist, name, kind)
+        comm = sys.modules.get("deepspeed.comm.comm")
+        backend = getattr(comm, "cdb", None) if comm is not None else None
+        if backend is not None:
+            for name, kind in self.DEEPSPEED.items():
+                self._patch(backend, name, kind)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        import torch.distributed as dist
+        for owner, name, fn in reversed(self.saved):
+            setattr(owner, name, fn)
+        self.saved.clear()
 
-        for name, fn in self.saved:
-            setattr(dist, name, fn)
+
+class FunctionalCollectiveCounter:
+    """Counts the elements through the functional collectives (``torch.ops._c10d_functional``:
+    what DTensor's redistributions, tensor parallelism's among them, run) while it is entered:
+    ``counts[op]`` for ``all_reduce``, ``all_gather_into_tensor``, ``reduce_scatter_tensor``,
+    ``all_to_all_single`` (input elements), through a ``TorchDispatchMode``."""
+
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counts: dict[str, int] = {}
+        self.counts = counts
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func.namespace == "_c10d_functional" and args and isinstance(args[0], torch.Tensor):
+                    name = func.overloadpacket.__name__
+                    counts[name] = counts.get(name, 0) + args[0].numel()
+                return func(*args, **(kwargs or {}))
+
+        self._mode = _Mode()
+
+    def __enter__(self) -> FunctionalCollectiveCounter:
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._mode.__exit__(*exc)
 
 
 def free_port() -> int:

@@ -137,18 +137,34 @@ class ConstrainPlan:
         _pin(embedding, "weight", self.reference, self.layout, self.on_mismatch)
         if self.bias is not None:
             _pin(embedding, "bias", self.bias, self.layout, self.on_mismatch)
-        if zero:  # no row may stay in DeepSpeed's gathered buffer, which it frees on release
-            for name in ("weight", "bias"):
-                if (pin := pin_of(embedding, name)) is not None:
-                    pin.split_storage()
         install_hooks(embedding)
         for module, name, shares in self.tied:
             pin = pin_of(embedding, shares)
             parametrize.register_parametrization(module, name, TiedTo(embedding, pin, shares), unsafe=True)
+            install_accessors(module, name)  # (DeepSpeed ZeRO-3 needs its getter)
             pin.add_tie(module, name)
         for module in {id(m): m for m, _, _ in self.tied}.values():
             install_hooks(module)
+        if zero:
+            _own_free_rows(embedding, self.tied)
         return embedding
+
+
+def _own_free_rows(embedding: nn.Module, tied: list[tuple[nn.Module, str, str]]) -> None:
+    """After constraining a module that DeepSpeed ZeRO-3 partitioned (gathered meanwhile): parametrize
+    keeps the module's Parameter object as the free rows, which is DeepSpeed's (its attributes, its
+    partition, and a gathered buffer that DeepSpeed frees when the gathering ends). The free rows become
+    a Parameter of their own, in the embedding and in the modules tied to it, and the pinned rows a
+    copy: ``deepspeed.initialize`` partitions the new Parameter like any it has not seen."""
+    for name in ("weight", "bias"):
+        pin = pin_of(embedding, name)
+        if pin is None:
+            continue
+        pin.split_storage()
+        old = pin.free_parameter
+        new = nn.Parameter(old.detach().clone(), requires_grad=old.requires_grad)
+        for module, attr in [(embedding, name), *((m, a) for m, a, shares in tied if shares == name)]:
+            parametrization_list(module, attr).register_parameter("original", new)
 
 
 def check_constrain(
