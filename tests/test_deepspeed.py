@@ -20,7 +20,7 @@ import os
 
 import pytest
 import torch
-from helpers import run_script
+from helpers.distributed import rank_records
 
 pytest.importorskip("deepspeed")
 
@@ -30,20 +30,12 @@ pytestmark = [pytest.mark.distributed, pytest.mark.subprocess]
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """What each of the 2 ranks of tests/scripts/deepspeed_zero.py recorded."""
-    out = tmp_path_factory.mktemp("deepspeed")
     before = set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
     try:
-        run = run_script("deepspeed_zero", out, timeout=240,
-                         env={"PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
+        return rank_records("deepspeed_zero", tmp_path_factory.mktemp("deepspeed"), timeout=240)
     finally:  # DeepSpeed's CPU shared-memory all-reduce leaves these behind (the script switches it off)
         for path in set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")) - before:
             os.remove(path)
-    records = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)
-               if (out / f"rank{r}.pt").exists()]
-    assert len(records) == 2, run.stdout[-2000:] + run.stderr[-4000:]
-    for r in records:
-        assert "error" not in r, r["error"]
-    return records
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import D, N, Rows, V, run_script
+from helpers import D, N, Rows, V
+from helpers.distributed import rank_records
 from torch import nn
 
 from embconstraint import PinnedRowsError, constrain, merged_state_dict, release
@@ -161,14 +162,7 @@ def test_head_split_storage_matches_the_aliased_head(layout, tied):
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """What each of the 2 ranks of tests/scripts/fsdp.py recorded."""
-    out = tmp_path_factory.mktemp("fsdp")
-    run = run_script("fsdp", out, timeout=180, env={"PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
-    records = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)
-               if (out / f"rank{r}.pt").exists()]
-    assert len(records) == 2, run.stdout[-2000:] + run.stderr[-4000:]
-    for r in records:
-        assert "error" not in r, r["error"]
-    return records
+    return rank_records("fsdp", tmp_path_factory.mktemp("fsdp"), timeout=180)
 
 
 @pytest.fixture(scope="module")

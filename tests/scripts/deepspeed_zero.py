@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from helpers.distributed import ShapeProbe, global_batch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.harness import CollectiveCounter, free_port
 
@@ -95,31 +95,11 @@ def config(stage: int) -> dict:
 
 
 def batch(step: int):
-    g = torch.Generator().manual_seed(100 + step)
-    x = torch.randint(0, V, (2 * BATCH, SEQ), generator=g)  # the global batch; rank r takes half r
-    feats = torch.randint(0, V_BAG, (2 * BATCH, 3), generator=g)
-    y = torch.randint(0, V, (2 * BATCH, SEQ), generator=g)
-    return x, feats, y
+    return global_batch(step, 2 * BATCH, SEQ, V, V_BAG)  # rank r takes half r
 
 
 def loss_fn(model, x, feats, y):
     return F.cross_entropy(model(x, feats).flatten(0, 1), y.flatten())
-
-
-class _Shapes(TorchDispatchMode):
-    """Records whether any op of a step produced a tensor of the given shapes."""
-
-    def __init__(self, shapes) -> None:
-        super().__init__()
-        self.shapes, self.hits = {tuple(s) for s in shapes}, []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if (isinstance(t, torch.Tensor) and tuple(t.shape) in self.shapes
-                    and t.untyped_storage().nbytes() >= t.numel() * t.element_size()):
-                self.hits.append(str(func))
-        return out
 
 
 def gathered(model: nn.Module):
@@ -162,7 +142,7 @@ def train(engine, rank: int, steps: range, r: dict | None = None, single=None) -
     for step in steps:
         x, feats, y = batch(step)
         part = slice(rank * BATCH, (rank + 1) * BATCH)
-        with CollectiveCounter() as comm, _Shapes([(V, D), (V_BAG, D), (V, H)]) as shapes:
+        with CollectiveCounter() as comm, ShapeProbe([(V, D), (V_BAG, D), (V, H)]) as shapes:
             engine.backward(loss_fn(engine, x[part], feats[part], y[part]))
             engine.step()
         entry = {"all_gather": comm.counts["all_gather"], "reduce_scatter": comm.counts["reduce_scatter"],

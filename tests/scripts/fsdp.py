@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from helpers.distributed import ShapeProbe, global_batch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.harness import CollectiveCounter, free_port
 
@@ -68,31 +68,11 @@ def shard(model: nn.Module, mesh) -> nn.Module:
 
 
 def batch(step: int):
-    g = torch.Generator().manual_seed(100 + step)
-    x = torch.randint(0, V, (2 * BATCH, SEQ), generator=g)  # global batch; rank r takes half r
-    feats = torch.randint(0, V_BAG, (2 * BATCH, 3), generator=g)
-    y = torch.randint(0, V, (2 * BATCH, SEQ), generator=g)
-    return x, feats, y
+    return global_batch(step, 2 * BATCH, SEQ, V, V_BAG)  # rank r takes half r
 
 
 def loss_fn(model, x, feats, y):
     return F.cross_entropy(model(x, feats).flatten(0, 1), y.flatten())
-
-
-class _Shapes(TorchDispatchMode):
-    """Records whether any op of a step produced a tensor of the given shape."""
-
-    def __init__(self, shapes) -> None:
-        super().__init__()
-        self.shapes, self.hits = {tuple(s) for s in shapes}, []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if (isinstance(t, torch.Tensor) and tuple(t.shape) in self.shapes
-                    and t.untyped_storage().nbytes() >= t.numel() * t.element_size()):  # not a zero-stride stub
-                self.hits.append(str(func))
-        return out
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
@@ -106,7 +86,7 @@ def train(model, rank: int, record: dict, name: str, refs=None, single=None) -> 
     for step in range(STEPS):
         x, feats, y = batch(step)
         part = slice(rank * BATCH, (rank + 1) * BATCH)
-        with CollectiveCounter() as comm, _Shapes([(V, D), (V_BAG, D), (V, H)]) as shapes:
+        with CollectiveCounter() as comm, ShapeProbe([(V, D), (V_BAG, D), (V, H)]) as shapes:
             loss_fn(model, x[part], feats[part], y[part]).backward()
             opt.step()
             opt.zero_grad()
