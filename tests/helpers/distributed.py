@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import run_script
+from . import TESTS, run_python, run_script
 
 __all__ = ["ShapeProbe", "global_batch", "rank_records"]
 
@@ -43,11 +43,15 @@ class ShapeProbe(TorchDispatchMode):
 
 
 def rank_records(script: str, out: Path, *args: str, ranks: int = 2, timeout: float = 180,
-                 env: dict[str, str] | None = None) -> list[dict]:
-    """Run ``tests/scripts/<script>.py OUT *args``, whose ranks each save ``OUT/rank<r>.pt``; return
-    the records, each checked for a recorded ``error`` (the assertion names it, or the output)."""
-    run = run_script(script, out, *args, timeout=timeout,
-                     env={"PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **(env or {})})
+                 env: dict[str, str] | None = None, launcher: list[str] | None = None) -> list[dict]:
+    """Run ``tests/scripts/<script>.py OUT *args`` (after ``python *launcher``, e.g. ``["-m",
+    "torch.distributed.run", "--nproc_per_node", "2"]``), whose ranks each save ``OUT/rank<r>.pt``;
+    return the records, each checked for a recorded ``error`` (the assertion names it, or the output)."""
+    env = {"PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **(env or {})}
+    if launcher:
+        run = run_python(*launcher, TESTS / "scripts" / f"{script}.py", out, *args, timeout=timeout, env=env)
+    else:
+        run = run_script(script, out, *args, timeout=timeout, env=env)
     paths = [Path(out) / f"rank{r}.pt" for r in range(ranks)]
     records = [torch.load(p, weights_only=False) for p in paths if os.path.exists(p)]
     assert len(records) == ranks, run.stdout[-2000:] + run.stderr[-4000:]

@@ -266,11 +266,16 @@ def stage3(rank: int, out: Path, r: dict, record: dict) -> None:
         with deepspeed.zero.GatheredParameters(list(model.parameters())):
             start = {k: v.clone() for k, v in model.state_dict().items()}
         constrain_model(model, r)
+        single = build(True, False, r)
+        with deepspeed.zero.GatheredParameters(list(model.parameters())), torch.no_grad():
+            for name, p in single.named_parameters():
+                p.copy_(dict(model.named_parameters())[name])
         eng = initialize(model, 3)
-        steps = train(eng, rank, range(2), r)
+        steps = train(eng, rank, range(2), r, (single, torch.optim.AdamW(single.parameters(), **ADAMW)))
         with gathered(eng.module), torch.no_grad():
             kept = torch.equal(eng.module.tok.weight[:N_TOK], r["tok"])
         return {"partitioned_before": before == 0, "pinned": [s["pinned_exact"] for s in steps], "kept": kept,
+                "maxdiff": max(s["free_maxdiff"] for s in steps),
                 "trained": not torch.equal(merged(eng.module)["tok.weight"][N_TOK:], start["tok.weight"][N_TOK:])}
 
     attempt(record, "zero_init", zero_init)
