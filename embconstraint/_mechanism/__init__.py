@@ -10,6 +10,8 @@ Layers, each importing only those above it:
 - :mod:`.checks`: what ``constrain`` refuses, checked before anything changes.
 - :mod:`.hooks`: plain-key state dicts; :mod:`.ties`: who else holds a Parameter; :mod:`.queries`.
 - :mod:`.zero`: a module DeepSpeed ZeRO-3 partitioned, gathered while it is constrained.
+- :mod:`.tensor_parallel`: a table whose rows are sharded over a mesh (vocabulary-parallel), each rank
+  constraining its own rows.
 
 The names below are the interface the front door (:mod:`embconstraint.core`), the file formats
 (:mod:`embconstraint.files`) and the integrations (:mod:`embconstraint.lightning`,
@@ -32,6 +34,7 @@ from .layout import Layout
 from .parametrization import PinnedRows, TiedTo, install_accessors, parametrization_list, pin_of, tie_of
 from .queries import pinned_deviation, pinned_values, tied_modules
 from .sharded import full, is_sharded, zero_managed, zero_partitioned
+from .tensor_parallel import RowShard, install_tp_hooks, local_layout, local_part, row_shard, rows_on
 from .ties import shared
 from .zero import gathered, gathered_params
 
@@ -40,4 +43,5 @@ __all__ = [
     "install_hooks", "remove_hooks", "shared", "tied_modules", "pinned_values", "pinned_deviation",
     "as_reference", "check_constrain_args", "check_on_mismatch", "check_reference", "checked_indices",
     "reference_bias", "full", "is_sharded", "zero_managed", "zero_partitioned", "gathered", "gathered_params",
+    "RowShard", "row_shard", "rows_on", "local_layout", "local_part", "install_tp_hooks",
 ]

@@ -19,7 +19,8 @@ from torch.nn.utils import parametrize
 
 from .._common import casts_exactly, check_rows, index_tensor
 from .parametrization import pin_of, tie_of
-from .sharded import is_sharded, zero_partitioned
+from .sharded import fsdp_managed, is_sharded, zero_partitioned
+from .tensor_parallel import TP_REFUSED, row_shard
 from .weight import plain
 
 __all__ = [
@@ -170,11 +171,14 @@ def check_constrain_args(embedding: Any, reference: Any, indices: Any, on_mismat
     constrained = isinstance(embedding, nn.Module) and pin_of(embedding) is not None
     check_embedding(embedding, parametrized, constrained, heads=heads)
     check_on_mismatch(on_mismatch)
-    if is_sharded(embedding.weight):
-        raise ValueError(
-            f"embedding.weight is already sharded (a {type(embedding.weight).__name__}, e.g. by fully_shard); "
-            "call constrain() before fully_shard(), which then shards only the free rows"
-        )
+    if is_sharded(embedding.weight) and (fsdp_managed(embedding) or row_shard(embedding.weight) is None):
+        if fsdp_managed(embedding):
+            raise ValueError(
+                f"embedding.weight is already sharded (a {type(embedding.weight).__name__}, e.g. by fully_shard); "
+                "call constrain() before fully_shard(), which then shards only the free rows"
+            )
+        raise ValueError(f"embedding.weight is a DTensor with placements {tuple(embedding.weight.placements)} on a "
+                         f"{embedding.weight.device_mesh.ndim}-D mesh: {TP_REFUSED}")
     if "ds_id" in embedding.__dict__ or "_hp_mapping" in getattr(embedding.weight, "__dict__", {}):
         raise ValueError(
             "embedding is already managed by a DeepSpeed engine (deepspeed.initialize ran): its optimizer holds "

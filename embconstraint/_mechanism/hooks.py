@@ -10,6 +10,11 @@ dim 0 over the same mesh (the free rows are all-gathered once; each rank keeps i
 ``get_model_state_dict`` (full or sharded) and DCP see the plain key; a loaded weight (plain or
 DTensor) is sharded back the way the live free rows are, without communication.
 
+Tensor parallelism (rows sharded over a mesh, see :mod:`.tensor_parallel`): the saved weight is the
+``(V, D)`` DTensor sharded on rows that ``RowwiseParallel`` / ``ColwiseParallel`` would hold (this
+rank's merged rows; with ``fully_shard`` on top, its free rows all-gathered over the data-parallel
+mesh first); a loaded weight (plain or DTensor, all-gathered) gives this rank its rows.
+
 DeepSpeed ZeRO-3 free rows, while partitioned (outside forward and ``GatheredParameters``): the
 state dict keeps the raw key and DeepSpeed's placeholder, as for every other Parameter of a ZeRO-3
 module (a ZeRO-3 checkpoint keeps the values in its optimizer partitions, by Parameter name);
@@ -27,6 +32,7 @@ from .._common import original_key
 from ..exceptions import PinnedRowsError
 from .parametrization import pin_of, tie_of
 from .sharded import as_shards, full, like, zero_partitioned
+from .tensor_parallel import as_global
 from .weight import constant, plain
 
 __all__ = ["install_hooks", "remove_hooks"]
@@ -83,6 +89,10 @@ def _merged_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadat
             state_dict[key] = value
             continue
         keep_vars = value is free  # state_dict(keep_vars=True): the weight itself, autograd-connected
+        if pin.shard is not None:  # tensor parallel: the (V, D) DTensor sharded on rows the style would hold
+            merged = as_global(pin.layout.to_user_order(pin.table(free)).detach(), pin.shard)
+            state_dict[prefix + name] = merged
+            continue
         if not pin.is_split(free):
             if keep_vars:
                 with torch.enable_grad():  # (as a Parameter, whatever the grad mode)
@@ -109,8 +119,8 @@ def _load_plain(module: nn.Module, state_dict: dict, prefix: str, local_metadata
             state_dict[okey] = state_dict.pop(key)
             continue
         value = full(state_dict.pop(key))  # (a collective for a DTensor: all ranks load)
-        free = pin.free_parameter
-        expected = (pin.num_rows, *free.shape[1:])
+        free, shard = pin.free_parameter, pin.shard
+        expected = (pin.num_rows if shard is None else shard.num_rows, *free.shape[1:])
         if not isinstance(value, Tensor) or tuple(value.shape) != expected:
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             error_msgs.append(
@@ -119,6 +129,8 @@ def _load_plain(module: nn.Module, state_dict: dict, prefix: str, local_metadata
             )
             state_dict[okey] = free.detach()
             continue
+        if shard is not None:  # tensor parallel: this rank's rows
+            value = value[shard.lo:shard.hi]
         try:
             state_dict[okey] = like(pin.load_plain(plain(value), free, key), free)
         except PinnedRowsError as err:  # raised as it is (not collected): callers can catch it by type

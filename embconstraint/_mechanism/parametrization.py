@@ -25,7 +25,8 @@ only, and index remapping is element-wise.
 Members other modules use (read-only unless said): ``num_rows``, ``num_pinned``, ``layout``,
 ``on_mismatch``, ``free_parameter``, ``ties()``, ``merged()``, ``table(free)``, ``storage``, ``is_split(free)``,
 ``pinned_block(like)``, ``split_storage()``, ``check_pinned(weight, what)``,
-``write_free_rows(weight, free)``, ``load_plain(weight, free, what)``; ``TiedTo.embedding``.
+``write_free_rows(weight, free)``, ``load_plain(weight, free, what)``, ``shard`` (tensor parallelism:
+the rows of the whole table this rank holds, see :mod:`.tensor_parallel`); ``TiedTo.embedding``.
 """
 
 from __future__ import annotations
@@ -184,6 +185,9 @@ class PinnedRows(nn.Module):
         self._ties: list[tuple[nn.Module, str]] = []  # (module, name) tied to this weight (not children)
         self._copied = False  # the free rows live apart from the table (see storage)
         self._user_order: tuple | None = None  # (key, weak reference): see user_order()
+        # Tensor parallelism: the rows of the whole table this module holds (a tensor_parallel.RowShard;
+        # the layout is then the shard's), None otherwise. Set by constrain(), read by the state dicts.
+        self.shard = None
 
     # -- read-only members ------------------------------------------------------------------
     @property

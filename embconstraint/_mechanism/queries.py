@@ -26,7 +26,8 @@ def tied_modules(root: nn.Module, embedding: nn.Module) -> list[nn.Module]:
 
 
 def pinned_values(embedding: nn.Module) -> Tensor:
-    """The pinned rows of a constrained ``embedding`` as they are, in reference order ``(n, D)``."""
+    """The pinned rows of a constrained ``embedding`` as they are, in reference order ``(n, D)``
+    (under tensor parallelism, this rank's)."""
     pin = pin_of(embedding)
     if pin.storage == "split":  # read apart from the free rows: no collective under FSDP2
         return pin.pinned_block()
@@ -39,8 +40,12 @@ def pinned_values(embedding: nn.Module) -> Tensor:
 @torch.no_grad()
 def pinned_deviation(embedding: nn.Module, target: Tensor) -> Tensor:
     """Largest ``|pinned row - target|`` of a constrained ``embedding`` (0-dim tensor on the
-    weight's device; 0.0 when nothing is pinned)."""
+    weight's device; 0.0 when nothing is pinned). Under tensor parallelism, over this rank's
+    pinned rows (``target`` holds every one)."""
     rows = pinned_values(embedding)
+    shard = pin_of(embedding).shard
+    if shard is not None and target.shape[0] == shard.pinned.numel():  # tensor parallel: this rank's rows
+        target = target[shard.pinned.to(target.device)]
     if rows.numel() == 0:
         return rows.new_zeros(())
     return (rows - target.to(device=rows.device, dtype=rows.dtype)).abs().max()
