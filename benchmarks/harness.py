@@ -451,7 +451,12 @@ class FunctionalCollectiveCounter:
     """Counts the elements through the functional collectives (``torch.ops._c10d_functional``:
     what DTensor's redistributions, tensor parallelism's among them, run) while it is entered:
     ``counts[op]`` for ``all_reduce``, ``all_gather_into_tensor``, ``reduce_scatter_tensor``,
-    ``all_to_all_single`` (input elements), through a ``TorchDispatchMode``."""
+    ``all_to_all_single``, ``broadcast`` and their coalesced forms (input elements), through a
+    ``TorchDispatchMode``."""
+
+    OPS = frozenset({"all_reduce", "all_reduce_coalesced", "all_gather_into_tensor",
+                     "all_gather_into_tensor_coalesced", "reduce_scatter_tensor", "reduce_scatter_tensor_coalesced",
+                     "all_to_all_single", "broadcast"})
 
     def __init__(self) -> None:
         from torch.utils._python_dispatch import TorchDispatchMode
@@ -461,9 +466,11 @@ class FunctionalCollectiveCounter:
 
         class _Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                if func.namespace == "_c10d_functional" and args and isinstance(args[0], torch.Tensor):
-                    name = func.overloadpacket.__name__
-                    counts[name] = counts.get(name, 0) + args[0].numel()
+                name = func.overloadpacket.__name__
+                if func.namespace == "_c10d_functional" and name in FunctionalCollectiveCounter.OPS:
+                    first = args[0] if args else None
+                    tensors = first if isinstance(first, (list, tuple)) else [first]
+                    counts[name] = counts.get(name, 0) + sum(t.numel() for t in tensors if isinstance(t, torch.Tensor))
                 return func(*args, **(kwargs or {}))
 
         self._mode = _Mode()

@@ -19,16 +19,21 @@ from ._common import original_key
 from ._mechanism import (
     Layout,
     PinnedRows,
+    RowShard,
     TiedTo,
     check_constrain_args,
     full,
     gathered,
     install_accessors,
     install_hooks,
+    install_tp_hooks,
+    local_layout,
+    local_part,
     parametrization_list,
     pin_of,
     reference_bias,
     remove_hooks,
+    row_shard,
     shared,
     tie_of,
     zero_managed,
@@ -60,7 +65,8 @@ def _bias_reference(module: nn.Module, reference: Reference, idx: Tensor | None,
     ref = reference_bias(reference)
     if ref is not None:
         return ref
-    return bias.detach()[:num_pinned] if idx is None else bias.detach().index_select(0, idx.to(bias.device))
+    bias = full(bias.detach())  # (a tensor-parallel head's bias is a DTensor: all-gathered, every rank constrains)
+    return bias[:num_pinned] if idx is None else bias.index_select(0, idx.to(bias.device))
 
 
 def _pin(module: nn.Module, name: str, reference: Tensor, layout: Layout, on_mismatch: str) -> None:
@@ -129,9 +135,12 @@ class ConstrainPlan:
     bias: Tensor | None
     on_mismatch: str
     tied: list[tuple[nn.Module, str, str]]  # (module, its attribute, the embedding's tensor it shares)
+    shard: RowShard | None = None  # tensor parallelism: this rank's rows of the table (see _apply_sharded)
 
     def apply(self) -> nn.Module:
         """Constrain ``embedding`` (and tie the modules that share its tensors); returns it."""
+        if self.shard is not None:
+            return self._apply_sharded()
         embedding = self.embedding
         zero = zero_managed(embedding.weight)  # gathered by the caller (see constrain)
         _pin(embedding, "weight", self.reference, self.layout, self.on_mismatch)
@@ -147,6 +156,41 @@ class ConstrainPlan:
             install_hooks(module)
         if zero:
             _own_free_rows(embedding, self.tied)
+        return embedding
+
+
+    def _apply_sharded(self) -> nn.Module:
+        """Tensor parallelism: the table's rows are sharded over a 1-D mesh (``RowwiseParallel`` on an
+        embedding, ``ColwiseParallel`` on a head: the weight a DTensor ``Shard(0)``; or a plain weight that
+        :mod:`embconstraint.parallel` shards). The module keeps this rank's rows as a plain Parameter (the
+        modules tied to it too) and is constrained on them (its pinned rows among them, at their local
+        positions); the hooks of :mod:`._mechanism.tensor_parallel` compute its output from them."""
+        embedding, shard = self.embedding, self.shard
+        shard, layout = local_layout(self.layout, shard)
+        mine = shard.pinned
+        reference = self.reference[mine.to(self.reference.device)]
+        bias = None if self.bias is None else self.bias[mine.to(self.bias.device)]
+        for name in ("weight", "bias"):
+            param = embedding._parameters.get(name)
+            if param is None:
+                continue
+            local = nn.Parameter(local_part(param, shard), requires_grad=param.requires_grad)
+            embedding.register_parameter(name, local)
+            for module, attr, shares in self.tied:
+                if shares == name:
+                    module.register_parameter(attr, local)
+        padding = getattr(embedding, "padding_idx", None)
+        if padding is not None:  # the module now computes on its rows: the padding row is local (or elsewhere)
+            embedding.padding_idx = padding - shard.lo if shard.lo <= padding < shard.hi else None
+        ConstrainPlan(embedding, reference, layout, bias, self.on_mismatch, self.tied).apply()
+        for name in ("weight", "bias"):
+            if (pin := pin_of(embedding, name)) is not None:
+                pin.shard = shard
+                if pin.free_parameter.numel() == 0:  # a rank whose rows are all pinned: nothing to train (and an
+                    pin.free_parameter.requires_grad_(False)  # empty gradient would stop fully_shard's reduce-scatter)
+        install_tp_hooks(embedding, lambda: shard)
+        for module in {id(m): m for m, _, shares in self.tied if shares == "weight"}.values():
+            install_tp_hooks(module, lambda: shard)  # a tied head computes on these rows too
         return embedding
 
 
@@ -195,7 +239,7 @@ def check_constrain(
     _check_not_shared(embedding, tied)
     layout = Layout.from_indices(idx, ref.shape[0], embedding.weight.shape[0])
     bias = _bias_reference(embedding, reference, idx, ref.shape[0])
-    return ConstrainPlan(embedding, ref, layout, bias, on_mismatch, tied)
+    return ConstrainPlan(embedding, ref, layout, bias, on_mismatch, tied, shard=row_shard(embedding.weight))
 
 
 def _check_not_shared(embedding: nn.Module, tied: list[tuple[nn.Module, str, str]]) -> None:
@@ -349,6 +393,12 @@ def release(module: nn.Module, *, optimizer: torch.optim.Optimizer | None = None
     tied += [tie for m in pinned for n in m.parametrizations.keys() if (pin := pin_of(m, n)) is not None
              for tie in pin.ties() if tie not in tied]
     for m in pinned:
+        if any(pin_of(m, n) is not None and pin_of(m, n).shard is not None for n in m.parametrizations.keys()):
+            raise RuntimeError(
+                "release: a constrained module under tensor parallelism holds this rank's rows only and cannot be "
+                "released in place; save merged_state_dict(model) (or get_model_state_dict) and load it into a "
+                "plain model"
+            )
         if any(pin_of(m, n) is not None and pin_of(m, n).storage == "split" for n in m.parametrizations.keys()):
             raise RuntimeError(
                 "release: a constrained module in sharded training (fully_shard) cannot be released in "

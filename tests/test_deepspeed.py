@@ -110,7 +110,9 @@ def test_save_rows_inside_gathered_parameters(ranks):
 
 def test_model_built_under_zero_init_is_constrained(ranks):
     for r in ranks:
-        assert r["zero_init"] == {"partitioned_before": True, "pinned": [True, True], "kept": True, "trained": True}
+        got = dict(r["zero_init"])
+        assert got.pop("maxdiff") <= 1e-5  # against one process started from the same values
+        assert got == {"partitioned_before": True, "pinned": [True, True], "kept": True, "trained": True}
 
 
 def test_clear_errors(ranks):

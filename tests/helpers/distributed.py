@@ -5,6 +5,7 @@ given shape built in a step, and running a script whose ranks each record what t
 from __future__ import annotations
 
 import os
+import traceback
 from pathlib import Path
 
 import torch
@@ -12,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import TESTS, run_python, run_script
 
-__all__ = ["ShapeProbe", "global_batch", "rank_records"]
+__all__ = ["ShapeProbe", "global_batch", "rank_records", "attempt", "save_record"]
 
 
 def global_batch(step: int, rows: int, seq: int, vocab: int, bag_vocab: int):
@@ -26,8 +27,8 @@ def global_batch(step: int, rows: int, seq: int, vocab: int, bag_vocab: int):
 
 
 class ShapeProbe(TorchDispatchMode):
-    """Records, in :attr:`hits`, every op that produced a tensor of one of ``shapes`` holding memory
-    of its own size (a zero-stride stand-in does not count)."""
+    """Records, in :attr:`hits`, every op that built a tensor of one of ``shapes``: new memory of
+    that size (a view of an input, or a zero-stride stand-in, does not count)."""
 
     def __init__(self, shapes) -> None:
         super().__init__()
@@ -35,11 +36,22 @@ class ShapeProbe(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if (isinstance(t, torch.Tensor) and tuple(t.shape) in self.shapes
-                    and t.untyped_storage().nbytes() >= t.numel() * t.element_size()):
+        outs = [t for t in (out if isinstance(out, (tuple, list)) else (out,))
+                 if isinstance(t, torch.Tensor) and tuple(t.shape) in self.shapes and t.layout == torch.strided]
+        if not outs:
+            return out
+        inputs = {_ptr(t) for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in outs:
+            if t.untyped_storage().nbytes() >= t.numel() * t.element_size() and _ptr(t) not in inputs:
                 self.hits.append(str(func))
         return out
+
+
+def _ptr(t: torch.Tensor) -> int | None:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
 
 
 def rank_records(script: str, out: Path, *args: str, ranks: int = 2, timeout: float = 180,
@@ -58,3 +70,19 @@ def rank_records(script: str, out: Path, *args: str, ranks: int = 2, timeout: fl
     for r in records:
         assert "error" not in r, r["error"]
     return records
+
+
+def attempt(record: dict, name: str, fn) -> None:
+    """``record[name] = fn()``; a failure is recorded (its traceback) for the wrapper to name."""
+    try:
+        record[name] = fn()
+    except Exception:  # recorded, not raised: the other checks still run
+        record[name] = "error: " + traceback.format_exc()[-3000:]
+
+
+def save_record(record: dict, out: Path, rank: int) -> None:
+    """A rank's last step: save its record as ``OUT/rank<r>.pt``, wait for the others, leave the group."""
+    import torch.distributed as dist
+    torch.save(record, Path(out) / f"rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()

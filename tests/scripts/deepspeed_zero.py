@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from helpers.distributed import ShapeProbe, global_batch
+from helpers.distributed import ShapeProbe, attempt, global_batch, save_record
 from torch import nn
 
 from benchmarks.harness import CollectiveCounter, free_port
@@ -164,12 +164,6 @@ def single_run(tied: bool, r: dict):
     model = build(True, tied, r)
     return model, torch.optim.AdamW(model.parameters(), **ADAMW)
 
-
-def attempt(record: dict, name: str, fn) -> None:
-    try:
-        record[name] = fn()
-    except Exception:  # recorded for the wrapper, which names the failure
-        record[name] = "error: " + traceback.format_exc()[-3000:]
 
 
 def stage3(rank: int, out: Path, r: dict, record: dict) -> None:
@@ -317,9 +311,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         stages_1_2(rank, r, record)
     except Exception:
         record["error"] = traceback.format_exc()[-3000:]
-    torch.save(record, out / f"rank{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
+    save_record(record, out, rank)
 
 
 if __name__ == "__main__":

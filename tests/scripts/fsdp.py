@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from helpers.distributed import ShapeProbe, global_batch
+from helpers.distributed import ShapeProbe, global_batch, save_record
 from torch import nn
 
 from benchmarks.harness import CollectiveCounter, free_port
@@ -229,9 +229,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         state_checks(model, refs, mesh, out, rank, record)
     except Exception:
         record["error"] = traceback.format_exc()[-3000:]
-    torch.save(record, out / f"rank{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
+    save_record(record, out, rank)
 
 
 if __name__ == "__main__":
