@@ -117,6 +117,8 @@ class _SplitLookup(torch.autograd.Function):
     def backward(ctx, grad):
         (lidx,) = ctx.saved_tensors
         n, k, lpad, sgbf, sparse = ctx.args
+        if k == 0:  # no free rows (a tensor-parallel rank holding pinned rows only): no gradient, not an empty one,
+            return None, None, None, None, None, None  # which fully_shard's reduce-scatter refuses
         ridx = _free_index(lidx, n, k, lpad)
         if sparse:
             g = torch.ops.aten.embedding_sparse_backward(grad, ridx, k, k, sgbf)
@@ -301,7 +303,9 @@ def split_linear(input: Tensor, free: Tensor, pinned: Tensor, layout: Layout, bi
     (the split storage; compiled code), without building it: the logits of the pinned rows and of
     the free rows, concatenated, then in user order. Plain differentiable ops (higher-order
     gradients included); equal to the plain head to rounding (two matmuls)."""
-    out = torch.cat([torch.nn.functional.linear(input, pinned), torch.nn.functional.linear(input, free)], dim=-1)
+    # (no free rows: their empty logits do not come from them, so that they get no gradient, not an empty one)
+    logits_free = torch.nn.functional.linear(input, free) if free.shape[0] else input.new_zeros((*input.shape[:-1], 0))
+    out = torch.cat([torch.nn.functional.linear(input, pinned), logits_free], dim=-1)
     if layout.pos is not None:
         out = out.index_select(-1, layout.pos_on(out.device))
     return out if bias is None else out + bias
