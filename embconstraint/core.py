@@ -186,8 +186,6 @@ class ConstrainPlan:
         for name in ("weight", "bias"):
             if (pin := pin_of(embedding, name)) is not None:
                 pin.shard = shard
-                if pin.free_parameter.numel() == 0:  # a rank whose rows are all pinned: nothing to train (and an
-                    pin.free_parameter.requires_grad_(False)  # empty gradient would stop fully_shard's reduce-scatter)
         install_tp_hooks(embedding, lambda: shard)
         for module in {id(m): m for m, _, shares in self.tied if shares == "weight"}.values():
             install_tp_hooks(module, lambda: shard)  # a tied head computes on these rows too

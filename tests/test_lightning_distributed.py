@@ -1,6 +1,6 @@
 """EmbeddingConstraint on 2 CPU processes (gloo), each run a subprocess (tests/scripts) whose
 ranks record what they saw: ``Trainer(strategy="ddp")`` with a tied head, and
-``ModelParallelStrategy`` (FSDP2 applied in configure_model) or DDP with an embedding built in
+``ModelParallelStrategy`` (FSDP2, or tensor parallelism, applied in configure_model) or DDP with an embedding built in
 ``__init__`` and one built in ``configure_model``."""
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def test_ddp_two_cpu_processes_keep_pinned_rows_exact_and_agree(tmp_path):
     assert not torch.equal(ranks[0]["weights"][0][VOCAB_OLD:], ranks[0]["weights"][-1][VOCAB_OLD:])
 
 
-@pytest.mark.parametrize("strategy", ["mp", "ddp"])
+@pytest.mark.parametrize("strategy", ["mp", "tp", "ddp"])
 def test_two_cpu_processes_constrain_both_embeddings(strategy, tmp_path):
     V, D, N = 98, 16, 60  # the sizes of tests/scripts/lightning_fsdp.py
     run = run_script("lightning_fsdp", tmp_path, strategy, timeout=180, env={**ENV, "OMP_NUM_THREADS": "1"})
@@ -55,7 +55,11 @@ def test_two_cpu_processes_constrain_both_embeddings(strategy, tmp_path):
     for r in (0, 1):
         rec = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
         assert "error" not in rec, rec["error"]
-        assert rec["strategy"] == ("ModelParallelStrategy" if strategy == "mp" else "DDPStrategy")
+        assert rec["strategy"] == ("DDPStrategy" if strategy == "ddp" else "ModelParallelStrategy")
         # both embeddings constrained before configure_optimizers: only their free rows are trained
-        assert rec["optim_shapes"] == sorted([(V - N, D), (V - N, D), (V, D), (V,)])
+        if strategy == "tp":  # each rank holds its rows (rank 0's 49 rows are all pinned), the head is torch's DTensor
+            free = (0, D) if r == 0 else (V - N, D)
+            assert rec["optim_shapes"] == sorted([free, free, (V, D), (V,)])
+        else:
+            assert rec["optim_shapes"] == sorted([(V - N, D), (V - N, D), (V, D), (V,)])
         assert rec["seen"] == [True] * 3  # pinned rows bitwise the reference after every step, every rank

@@ -29,10 +29,11 @@ __all__ = ["add_note", "check_trainer", "defer_until_configured", "install_in_co
            "lightning_classes", "non_leaf_hint", "release_installed", "optimizer_state_problem",
            "optimizer_groups_problem"]
 
-# Strategies that flatten parameters (FSDP1 FlatParameter, DeepSpeed partitions, XLA FSDP): the free
-# rows would no longer be the embedding's own Parameter, and their state dicts are post-processed by
-# parameter name, after the constraint's hooks renamed it. ModelParallelStrategy (FSDP2 fully_shard,
-# applied in configure_model) is supported with data parallelism only.
+# Strategies not supported: FSDP1 and XLA FSDP flatten parameters (the free rows would no longer be the
+# embedding's own Parameter, and their state dicts are post-processed by parameter name, after the
+# constraint's hooks renamed it); Lightning's DeepSpeedStrategy is not tested with the callback (DeepSpeed
+# itself is supported through deepspeed.initialize and the transformers Trainer). ModelParallelStrategy
+# (FSDP2 fully_shard and tensor parallelism, applied in configure_model) is supported.
 _UNSUPPORTED_STRATEGIES = frozenset({"FSDPStrategy", "DeepSpeedStrategy", "XLAFSDPStrategy"})
 # Precisions that cast the whole module (the pinned rows too) to another dtype after setup.
 _TRUE_PRECISION_DTYPES = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}
@@ -105,23 +106,17 @@ def install_in_configure_model(pl_module: nn.Module, path: str, installed: Calla
 
 
 def check_trainer(trainer: Any, embedding: nn.Module, reference: nn.Module | Tensor) -> None:
-    """Refuse (``ValueError``) a strategy that flattens parameters, tensor parallelism, and a
-    ``*-true`` precision that cannot hold the reference exactly."""
+    """Refuse (``ValueError``) a strategy that is not supported (FSDP1, XLA FSDP, Lightning's
+    DeepSpeed strategy) and a ``*-true`` precision that cannot hold the reference exactly."""
     names = {cls.__name__ for cls in type(getattr(trainer, "strategy", None)).__mro__}
     refused = sorted(names & _UNSUPPORTED_STRATEGIES)
     if refused:
         raise ValueError(
-            f"EmbeddingConstraint does not support {refused[0]}: it flattens parameters, and the "
-            "constrained embedding's trainable rows must stay its own Parameter. Use strategy='ddp' "
-            "(the pinned rows are not buffers, so DDP never broadcasts them), or ModelParallelStrategy "
-            "with fully_shard applied in configure_model (sharded training)."
-        )
-    mesh = getattr(trainer.strategy, "_device_mesh", None) if "ModelParallelStrategy" in names else None
-    if mesh is not None and "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
-        raise ValueError(
-            "EmbeddingConstraint supports ModelParallelStrategy with data parallelism only "
-            f"(tensor_parallel_size={mesh['tensor_parallel'].size()}): use "
-            "ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)"
+            f"EmbeddingConstraint does not support {refused[0]}. Use strategy='ddp' (the pinned rows are not "
+            "buffers, so DDP never broadcasts them), or ModelParallelStrategy with fully_shard and/or "
+            "tensor parallelism (embconstraint.parallel's RowwiseParallel / ColwiseParallel) applied in "
+            "configure_model. DeepSpeed ZeRO works through deepspeed.initialize and the transformers Trainer "
+            "(embconstraint's guide 'DeepSpeed and tensor parallelism')."
         )
     dtype = _TRUE_PRECISION_DTYPES.get(str(getattr(trainer, "precision", "")))
     if dtype is not None:
@@ -149,8 +144,9 @@ def non_leaf_hint(exception: BaseException, root: nn.Module, embedding: nn.Modul
 
 def release_installed(embedding: nn.Module, root: nn.Module | None) -> None:
     """Release ``embedding`` (and its tied heads), and the modules of ``root`` still tied to it;
-    a sharded embedding (``fully_shard``) stays constrained, its state dicts being plain already."""
-    if is_constrained(embedding) and pin_of(embedding).storage == "split":
+    a sharded embedding (``fully_shard``, tensor parallelism) stays constrained, its state dicts being
+    plain already."""
+    if is_constrained(embedding) and (pin_of(embedding).storage == "split" or pin_of(embedding).shard is not None):
         return
     if is_constrained(embedding):
         release(embedding)  # its tied heads too; a pending .grad becomes (V, D)

@@ -1,8 +1,10 @@
 """Lightning on 2 CPU processes (gloo) with EmbeddingConstraint: ModelParallelStrategy (FSDP2
-applied in configure_model) or DDP, an embedding built in ``__init__`` (``emb``) and one built in
-``configure_model`` (``late``), both constrained by the callback.
+applied in configure_model, ``mp``; or tensor parallelism, ``tp``: the embeddings under
+embconstraint.parallel's RowwiseParallel, the head under torch's ColwiseParallel) or DDP, an embedding
+built in ``__init__`` (``emb``) and one built in ``configure_model`` (``late``), both constrained by
+the callback.
 
-Usage: PYTHONPATH=tests:. python tests/scripts/lightning_fsdp.py OUT_DIR {mp,ddp}   (tests/test_lightning_distributed.py runs it)
+Usage: PYTHONPATH=tests:. python tests/scripts/lightning_fsdp.py OUT_DIR {mp,tp,ddp}   (tests/test_lightning_distributed.py runs it)
 
 Lightning's launcher re-runs this script for rank 1. Each rank writes OUT_DIR/rank<r>.pt.
 """
@@ -32,7 +34,7 @@ def _full(w: torch.Tensor) -> torch.Tensor:
 
 
 class LM(L.LightningModule):
-    def __init__(self, shard: bool) -> None:
+    def __init__(self, shard: bool | str) -> None:
         super().__init__()
         self.shard = shard
         self.emb = nn.Embedding(V, D)      # built in __init__
@@ -42,7 +44,15 @@ class LM(L.LightningModule):
     def configure_model(self) -> None:
         if not hasattr(self, "late"):
             self.late = nn.Embedding(V, D)  # built here, as large models are
-        if self.shard:
+        if self.shard == "tp":  # the vocabulary sharded over the tensor-parallel mesh (torchtitan's plan)
+            from torch.distributed.tensor import Replicate
+            from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+            from embconstraint.parallel import RowwiseParallel
+            style = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+            parallelize_module(self, self.device_mesh["tensor_parallel"],
+                               {"emb": style, "late": style, "head": ColwiseParallel(output_layouts=Replicate())})
+        elif self.shard:
             from torch.distributed.fsdp import fully_shard
             mesh = self.device_mesh["data_parallel"]
             # training_step calls the layers (not self.forward), so each is its own FSDP unit
@@ -54,6 +64,11 @@ class LM(L.LightningModule):
         return F.cross_entropy(self.head(self.emb(x) + self.late(x)), y)
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.shard == "tp":  # each rank holds its rows: the merged weights, gathered
+            from embconstraint import merged_state_dict
+            merged = merged_state_dict(self)
+            self.seen.append(all(torch.equal(merged[f"{n}.weight"][:N], REFS[n]) for n in REFS))
+            return
         with torch.no_grad():
             self.seen.append(all(torch.equal(_full(getattr(self, n).weight)[:N], REFS[n]) for n in REFS))
 
@@ -70,11 +85,12 @@ def _callbacks() -> list:
 def main(out: str, strategy: str) -> None:
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
-    model = LM(shard=strategy == "mp")
-    if strategy == "mp":
+    model = LM(shard="tp" if strategy == "tp" else strategy == "mp")
+    if strategy in ("mp", "tp"):
         from lightning.pytorch.strategies import ModelParallelStrategy
         # the default mesh is (data_parallel=num_nodes, tensor_parallel=devices): shard over data_parallel
-        strat = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+        strat = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if strategy == "mp" else \
+            ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2)
     else:
         strat = "ddp"
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strat, max_steps=STEPS, callbacks=_callbacks(),
