@@ -139,3 +139,18 @@ def test_bad_input_changes_nothing(make, old, error, match):
         constrain_new_tokens(model, old)
     assert not any(is_constrained(m) for m in model.modules())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_gradient_from_before_the_resize_is_refused_before_anything_changes():
+    """transformers' resize keeps the Parameter (new data) and its stale ``.grad``."""
+    model = llama(tied=False)
+    model(input_ids=torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).loss.backward()
+    model.resize_token_embeddings(NEW + 4)
+    assert model.get_input_embeddings().weight.grad.shape == (NEW, D)  # (the stale gradient)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"embedding.weight.grad has shape .* \(a gradient from before a resize\?\)"):
+        constrain_new_tokens(model, NEW)
+    assert not any(is_constrained(m) for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    model.zero_grad(set_to_none=True)
+    assert len(constrain_new_tokens(model, NEW)) == 2

@@ -439,7 +439,7 @@ class PinnedRows(nn.Module):
         self._table, self._alias_key = new, None
         return new[n:]
 
-    def check_pinned(self, weight: Tensor, what: str, rounding: bool = False) -> None:
+    def check_pinned(self, weight: Tensor, what: str, rounding: bool = False, hint: str = "") -> None:
         """Raise :class:`PinnedRowsError` if ``weight`` (user order) does not hold the pinned rows
         bitwise (``rounding``: within two units in the last place of each value, what an average
         ``a * d + (1 - d) * b`` of equal values rounds to); ``ValueError`` if it has another shape."""
@@ -453,9 +453,7 @@ class PinnedRows(nn.Module):
         raise PinnedRowsError(
             f"{what} would change pinned rows of a constrained embedding "
             f"(max |Δ| = {max_abs_deviation(new, old):g}); "
-            "pinned rows only change through release() or on_mismatch='checkpoint'"
-            + ("" if rounding else "; to average models (EMA, SWA), average model.parameters() (the "
-               "trainable rows) or write into the tensors of state_dict(), where rounding is allowed")
+            f"pinned rows only change through release() or on_mismatch='checkpoint'{hint}"
         )
 
     @torch.no_grad()

@@ -402,6 +402,10 @@ def wrap(t: Tensor, pin: Pin, free: Tensor, table: Tensor | None) -> PinnedWeigh
     return t
 
 
+_AVERAGING_HINT = ("; to average models (EMA, SWA), average model.parameters() (the trainable rows) or write "
+                   "into the tensors of state_dict(), which keep pinned values within rounding")
+
+
 def _write(func, args: tuple, kwargs: dict) -> Tensor:
     """An in-place op on the merged weight: applied to a scratch copy, then only the free rows
     are written back, and only if the pinned rows are left unchanged."""
@@ -433,7 +437,8 @@ def _write(func, args: tuple, kwargs: dict) -> Tensor:
         # A state dict's tensor may be written with pinned rows within rounding of their values
         # (an EMA, ``ema * d + (1 - d) * model``): the free rows are written, the pinned ones kept.
         constant_target = isinstance(target, PinnedConstant)
-        pin.check_pinned(scratch, f"in-place {name}", rounding=constant_target)
+        pin.check_pinned(scratch, f"in-place {name}", rounding=constant_target,
+                         hint="" if constant_target else _AVERAGING_HINT)
         pin.write_free_rows(scratch, free)
         table = pin.table(free)
         if constant_target and storage_ptr(target) != storage_ptr(table):
