@@ -31,9 +31,7 @@ ERRORS = DOCS / "reference" / "errors.md"
 FENCE = re.compile(r"^(?P<indent>[ \t]*)```python[ \t]*\n(?P<code>.*?)^(?P=indent)```[ \t]*$", re.S | re.M)
 EXCERPT = "# excerpt"
 # Blocks that take more than a few seconds on 2 CPU cores: (page, block number) -> why.
-SLOW = {
-    ("docs/guides/compile-and-export.md", 0): "torch.compile of a small model (about 5 s)",
-}
+SLOW: dict[tuple[str, int], str] = {}
 
 
 def _name(page: Path) -> str:
@@ -147,4 +145,5 @@ def test_mkdocs_build_strict(tmp_path) -> None:
     errors = (site / "reference" / "errors" / "index.html").read_text(encoding="utf-8")
     assert "embedding must be an nn.Embedding" in errors
     api = (site / "reference" / "api" / "embconstraint" / "index.html").read_text(encoding="utf-8")
-    assert "embconstraint.constrain" in api and "language-pycon" in api  # rendered from the docstrings
+    assert "embconstraint.constrain" in api and "Reference row" in api  # rendered from the docstrings
+    assert '<span class="gp">&gt;&gt;&gt; </span>' in api and "<blockquote>" not in api  # doctests as code
