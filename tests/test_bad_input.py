@@ -140,8 +140,21 @@ class Case:
     target: Callable[[], nn.Module] = field(default=_plain, repr=False)  # the module `call` gets
 
 
+def _stale_grad() -> nn.Module:
+    """An embedding whose data was resized (as transformers' resize does) with a gradient left from before."""
+    emb = nn.Embedding(V - 1, D)
+    emb.weight.grad = torch.zeros(V - 1, D)
+    emb.weight.data = torch.zeros(V, D)
+    return emb
+
+
 CASES: list[Case] = [
     # -- constrain: the embedding -----------------------------------------------------------
+    Case("`constrain` on an embedding whose `.grad` has another shape than its weight (a gradient from "
+         "before a resize)",
+         lambda m: constrain(m, _ref()), ValueError,
+         f"embedding.weight.grad has shape ({V - 1}, {D}) but embedding.weight has shape ({V}, {D}) "
+         "(a gradient from before a resize?); clear it first", _stale_grad),
     Case("`constrain(embedding, …)`: `embedding` is not an `nn.Embedding`/`nn.EmbeddingBag`/`nn.Linear` (e.g. `nn.Conv1d`)",
          lambda m: constrain(m, _ref(N, 4)), TypeError,
          "embedding must be an nn.Embedding, nn.EmbeddingBag or nn.Linear (an output head), got Conv1d",

@@ -122,6 +122,14 @@ def install_accessors(module: nn.Module, name: str = "weight") -> None:
 _REMOVE_PARAMETRIZATIONS = parametrize.remove_parametrizations.__code__
 
 
+def _within_rounding(new: Tensor, old: Tensor) -> bool:
+    """Whether every value of ``new`` is within two units in the last place of ``old``'s."""
+    if not old.is_floating_point():
+        return False
+    tol = 2 * torch.finfo(old.dtype).eps
+    return bool(((new.double() - old.double()).abs() <= tol * old.double().abs()).all())
+
+
 def _removing_parametrizations(depth: int = 8) -> bool:
     """Whether ``torch.nn.utils.parametrize.remove_parametrizations`` is reading the weight: it
     ``set_``s the Parameter to the weight's storage, bypassing ``__torch_function__``, so the
@@ -431,20 +439,22 @@ class PinnedRows(nn.Module):
         self._table, self._alias_key = new, None
         return new[n:]
 
-    def check_pinned(self, weight: Tensor, what: str) -> None:
+    def check_pinned(self, weight: Tensor, what: str, rounding: bool = False, hint: str = "") -> None:
         """Raise :class:`PinnedRowsError` if ``weight`` (user order) does not hold the pinned rows
-        bitwise; ``ValueError`` if it has another shape."""
+        bitwise (``rounding``: within two units in the last place of each value, what an average
+        ``a * d + (1 - d) * b`` of equal values rounds to); ``ValueError`` if it has another shape."""
         old = self.pinned_block()
         shape = (self.num_rows, *old.shape[1:])
         if tuple(weight.shape) != shape:
             raise ValueError(f"{what} must have shape {shape}, got {tuple(weight.shape)}")
         new = self._layout.user_to_layout(weight.to(old))[: self.num_pinned]
-        if not bitwise_equal(new, old):
-            raise PinnedRowsError(
-                f"{what} would change pinned rows of a constrained embedding "
-                f"(max |Δ| = {max_abs_deviation(new, old):g}); "
-                "pinned rows only change through release() or on_mismatch='checkpoint'"
-            )
+        if bitwise_equal(new, old) or (rounding and _within_rounding(new, old)):
+            return
+        raise PinnedRowsError(
+            f"{what} would change pinned rows of a constrained embedding "
+            f"(max |Δ| = {max_abs_deviation(new, old):g}); "
+            f"pinned rows only change through release() or on_mismatch='checkpoint'{hint}"
+        )
 
     @torch.no_grad()
     def write_free_rows(self, weight: Tensor, free: Tensor) -> None:
@@ -497,6 +507,12 @@ class TiedTo(nn.Module):
     def pin(self) -> PinnedRows:
         """The embedding's :class:`PinnedRows`."""
         return self._embedding[1]
+
+    @property
+    def live(self) -> bool:
+        """Whether the tensor it is tied to is still constrained by :attr:`pin` (torch's
+        ``remove_parametrizations`` on the embedding leaves a plain tie)."""
+        return pin_of(self.embedding, self._name) is self.pin
 
     def forward(self, _: Tensor) -> Tensor:
         return getattr(self.embedding, self._name)

@@ -226,7 +226,7 @@ def _through_torch_function(descriptor: Any) -> property:
     def set_(self: Tensor, value: Any) -> None:
         type(self).__torch_function__(descriptor.__set__, (type(self),), (self, value), {})
 
-    return property(descriptor.__get__, set_, None, descriptor.__doc__)
+    return property(descriptor.__get__, set_, None, f"``Tensor.{descriptor.__name__}``, its writes checked.")
 
 
 class PinnedView(Tensor):
@@ -385,7 +385,9 @@ def _own_copy(c: PinnedConstant) -> PinnedConstant:
 def constant(pin: Pin, free: Tensor) -> PinnedConstant:
     """The merged weight of ``pin`` as a :class:`PinnedConstant` (user order, no grad; the
     storage of :meth:`PinnedRows.user_order`, so that tied weights share it)."""
-    c = Tensor._make_subclass(PinnedConstant, pin.user_order(free), False)
+    user = pin.user_order(free)
+    c = Tensor._make_subclass(PinnedConstant, user, False)
+    c._user = user  # (keeps the shared tensor alive: the next constant of this pin reuses it)
     c._pin, c._free = pin, free
     return c
 
@@ -398,6 +400,10 @@ def wrap(t: Tensor, pin: Pin, free: Tensor, table: Tensor | None) -> PinnedWeigh
     t._pin, t._free, t._table = pin, free, table
     t._grad_mode = torch.is_grad_enabled()
     return t
+
+
+_AVERAGING_HINT = ("; to average models (EMA, SWA), average model.parameters() (the trainable rows) or write "
+                   "into the tensors of state_dict(), which keep pinned values within rounding")
 
 
 def _write(func, args: tuple, kwargs: dict) -> Tensor:
@@ -428,11 +434,16 @@ def _write(func, args: tuple, kwargs: dict) -> Tensor:
             kwargs = {**kwargs, slot: scratch}
         with torch._C.DisableTorchFunctionSubclass():
             func(*args, **kwargs)
-        pin.check_pinned(scratch, f"in-place {name}")
+        # A state dict's tensor may be written with pinned rows within rounding of their values
+        # (an EMA, ``ema * d + (1 - d) * model``): the free rows are written, the pinned ones kept.
+        constant_target = isinstance(target, PinnedConstant)
+        pin.check_pinned(scratch, f"in-place {name}", rounding=constant_target,
+                         hint="" if constant_target else _AVERAGING_HINT)
         pin.write_free_rows(scratch, free)
-        if isinstance(target, PinnedConstant) and storage_ptr(target) != storage_ptr(pin.table(free)):
-            with torch._C.DisableTorchFunctionSubclass():
-                target.copy_(scratch)  # a gathered (scattered-layout) or stale constant: keep it current
+        table = pin.table(free)
+        if constant_target and storage_ptr(target) != storage_ptr(table):
+            with torch._C.DisableTorchFunctionSubclass():  # a gathered (scattered-layout) or stale constant
+                target.copy_(pin.layout.to_user_order(table))
         return target
 
 
