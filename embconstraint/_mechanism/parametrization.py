@@ -98,7 +98,7 @@ def install_accessors(module: nn.Module, name: str = "weight") -> None:
             if orig is not None and len(mods) == 1:
                 pin = mods["0"]  # resolved per call: deepcopy keeps the class, not the PinnedRows
                 if type(pin) is PinnedRows and _no_module_hooks(pin):
-                    return pin.forward(orig)
+                    return pin.eager_weight(orig)
         return slow(self)
 
     setattr(cls, name, property(get, prop.fset, prop.fdel, prop.__doc__))
@@ -312,8 +312,10 @@ class PinnedRows(nn.Module):
                 and free.dtype == key[6] and free.device == key[7]):
             return table
         if self._aliased(free):
+            # (and, for the prefix layout, the view of free that spans the table: see eager_weight)
+            view = (tuple(table.shape), table.stride(), table.storage_offset()) if self._layout.rows is None else None
             self._alias_key = (free, table, free.data_ptr(), table.data_ptr(), free.stride(), free.shape,
-                               free.dtype, free.device)
+                               free.dtype, free.device, view)
             return table
         self._alias_key = None
         with torch.no_grad():
@@ -345,6 +347,22 @@ class PinnedRows(nn.Module):
     def forward(self, free: Tensor) -> Tensor:
         if torch.compiler.is_compiling() or torch.jit.is_tracing():
             return self._traced_weight(free)
+        return self.eager_weight(free)
+
+    def eager_weight(self, free: Tensor) -> Tensor:
+        """The weight in eager mode (what the fast getter calls). Fast path: the prefix layout
+        with the table as at the last access (``table()``'s own check, inlined): a view of the
+        free rows that spans the table (grad mode), or an alias of the table."""
+        table, key = self._table, self._alias_key
+        if (key is not None and key[0] is free and key[1] is table and key[8] is not None
+                and free.data_ptr() == key[2] and table.data_ptr() == key[3] and free.stride() == key[4]
+                and free.shape == key[5] and free.dtype == key[6] and free.device == key[7]):
+            if torch.is_grad_enabled():
+                return wrap(free.as_strided(*key[8]), self, free, table)
+            return wrap(table.detach(), self, free, table)
+        return self._weight(free)
+
+    def _weight(self, free: Tensor) -> Tensor:
         if transformed(free) or functional():
             # torch.func (functional_call + grad/vmap, vmap over the ids, jvp), forward-mode AD:
             # a plain, differentiable merge (the kernels define neither a vmap rule nor a jvp)
@@ -363,7 +381,7 @@ class PinnedRows(nn.Module):
             # the table, so that autograd sees the free rows behind it (its gradient reaches
             # them) without an autograd node of ours. Lookups and heads never use it: their
             # kernels take the free rows and the table.
-            return wrap(free.as_strided(table.shape, table.stride(), table.storage_offset()), self, free, table)
+            return wrap(free.as_strided(tuple(table.shape), table.stride(), table.storage_offset()), self, free, table)
         # The table holds the rows in layout order (or a copy of the free rows): the weight's
         # autograd node takes a gradient in user order (what code outside hands it) to the free rows.
         return wrap(merge(free, table, self._user_free_rows(free)), self, free, table)

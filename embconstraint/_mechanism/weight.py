@@ -145,6 +145,20 @@ _AUTOGRAD_STATE = frozenset({"grad", "_grad", "requires_grad", "is_leaf", "grad_
                              "_backward_hooks", "_post_accumulate_grad_hooks"})
 
 
+_BASE_GET = Tensor._base.__get__
+
+
+def _standalone(func: Any, args: tuple) -> tuple[bool, Any]:
+    """``t._is_view()`` / ``t._base`` of a guarded stand-in (a constant or a view of the weight):
+    it presents itself as a tensor of its own (not a view, no base), so that no one reaches an
+    unguarded alias of the table through ``_base``, and a chain of stand-ins never starts."""
+    if func == Tensor._is_view:
+        return True, False
+    if func == _BASE_GET:
+        return True, None
+    return False, None
+
+
 def is_state_getter(func: Any) -> bool:
     """Whether ``func`` reads a tensor's own autograd state (``t.grad``, ``t.requires_grad``...),
     as opposed to a view or value of it (``t.T``, ``t.data``)."""
@@ -234,9 +248,13 @@ class PinnedView(Tensor):
     tensor; in-place writes are refused, since they would bypass the pinned-row check."""
 
     @classmethod
-    @torch.compiler.disable
+    @torch.compiler.disable  # (a weight made outside a compiled region: Dynamo runs its dispatch outside)
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if isinstance(_target(args, kwargs), cls):
+            handled, out = _standalone(func, args)
+            if handled:
+                return out
         if ((isinstance(_target(args, kwargs), cls) and (is_write(func) or is_value_setter(func)))
                 or isinstance(kwargs.get("out"), cls)):
             raise RuntimeError(
@@ -264,7 +282,7 @@ class PinnedWeight(Tensor):
     _grad_mode: bool  # grad mode of the access: the lazily built Merge node records a graph in it
 
     @classmethod
-    @torch.compiler.disable
+    @torch.compiler.disable  # (a weight made outside a compiled region: Dynamo runs its dispatch outside)
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         handled = HANDLED.get(func)
@@ -318,7 +336,7 @@ class PinnedConstant(Tensor):
     _own: bool = False
 
     @classmethod
-    @torch.compiler.disable
+    @torch.compiler.disable  # (a weight made outside a compiled region: Dynamo runs its dispatch outside)
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         target = _target(args, kwargs)
@@ -334,6 +352,9 @@ class PinnedConstant(Tensor):
         if isinstance(out, PinnedView):
             return PinnedView.__torch_function__(func, types, args, kwargs)
         if isinstance(target, cls):
+            handled, out = _standalone(func, args)
+            if handled:
+                return out
             if func in (Tensor.detach, _DATA_GET):
                 return constant(target._pin, target._free)
             if func == Tensor.requires_grad_ and arg(args, kwargs, 1, "requires_grad", True):
@@ -397,8 +418,7 @@ def wrap(t: Tensor, pin: Pin, free: Tensor, table: Tensor | None) -> PinnedWeigh
     place, no alias is made) that spans ``table``'s storage (a zero-stride stand-in with the split
     storage, ``table`` None) and whose autograd history reaches ``free``."""
     t.__class__ = PinnedWeight
-    t._pin, t._free, t._table = pin, free, table
-    t._grad_mode = torch.is_grad_enabled()
+    t.__dict__.update(_pin=pin, _free=free, _table=table, _grad_mode=torch.is_grad_enabled())
     return t
 
 
