@@ -36,11 +36,12 @@ from torch.nn.utils import parametrize
 
 from .._common import bitwise_equal, max_abs_deviation
 from ..exceptions import PinnedRowsError
+from .dispatch import functional, storage_ptr, transformed
 from .kernels import merge
 from .layout import Layout
 from .sharded import fsdp_managed, full, is_sharded, like
 from .traced import traced
-from .weight import functional, plain, storage_ptr, transformed, wrap
+from .weight import plain, wrap
 
 __all__ = ["PinnedRows", "TiedTo", "pin_of", "tie_of", "parametrization_list", "install_accessors"]
 
