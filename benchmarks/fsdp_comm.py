@@ -1,6 +1,6 @@
 """Sharded training (FSDP2 ``fully_shard``) on 2 CPU gloo ranks: elements all-gathered and
 reduce-scattered per step, and the median step time, for the same model with and without
-``embconstraint.constrain`` on its embedding (README "Sharded training").
+``embconstraint.constrain`` on its embedding (docs/guides/sharded.md).
 
 Usage: python -m benchmarks.fsdp_comm [V D N_PINNED STEPS]   (default 32768 256 32000 20)
 

@@ -89,6 +89,7 @@ class Config:
     seed: int = 0
     device: str = "cpu"
     num_batches: int = 4
+    compile: bool = False  # torch.compile the model (every method alike)
 
 
 class Unavailable(Exception):
@@ -186,13 +187,14 @@ class Stepper:
         self.device = torch.device(config.device)
         self.model, self.params = apply_method(method, build_model(config), config)
         self.model.train()
+        self.forward = torch.compile(self.model) if config.compile else self.model
         self.opt = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self.batches = make_batches(config)
         self.loss = float("nan")
 
     def _step(self, ids: Tensor) -> Tensor:
         self.opt.zero_grad(set_to_none=True)
-        loss = self.model(input_ids=ids, labels=ids).loss
+        loss = self.forward(input_ids=ids, labels=ids).loss
         loss.backward()
         self.opt.step()
         return loss
@@ -239,7 +241,7 @@ def measure_memory(method: str, config: Config, steps: int = 2) -> dict[str, Any
     """Peak memory of ``steps`` training steps of ``method`` (meant for a fresh process): above the
     process before the model was built (``peak``) and above the built model (``train``)."""
     device = torch.device(config.device)
-    tiny = replace(config, vocab=128, dim=64, seq=16, num_batches=1)
+    tiny = replace(config, vocab=128, dim=64, seq=16, num_batches=1, compile=False)
     Stepper(method, tiny).step(0)  # loads code pages and lazy imports before the baseline
     gc.collect()
     mem = PeakMemory(device, reset="after the build", trim=False)
@@ -285,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, help="warm-up steps per method (default 3)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile every method's model (default backend; compiled in the warm-up steps)")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory runs")
     p.add_argument("--out", default="bench-llm", help="output directory (default ./bench-llm)")
     return p
@@ -314,7 +318,9 @@ def render_markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
            f"peft {meta['peft']}, device {meta['device']}",
            f"- step: 2-layer LlamaForCausalLM, +{meta['new']} tokens, batch 4x128, AdamW(1e-3, wd 0.01); "
            f"{meta['warmup']} warm-up steps, then {meta['rounds']} rounds of one step per method in rotated "
-           "order, one process; median ms/step", f"- memory: {meta['memory_method']}; each method in a "
+           "order, one process; median ms/step"
+           + ("; every model torch.compile-d (default backend, compiled in the warm-up)" if meta.get("compiled") else
+              "; eager"), f"- memory: {meta['memory_method']}; each method in a "
            "fresh process; 'peak / training' MiB = peak above the process before the model was built / above "
            "the built model", ""]
     for key in sorted({(r["vocab"], r["dim"], r["tied"]) for r in results}):
@@ -346,14 +352,16 @@ def main(argv: list[str] | None = None) -> int:
     meta = machine_info(args.device)
     argv_text = sys.argv[1:] if argv is None else argv
     meta.update(command=shlex.join(["python", "-m", "benchmarks.llm_new_tokens", *argv_text]), rounds=rounds,
-                warmup=warmup, new=args.new, transformers=transformers.__version__, memory_method="not measured")
+                warmup=warmup, new=args.new, transformers=transformers.__version__, memory_method="not measured",
+                compiled=args.compile)
     ctx = worker_context(["torch", "transformers", "peft"]) if args.memory else None
     results: list[dict[str, Any]] = []
     started = time.perf_counter()
     for tying in args.tying:
         for d in dims:
             for v in sizes:
-                config = Config(vocab=v, dim=d, tied=tying == "tied", new=args.new, device=args.device)
+                config = Config(vocab=v, dim=d, tied=tying == "tied", new=args.new, device=args.device,
+                                compile=args.compile)
                 load_before = load_average()
                 timed = time_interleaved(args.methods, config, rounds, warmup)
                 load = [None if x is None else x[0] for x in (load_before, load_average())]

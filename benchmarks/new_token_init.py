@@ -46,23 +46,19 @@ import json
 import multiprocessing
 import random
 import statistics
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
 
-import torch  # noqa: E402
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
-
-from benchmarks.step_time import machine_info  # noqa: E402
-from embconstraint.hf import constrain_new_tokens, init_new_tokens  # noqa: E402
+from benchmarks.harness import machine_info
+from embconstraint.hf import constrain_new_tokens, init_new_tokens
 
 METHODS = ("random", "hf-default", "mean", "subwords", "ends", "description")
 CONSONANTS, VOWELS = "ptkbdgmnlsvz", "aeiou"
@@ -291,7 +287,8 @@ def plot(summary: dict[str, Any], path: Path) -> bool:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.new_token_init", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--steps", type=int, default=120, help="training steps of the new rows")

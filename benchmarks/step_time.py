@@ -155,6 +155,7 @@ class Config:
     seed: int = 0
     device: str = "cpu"
     num_batches: int = 4
+    compile: bool = False  # torch.compile every method's model (compiled in the warm-up steps)
 
     def __post_init__(self) -> None:
         if not isinstance(self.vocab, int) or self.vocab < 2:
@@ -418,10 +419,11 @@ class _Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self.loss = torch.zeros(())
+        self.forward = torch.compile(self.model) if config.compile else self.model
 
     def _step(self, ids: Tensor, y: Tensor) -> Tensor:
         self.opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(self.model(ids), y)
+        loss = F.cross_entropy(self.forward(ids), y)
         loss.backward()
         self.opt.step()
         if self.setup.post_step is not None:
@@ -453,7 +455,8 @@ def _inputs(config: Config) -> tuple[Tensor, Callable[[], Tensor], list[tuple[Te
 def _prewarm(method: str, config: Config) -> None:
     """One step of ``method`` on a tiny model: loads the code pages, lazy imports and kernels
     that any first step touches, so that the memory reading counts tensors, not libraries."""
-    tiny = replace(config, vocab=min(config.vocab, 256), dim=min(config.dim, 16), batch=8, seq=4, num_batches=1)
+    tiny = replace(config, vocab=min(config.vocab, 256), dim=min(config.dim, 16), batch=8, seq=4, num_batches=1,
+                   compile=False)
     reference, free_init, batches = _inputs(tiny)
     trainer = _Trainer(method, tiny, reference, free_init(), batches)
     trainer.step(0)
@@ -665,6 +668,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq", type=int, default=32, help="tokens per sequence (default 32)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile every method's model (default backend; compiled in the warm-up steps)")
     p.add_argument("--mem-limit", type=float, default=None,
                    help=f"skip runs estimated above this many GiB (default {DEFAULT_MEM_LIMIT_GIB:g} on CPU, "
                         "90%% of the GPU on CUDA; never above 90%% of the memory available at start)")
@@ -1088,7 +1093,8 @@ def render_markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"{meta['warmup']} warm-up + at least {meta['steps']} measured steps per run, on to "
             f"{meta.get('min_seconds', 0):g} s of steps (at most {meta['max_seconds']:g} s), {meta['rounds']} round(s), "
             "methods in rotated order, each run in a fresh process; allocator: "
-            f"{meta.get('malloc', 'default')} (see benchmarks/README.md)",
+            f"{meta.get('malloc', 'default')} (see benchmarks/README.md); "
+            + ("every model torch.compile-d (default backend)" if meta.get("compiled") else "eager"),
             f"- memory: {meta['memory_method']}; skipped above ~{meta['mem_limit_gib']:.1f} GiB (estimated)",
             f"- total wall time: {meta['wall_s']:.0f} s", ""]
     out += issue_figures(results)
@@ -1165,7 +1171,7 @@ def main(argv: list[str] | None = None) -> int:
             mem_limit = min(mem_limit, 0.9 * avail)
     base = Config(vocab=2, dim=1, pinned=0.5, batch=args.batch, seq=args.seq, steps=settings["steps"],
                   warmup=settings["warmup"], max_seconds=settings["max_seconds"],
-                  min_seconds=settings["min_seconds"], seed=args.seed, device=device)
+                  min_seconds=settings["min_seconds"], seed=args.seed, device=device, compile=args.compile)
     if args.malloc == "steady":  # read by the forkserver (and so every worker) when it starts
         os.environ.update(STEADY_MALLOC)
     out = Path(args.out)
@@ -1176,7 +1182,8 @@ def main(argv: list[str] | None = None) -> int:
                 mem_limit_gib=mem_limit / GiB, rounds=settings["rounds"], batch=base.batch, seq=base.seq,
                 steps=base.steps, warmup=base.warmup, max_seconds=base.max_seconds,
                 min_seconds=base.min_seconds, malloc=args.malloc, lr=base.lr,
-                weight_decay=base.weight_decay, classes=base.classes, seed=base.seed, settings=settings)
+                weight_decay=base.weight_decay, classes=base.classes, seed=base.seed, settings=settings,
+                compiled=args.compile)
     print(f"torch {meta['torch']}, {meta['torch_threads']} threads, {meta['cpu_count']} CPUs, device {device}; "
           f"memory limit {mem_limit / GiB:.1f} GiB", flush=True)
     started = time.perf_counter()

@@ -10,6 +10,8 @@ Error policy (the whole package follows it):
   (``FileNotFoundError`` for a missing one).
 - ``RuntimeError``: a conflict with the current state (the operation is fine, but not now). Two
   of them have a class of their own, so that callers can catch them by type:
+  :class:`PinnedRowsError` (an operation would change pinned rows) and :class:`CheckpointError`
+  (a checkpoint that cannot be trusted).
 
 >>> import torch
 >>> from embconstraint import constrain

@@ -232,3 +232,22 @@ def test_language_models_compile_whole(family, tied):
     torch.testing.assert_close(_step(loss_fn, compiled_model, ids), _step(_lm_loss, eager, ids))
     for (name, pe), pc in zip(eager.named_parameters(), compiled_model.parameters(), strict=True):
         torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_a_weight_made_outside_and_passed_into_a_compiled_function():
+    """The eager weight (and its detached form) as arguments of a compiled function: Dynamo runs
+    its dispatch outside the graph; the result is the eager one."""
+    emb = _model("embedding", "scattered")
+    x = _input("embedding")
+
+    def f(w, ids):
+        return F.embedding(ids, w) * 2 + w.sum()
+
+    weight = emb.weight
+    expected = f(weight, x)
+    got = torch.compile(f, backend="aot_eager")(weight, x)
+    assert torch.equal(got, expected)
+    got.sum().backward()
+    assert _pinned(emb).shape == (N, D) and pin_of(emb).free_parameter.grad is not None
+    detached = emb.weight.detach()
+    assert torch.equal(torch.compile(f, backend="aot_eager")(detached, x), f(detached, x))

@@ -93,15 +93,18 @@ def test_untied_head_with_bias_gets_its_bias_entries_pinned():
     assert not torch.equal(model.lm_head.bias[OLD:], b0[OLD:])
 
 
-def test_tied_checkpoint_without_the_head_key_reports_nothing_missing():
-    """What Trainer's resume does: a safetensors checkpoint drops the tied head's key."""
-    model = llama(tied=True)
+def test_tied_checkpoint_without_the_head_key_reports_what_the_plain_model_reports():
+    """What Trainer's resume does: a safetensors checkpoint drops the tied head's key; the
+    constrained model names it as the plain tied model does (its loaders expect that)."""
+    model, plain = llama(tied=True), llama(tied=True)
     constrain_new_tokens(model, OLD)
     sd = {k: v for k, v in model.state_dict().items() if not k.startswith("lm_head")}
-    result = model.load_state_dict(sd, strict=False)
-    assert result.missing_keys == [] and result.unexpected_keys == []
-    del sd["model.embed_tokens.weight"]  # a truly missing embedding is still reported
-    assert model.load_state_dict(sd, strict=False).missing_keys == ["model.embed_tokens.weight"]  # the plain key
+    result, plain_result = model.load_state_dict(sd, strict=False), plain.load_state_dict(sd, strict=False)
+    assert result.missing_keys == plain_result.missing_keys == ["lm_head.weight"]
+    assert result.unexpected_keys == plain_result.unexpected_keys == []
+    del sd["model.embed_tokens.weight"]  # a truly missing embedding is reported, under its plain key
+    assert model.load_state_dict(sd, strict=False).missing_keys == plain.load_state_dict(sd, strict=False).missing_keys \
+        == ["model.embed_tokens.weight", "lm_head.weight"]
 
 
 class _Odd(nn.Module):
@@ -136,3 +139,18 @@ def test_bad_input_changes_nothing(make, old, error, match):
         constrain_new_tokens(model, old)
     assert not any(is_constrained(m) for m in model.modules())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_gradient_from_before_the_resize_is_refused_before_anything_changes():
+    """transformers' resize keeps the Parameter (new data) and its stale ``.grad``."""
+    model = llama(tied=False)
+    model(input_ids=torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).loss.backward()
+    model.resize_token_embeddings(NEW + 4)
+    assert model.get_input_embeddings().weight.grad.shape == (NEW, D)  # (the stale gradient)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"embedding.weight.grad has shape .* \(a gradient from before a resize\?\)"):
+        constrain_new_tokens(model, NEW)
+    assert not any(is_constrained(m) for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    model.zero_grad(set_to_none=True)
+    assert len(constrain_new_tokens(model, NEW)) == 2

@@ -75,7 +75,7 @@ TIED = [pytest.param(True, id="tied"), pytest.param(False, id="untied")]
 
 @pytest.mark.slow
 @pytest.mark.parametrize("tied", TIED)
-def test_trainer_resume_is_bit_exact_and_quiet(tmp_path, tied, transformers_log):
+def test_trainer_resume_is_bit_exact_and_reports_what_the_plain_model_does(tmp_path, tied, transformers_log):
     start = _tables(_constrained(tied))
     full = _constrained(tied)
     _trainer(full, tmp_path / "full").train()
@@ -87,7 +87,11 @@ def test_trainer_resume_is_bit_exact_and_quiet(tmp_path, tied, transformers_log)
     for a, b in zip(_tables(resumed), trained, strict=True):
         assert torch.equal(a, b)
     log = transformers_log.getvalue()
-    assert "missing keys" not in log and "unexpected keys" not in log, log
+    # the Trainer may warn about the tied head's key its safetensors checkpoint leaves out, for the
+    # plain tied model as for this one; nothing else is missing, nothing is unexpected
+    tied_key = "There were missing keys in the checkpoint model loaded: ['lm_head.weight']"
+    assert "missing keys" not in (log.replace(tied_key, "") if tied else log), log
+    assert "unexpected keys" not in log, log
 
 
 @pytest.mark.slow

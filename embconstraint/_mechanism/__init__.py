@@ -5,7 +5,9 @@ Layers, each importing only those above it:
 - :mod:`.layout`: user row order <-> table order (no autograd, no ``nn.Module``).
 - :mod:`.kernels`: the autograd kernels (lookup, bag, output head) whose backward reaches the free rows only.
 - :mod:`.sharded`: the few conversions FSDP2's ``DTensor`` free rows need.
-- :mod:`.weight`: the tensor a constrained module computes with (a write-guarding subclass).
+- :mod:`.dispatch`: what a guarded weight reads of the torch call it intercepts (writes, setters).
+- :mod:`.weight`: the tensor a constrained module computes with (a write-guarding subclass);
+  :mod:`.traced`: the one it computes with inside ``torch.compile``.
 - :mod:`.parametrization`: :class:`PinnedRows` (owns the table) and :class:`TiedTo` (a tied head).
 - :mod:`.checks`: what ``constrain`` refuses, checked before anything changes.
 - :mod:`.hooks`: plain-key state dicts; :mod:`.ties`: who else holds a Parameter; :mod:`.queries`.

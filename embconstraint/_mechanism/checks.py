@@ -194,4 +194,19 @@ def check_constrain_args(embedding: Any, reference: Any, indices: Any, on_mismat
     weight = embedding.weight.detach()
     ref = check_reference(as_reference(reference), weight)
     check_bias(embedding, reference, ref.shape[0])
+    _check_pending_grads(embedding)
     return ref, checked_indices(indices, ref.shape[0], weight.shape[0])
+
+
+def _check_pending_grads(module: nn.Module) -> None:
+    """A pending ``.grad`` keeps its free rows when constrained; one of another shape than its
+    tensor (left from before a resize, which replaced the data but not the gradient) cannot."""
+    for name in ("weight", "bias"):
+        param = getattr(module, name, None) if name in module._parameters else None
+        grad = None if param is None else param.grad
+        if grad is not None and grad.shape != param.shape:
+            raise ValueError(
+                f"embedding.{name}.grad has shape {tuple(grad.shape)} but embedding.{name} has shape "
+                f"{tuple(param.shape)} (a gradient from before a resize?); clear it first: "
+                "model.zero_grad(set_to_none=True) or optimizer.zero_grad()"
+            )

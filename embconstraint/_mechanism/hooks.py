@@ -66,7 +66,7 @@ def _constrained_names(module: nn.Module):
     for name in list(getattr(module, "parametrizations", {}).keys()):
         pin, tie = pin_of(module, name), tie_of(module, name)
         if tie is not None:
-            yield name, tie.pin if pin_of(tie.embedding) is tie.pin else None
+            yield name, tie.pin if tie.live else None
         elif pin is not None:
             yield name, pin
 
@@ -140,18 +140,15 @@ def _load_plain(module: nn.Module, state_dict: dict, prefix: str, local_metadata
 
 
 def _tied_not_missing(module: nn.Module, incompatible_keys) -> None:
-    """load_state_dict post-hook: a tied weight's raw key is the embedding's free rows, loaded
-    through the embedding (checkpoints, e.g. ``save_pretrained``'s, drop tied keys): not missing.
-    A constrained weight that is missing is named by its plain key (``0.weight``)."""
+    """load_state_dict post-hook: a constrained or tied weight that is missing is reported under
+    its plain key (``0.weight``, ``lm_head.weight``), as the plain model would report it (a tied
+    key a checkpoint left out, as ``save_pretrained`` and safetensors' ``save_model`` do, is then
+    recognised by their loaders)."""
     prefix = _PREFIXES.pop(module, None)
     if prefix is None:
         return
     missing = incompatible_keys.missing_keys
     for name in list(getattr(module, "parametrizations", {}).keys()):
         key = original_key(prefix, name)
-        if key not in missing:
-            continue
-        if tie_of(module, name) is not None:
-            missing.remove(key)
-        elif pin_of(module, name) is not None:  # reported under the plain key, the one a checkpoint has
+        if key in missing and (tie_of(module, name) is not None or pin_of(module, name) is not None):
             missing[missing.index(key)] = prefix + name

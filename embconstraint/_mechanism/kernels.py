@@ -298,14 +298,62 @@ def linear(input: Tensor, free: Tensor, table: Tensor, layout: Layout, bias: Ten
     return _apply(_Linear, input, free, bias_free, weight, bias, cols, layout.num_pinned)
 
 
+@torch.library.custom_op("embconstraint::split_logits", mutates_args=())
+def _split_logits(input: Tensor, pinned: Tensor, free: Tensor) -> Tensor:
+    """``input @ cat([pinned, free]).T`` without the ``cat``: each product writes its columns of
+    one output (a row-major buffer with leading dimension ``V``: no copy)."""
+    x = input.reshape(-1, input.shape[-1])
+    n = pinned.shape[0]
+    out = x.new_empty(x.shape[0], n + free.shape[0])
+    torch.mm(x, pinned.t(), out=out[:, :n])
+    torch.mm(x, free.t(), out=out[:, n:])
+    return out.view(*input.shape[:-1], out.shape[1])
+
+
+@_split_logits.register_fake
+def _(input: Tensor, pinned: Tensor, free: Tensor) -> Tensor:
+    return input.new_empty(*input.shape[:-1], pinned.shape[0] + free.shape[0])
+
+
+def _split_logits_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _split_logits_backward(ctx, grad: Tensor):
+    """The input gradient and the free rows' weight gradient, from column slices of ``grad``
+    (differentiable ops: higher-order gradients follow)."""
+    input, pinned, free = ctx.saved_tensors
+    n = pinned.shape[0]
+    g2, x = grad.reshape(-1, grad.shape[-1]), input.reshape(-1, input.shape[-1])
+    g_in = g_free = None
+    if ctx.needs_input_grad[0]:
+        g_in = torch.addmm(g2[:, n:].mm(free), g2[:, :n], pinned).view(input.shape)
+    if ctx.needs_input_grad[2]:
+        g_free = g2[:, n:].t().mm(x)
+    return g_in, None, g_free
+
+
+_split_logits.register_autograd(_split_logits_backward, setup_context=_split_logits_context)
+
+
 def split_linear(input: Tensor, free: Tensor, pinned: Tensor, layout: Layout, bias: Tensor | None = None) -> Tensor:
     """``F.linear(input, weight, bias)`` for the weight that ``(free, pinned, layout)`` stand for
     (the split storage; compiled code), without building it: the logits of the pinned rows and of
-    the free rows, concatenated, then in user order. Plain differentiable ops (higher-order
-    gradients included); equal to the plain head to rounding (two matmuls)."""
-    # (no free rows: their empty logits do not come from them, so that they get no gradient, not an empty one)
-    logits_free = torch.nn.functional.linear(input, free) if free.shape[0] else input.new_zeros((*input.shape[:-1], 0))
-    out = torch.cat([torch.nn.functional.linear(input, pinned), logits_free], dim=-1)
+    the free rows written side by side into one output (a custom op), then, for the scattered
+    layout, put in user order. Equal to the plain head to rounding (two matmuls). Under autocast the
+    three operands are cast as ``F.linear`` would cast them."""
+    device_type = input.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        input, pinned, free = input.to(dtype), pinned.to(dtype), free.to(dtype)
+    if pinned.dtype != input.dtype or free.dtype != input.dtype or pinned.shape[0] == 0 or free.shape[0] == 0:
+        # (no free rows: their empty logits do not come from them, so that they get no gradient, not an empty
+        # one, which fully_shard's reduce-scatter refuses; a tensor-parallel rank may hold pinned rows only)
+        logits_free = torch.nn.functional.linear(input, free) if free.shape[0] else input.new_zeros(
+            (*input.shape[:-1], 0))
+        out = torch.cat([torch.nn.functional.linear(input, pinned), logits_free], dim=-1)
+    else:
+        out = _split_logits(input, pinned, free)
     if layout.pos is not None:
         out = out.index_select(-1, layout.pos_on(out.device))
     return out if bias is None else out + bias

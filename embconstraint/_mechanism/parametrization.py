@@ -40,11 +40,12 @@ from torch.nn.utils import parametrize
 
 from .._common import bitwise_equal, max_abs_deviation
 from ..exceptions import PinnedRowsError
+from .dispatch import functional, storage_ptr, transformed
 from .kernels import merge
 from .layout import Layout
 from .sharded import fsdp_managed, full, is_sharded, like, zero_managed
 from .traced import traced
-from .weight import functional, plain, storage_ptr, transformed, wrap
+from .weight import plain, wrap
 
 __all__ = ["PinnedRows", "TiedTo", "pin_of", "tie_of", "parametrization_list", "install_accessors"]
 
@@ -115,9 +116,9 @@ def install_accessors(module: nn.Module, name: str = "weight") -> None:
                 pin = mods["0"]  # resolved per call: deepcopy keeps the class, not the PinnedRows
                 if type(pin) is PinnedRows:
                     if _no_module_hooks(pin):
-                        return pin.forward(orig)
+                        return pin.eager_weight(orig)
                     if "ds_id" in orig.__dict__:  # DeepSpeed ZeRO-3 (see above)
-                        return pin.forward(plist._parameters[_ORIGINAL])
+                        return pin.eager_weight(plist._parameters[_ORIGINAL])
                 elif type(pin) is TiedTo and "ds_id" in orig.__dict__:  # a tied head under ZeRO-3: the
                     return pin.forward(orig)  # embedding's getter, which reads the free rows through DeepSpeed
         return slow(self)
@@ -141,6 +142,14 @@ def install_accessors(module: nn.Module, name: str = "weight") -> None:
 
 
 _REMOVE_PARAMETRIZATIONS = parametrize.remove_parametrizations.__code__
+
+
+def _within_rounding(new: Tensor, old: Tensor) -> bool:
+    """Whether every value of ``new`` is within two units in the last place of ``old``'s."""
+    if not old.is_floating_point():
+        return False
+    tol = 2 * torch.finfo(old.dtype).eps
+    return bool(((new.double() - old.double()).abs() <= tol * old.double().abs()).all())
 
 
 def _removing_parametrizations(depth: int = 8) -> bool:
@@ -328,8 +337,10 @@ class PinnedRows(nn.Module):
                 and free.dtype == key[6] and free.device == key[7]):
             return table
         if self._aliased(free):
+            # (and, for the prefix layout, the view of free that spans the table: see eager_weight)
+            view = (tuple(table.shape), table.stride(), table.storage_offset()) if self._layout.rows is None else None
             self._alias_key = (free, table, free.data_ptr(), table.data_ptr(), free.stride(), free.shape,
-                               free.dtype, free.device)
+                               free.dtype, free.device, view)
             return table
         self._alias_key = None
         with torch.no_grad():
@@ -361,6 +372,22 @@ class PinnedRows(nn.Module):
     def forward(self, free: Tensor) -> Tensor:
         if torch.compiler.is_compiling() or torch.jit.is_tracing():
             return self._traced_weight(free)
+        return self.eager_weight(free)
+
+    def eager_weight(self, free: Tensor) -> Tensor:
+        """The weight in eager mode (what the fast getter calls). Fast path: the prefix layout
+        with the table as at the last access (``table()``'s own check, inlined): a view of the
+        free rows that spans the table (grad mode), or an alias of the table."""
+        table, key = self._table, self._alias_key
+        if (key is not None and key[0] is free and key[1] is table and key[8] is not None
+                and free.data_ptr() == key[2] and table.data_ptr() == key[3] and free.stride() == key[4]
+                and free.shape == key[5] and free.dtype == key[6] and free.device == key[7]):
+            if torch.is_grad_enabled():
+                return wrap(free.as_strided(*key[8]), self, free, table)
+            return wrap(table.detach(), self, free, table)
+        return self._weight(free)
+
+    def _weight(self, free: Tensor) -> Tensor:
         if transformed(free) or functional():
             # torch.func (functional_call + grad/vmap, vmap over the ids, jvp), forward-mode AD:
             # a plain, differentiable merge (the kernels define neither a vmap rule nor a jvp)
@@ -379,7 +406,7 @@ class PinnedRows(nn.Module):
             # the table, so that autograd sees the free rows behind it (its gradient reaches
             # them) without an autograd node of ours. Lookups and heads never use it: their
             # kernels take the free rows and the table.
-            return wrap(free.as_strided(table.shape, table.stride(), table.storage_offset()), self, free, table)
+            return wrap(free.as_strided(tuple(table.shape), table.stride(), table.storage_offset()), self, free, table)
         # The table holds the rows in layout order (or a copy of the free rows): the weight's
         # autograd node takes a gradient in user order (what code outside hands it) to the free rows.
         return wrap(merge(free, table, self._user_free_rows(free)), self, free, table)
@@ -455,20 +482,22 @@ class PinnedRows(nn.Module):
         self._table, self._alias_key = new, None
         return new[n:]
 
-    def check_pinned(self, weight: Tensor, what: str) -> None:
+    def check_pinned(self, weight: Tensor, what: str, rounding: bool = False, hint: str = "") -> None:
         """Raise :class:`PinnedRowsError` if ``weight`` (user order) does not hold the pinned rows
-        bitwise; ``ValueError`` if it has another shape."""
+        bitwise (``rounding``: within two units in the last place of each value, what an average
+        ``a * d + (1 - d) * b`` of equal values rounds to); ``ValueError`` if it has another shape."""
         old = self.pinned_block()
         shape = (self.num_rows, *old.shape[1:])
         if tuple(weight.shape) != shape:
             raise ValueError(f"{what} must have shape {shape}, got {tuple(weight.shape)}")
         new = self._layout.user_to_layout(weight.to(old))[: self.num_pinned]
-        if not bitwise_equal(new, old):
-            raise PinnedRowsError(
-                f"{what} would change pinned rows of a constrained embedding "
-                f"(max |Δ| = {max_abs_deviation(new, old):g}); "
-                "pinned rows only change through release() or on_mismatch='checkpoint'"
-            )
+        if bitwise_equal(new, old) or (rounding and _within_rounding(new, old)):
+            return
+        raise PinnedRowsError(
+            f"{what} would change pinned rows of a constrained embedding "
+            f"(max |Δ| = {max_abs_deviation(new, old):g}); "
+            f"pinned rows only change through release() or on_mismatch='checkpoint'{hint}"
+        )
 
     @torch.no_grad()
     def write_free_rows(self, weight: Tensor, free: Tensor) -> None:
@@ -521,6 +550,12 @@ class TiedTo(nn.Module):
     def pin(self) -> PinnedRows:
         """The embedding's :class:`PinnedRows`."""
         return self._embedding[1]
+
+    @property
+    def live(self) -> bool:
+        """Whether the tensor it is tied to is still constrained by :attr:`pin` (torch's
+        ``remove_parametrizations`` on the embedding leaves a plain tie)."""
+        return pin_of(self.embedding, self._name) is self.pin
 
     def forward(self, _: Tensor) -> Tensor:
         return getattr(self.embedding, self._name)

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .dispatch import arg, is_value_setter, is_write
 from .kernels import embedding, embedding_bag, split_linear
 from .layout import Layout
-from .weight import arg, is_value_setter, is_write
 
 __all__ = ["TracedWeight", "traced"]
 

@@ -23,16 +23,31 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
-import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
+from .dispatch import (
+    DATA_GET,
+    DATA_SET,
+    RAW_ADDRESSES,
+    REQUIRES_GRAD_SET,
+    arg,
+    functional,
+    is_setter,
+    is_state_getter,
+    is_value_setter,
+    is_write,
+    op_name,
+    standalone,
+    storage_ptr,
+    target_of,
+    through_torch_function,
+)
 from .kernels import MAX_NORM_REFUSED, embedding, embedding_bag, linear, merge, split_linear
 from .layout import Layout
 
-__all__ = ["PinnedWeight", "PinnedView", "PinnedConstant", "HANDLED", "DATA_SET", "wrap", "constant", "plain",
-           "storage_ptr", "transformed", "functional", "is_write", "is_state_getter", "is_setter", "is_value_setter", "arg"]
+__all__ = ["PinnedWeight", "PinnedView", "PinnedConstant", "HANDLED", "wrap", "constant", "plain"]
 
 class Pin(Protocol):
     """What a weight needs of its parametrization."""
@@ -52,32 +67,6 @@ class Pin(Protocol):
     def check_pinned(self, weight: Tensor, what: str) -> None: ...
 
     def write_free_rows(self, weight: Tensor, free: Tensor) -> None: ...
-
-
-_DATA_GET = Tensor.data.__get__
-DATA_SET = Tensor.data.__set__  # ``weight.data = value``: a write like ``weight.data.copy_(value)``
-# What reads a raw address (safetensors, PEFT's tie check): the shared user-order storage, kept on the weight.
-_RAW_ADDRESSES = (Tensor.data_ptr, Tensor.untyped_storage, Tensor.__cuda_array_interface__.__get__)
-_REQUIRES_GRAD_SET = Tensor.requires_grad.__set__
-
-# Tensor methods whose name ends in "_" but that do not write values.
-_NOT_WRITES = frozenset(
-    {"requires_grad_", "retain_grad", "share_memory_", "record_stream", "set_"}
-)
-_INPLACE_DUNDERS = frozenset(
-    {
-        "__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__",
-        "__ifloordiv__", "__imod__", "__ipow__", "__iand__", "__ior__",
-        "__ixor__", "__ilshift__", "__irshift__", "__imatmul__",
-    }
-)
-
-
-def functional() -> bool:
-    """Whether plain differentiable ops must stand in for the kernels: under a ``torch.func``
-    transform (``vmap`` over the ids, ``jvp``, ...) or forward-mode AD, which the kernels'
-    autograd Functions (no vmap rule, no jvp) do not support."""
-    return torch._C._are_functorch_transforms_active() or fwAD._current_level >= 0
 
 
 def _merged(w: PinnedWeight) -> Tensor:
@@ -114,68 +103,6 @@ def plain(t: Tensor) -> Tensor:
     return t.as_subclass(Tensor) if type(t) is not Tensor and not isinstance(t, nn.Parameter) else t
 
 
-_IS_FUNCTORCH_WRAPPED = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
-
-
-def transformed(t: Tensor) -> bool:
-    """Whether ``t`` is a ``torch.func`` transform's wrapper (``grad``, ``vmap``...): no storage of
-    its own, so it can neither alias the table nor go through the storage-level kernels. (Runs at
-    every weight access: the check is resolved once, at import.)"""
-    return _IS_FUNCTORCH_WRAPPED is not None and _IS_FUNCTORCH_WRAPPED(t)
-
-
-def storage_ptr(t: Tensor) -> int | None:
-    """The address of ``t``'s storage (None for tensors without one: sparse, nested, meta ...)."""
-    try:
-        return t.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):
-        return None
-
-
-def is_write(func: Any) -> bool:
-    """Whether ``func`` writes into its first argument (an in-place method or operator)."""
-    name = getattr(func, "__name__", "")
-    if name in _INPLACE_DUNDERS:
-        return True
-    return name.endswith("_") and not name.startswith("_") and name not in _NOT_WRITES
-
-
-# Attributes of a tensor's own autograd state (not derived from its values): read on the object itself.
-_AUTOGRAD_STATE = frozenset({"grad", "_grad", "requires_grad", "is_leaf", "grad_fn", "_grad_fn", "retains_grad",
-                             "_backward_hooks", "_post_accumulate_grad_hooks"})
-
-
-def is_state_getter(func: Any) -> bool:
-    """Whether ``func`` reads a tensor's own autograd state (``t.grad``, ``t.requires_grad``...),
-    as opposed to a view or value of it (``t.T``, ``t.data``)."""
-    return getattr(func, "__name__", "") == "__get__" and getattr(func.__self__, "__name__", "") in _AUTOGRAD_STATE
-
-
-def is_setter(func: Any) -> bool:
-    """Whether ``func`` sets a tensor attribute (``t.requires_grad = ...``, ``t.grad = ...``): the
-    ``__set__`` of one of ``Tensor``'s descriptors."""
-    return getattr(func, "__name__", "") == "__set__"
-
-
-def is_value_setter(func: Any) -> bool:
-    """Whether ``func`` sets values by assignment (``t.data = ...``, ``t.real = ...``): a write."""
-    return is_setter(func) and getattr(func.__self__, "__name__", "") not in _AUTOGRAD_STATE | {"names"}
-
-
-def _op_name(func: Any) -> str:
-    """How an error names ``func``: ``copy_``, ``.real assignment``..."""
-    return f".{func.__self__.__name__} assignment" if is_setter(func) else getattr(func, "__name__", str(func))
-
-
-def arg(args: tuple, kwargs: dict, i: int, name: str, default: Any = None) -> Any:
-    return args[i] if len(args) > i else kwargs.get(name, default)
-
-
-def _target(args: tuple, kwargs: dict) -> Any:
-    """The tensor an op works on (and, for an in-place op, writes to)."""
-    return args[0] if args else kwargs.get("tensor", kwargs.get("input", kwargs.get("self")))
-
-
 def run_plain(func, args: tuple, kwargs: dict) -> Any:
     """Run ``func`` on the plain tensors that constrained weights stand for (in user order);
     results that alias one come back as :class:`PinnedView`, so that writes through them
@@ -187,7 +114,7 @@ def run_plain(func, args: tuple, kwargs: dict) -> Any:
         if not isinstance(a, (PinnedWeight, PinnedView, PinnedConstant)) or getattr(a, "_own", False):
             return a
         with torch._C.DisableTorchFunctionSubclass():
-            if isinstance(a, PinnedWeight) and func in _RAW_ADDRESSES:  # one address for tied weights
+            if isinstance(a, PinnedWeight) and func in RAW_ADDRESSES:  # one address for tied weights
                 t = a._gathered = a._pin.user_order(a._free)
             elif isinstance(a, PinnedWeight):  # the table (layout order) and its user-order stand-in
                 ptrs.add(storage_ptr(_merged(a)))
@@ -219,35 +146,29 @@ def run_plain(func, args: tuple, kwargs: dict) -> Any:
     return guard(out)
 
 
-def _through_torch_function(descriptor: Any) -> property:
-    """``descriptor`` (``Tensor.real``) as a property whose setter reaches ``__torch_function__``:
-    torch's own ``real`` setter writes into the tensor's storage without it."""
-
-    def set_(self: Tensor, value: Any) -> None:
-        type(self).__torch_function__(descriptor.__set__, (type(self),), (self, value), {})
-
-    return property(descriptor.__get__, set_, None, descriptor.__doc__)
-
-
 class PinnedView(Tensor):
     """A view of a constrained weight (``weight[2:5]``, ``weight.t()``...): reads as a plain
     tensor; in-place writes are refused, since they would bypass the pinned-row check."""
 
     @classmethod
-    @torch.compiler.disable
+    @torch.compiler.disable  # (a weight made outside a compiled region: Dynamo runs its dispatch outside)
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if ((isinstance(_target(args, kwargs), cls) and (is_write(func) or is_value_setter(func)))
+        if isinstance(target_of(args, kwargs), cls):
+            handled, out = standalone(func, args)
+            if handled:
+                return out
+        if ((isinstance(target_of(args, kwargs), cls) and (is_write(func) or is_value_setter(func)))
                 or isinstance(kwargs.get("out"), cls)):
             raise RuntimeError(
-                f"in-place {_op_name(func)} on a view of a constrained embedding's weight "
+                f"in-place {op_name(func)} on a view of a constrained embedding's weight "
                 "is not supported; write through the weight itself under torch.no_grad() "
                 "(e.g. emb.weight[rows] = values), or release() the embedding first"
             )
         return run_plain(func, args, kwargs)
 
-    real = _through_torch_function(Tensor.real)
-    imag = _through_torch_function(Tensor.imag)
+    real = through_torch_function(Tensor.real)
+    imag = through_torch_function(Tensor.imag)
 
 
 class PinnedWeight(Tensor):
@@ -264,7 +185,7 @@ class PinnedWeight(Tensor):
     _grad_mode: bool  # grad mode of the access: the lazily built Merge node records a graph in it
 
     @classmethod
-    @torch.compiler.disable
+    @torch.compiler.disable  # (a weight made outside a compiled region: Dynamo runs its dispatch outside)
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         handled = HANDLED.get(func)
@@ -275,9 +196,9 @@ class PinnedWeight(Tensor):
             if isinstance(out, cls):
                 return _write(func, args, kwargs)
             return PinnedView.__torch_function__(func, types, args, kwargs)
-        target = _target(args, kwargs)
+        target = target_of(args, kwargs)
         if isinstance(target, cls):
-            if func in (Tensor.detach, _DATA_GET):  # `in` compares by ==, as method-wrappers need
+            if func in (Tensor.detach, DATA_GET):  # `in` compares by ==, as method-wrappers need
                 if target._table is not None:  # aliased storage: a guarded constant
                     return constant(target._pin, target._free)
                 with torch._C.DisableTorchFunctionSubclass():
@@ -293,8 +214,8 @@ class PinnedWeight(Tensor):
     def set_(self, *args: Any, **kwargs: Any) -> Tensor:  # set_ does not reach __torch_function__
         raise RuntimeError(_SET_REFUSED)
 
-    real = _through_torch_function(Tensor.real)
-    imag = _through_torch_function(Tensor.imag)
+    real = through_torch_function(Tensor.real)
+    imag = through_torch_function(Tensor.imag)
 
 
 _SET_REFUSED = ("set_ on the weight of a constrained embedding is not supported (it would replace the "
@@ -318,10 +239,10 @@ class PinnedConstant(Tensor):
     _own: bool = False
 
     @classmethod
-    @torch.compiler.disable
+    @torch.compiler.disable  # (a weight made outside a compiled region: Dynamo runs its dispatch outside)
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        target = _target(args, kwargs)
+        target = target_of(args, kwargs)
         if isinstance(target, cls) and target._own:
             return _run_own(func, args, kwargs)
         handled = HANDLED.get(func)
@@ -334,11 +255,14 @@ class PinnedConstant(Tensor):
         if isinstance(out, PinnedView):
             return PinnedView.__torch_function__(func, types, args, kwargs)
         if isinstance(target, cls):
-            if func in (Tensor.detach, _DATA_GET):
+            handled, out = standalone(func, args)
+            if handled:
+                return out
+            if func in (Tensor.detach, DATA_GET):
                 return constant(target._pin, target._free)
             if func == Tensor.requires_grad_ and arg(args, kwargs, 1, "requires_grad", True):
                 return _own_copy(target)
-            if func == _REQUIRES_GRAD_SET and args[1]:  # ``t.requires_grad = True``: as requires_grad_()
+            if func == REQUIRES_GRAD_SET and args[1]:  # ``t.requires_grad = True``: as requires_grad_()
                 _own_copy(target)
                 return None
             if is_write(func) or is_value_setter(func):
@@ -363,8 +287,8 @@ class PinnedConstant(Tensor):
             raise RuntimeError(_SET_REFUSED)
         return Tensor.set_(self, *args, **kwargs)
 
-    real = _through_torch_function(Tensor.real)
-    imag = _through_torch_function(Tensor.imag)
+    real = through_torch_function(Tensor.real)
+    imag = through_torch_function(Tensor.imag)
 
 
 def _run_own(func, args: tuple, kwargs: dict) -> Any:
@@ -385,7 +309,9 @@ def _own_copy(c: PinnedConstant) -> PinnedConstant:
 def constant(pin: Pin, free: Tensor) -> PinnedConstant:
     """The merged weight of ``pin`` as a :class:`PinnedConstant` (user order, no grad; the
     storage of :meth:`PinnedRows.user_order`, so that tied weights share it)."""
-    c = Tensor._make_subclass(PinnedConstant, pin.user_order(free), False)
+    user = pin.user_order(free)
+    c = Tensor._make_subclass(PinnedConstant, user, False)
+    c._user = user  # (keeps the shared tensor alive: the next constant of this pin reuses it)
     c._pin, c._free = pin, free
     return c
 
@@ -395,15 +321,18 @@ def wrap(t: Tensor, pin: Pin, free: Tensor, table: Tensor | None) -> PinnedWeigh
     place, no alias is made) that spans ``table``'s storage (a zero-stride stand-in with the split
     storage, ``table`` None) and whose autograd history reaches ``free``."""
     t.__class__ = PinnedWeight
-    t._pin, t._free, t._table = pin, free, table
-    t._grad_mode = torch.is_grad_enabled()
+    t.__dict__.update(_pin=pin, _free=free, _table=table, _grad_mode=torch.is_grad_enabled())
     return t
+
+
+_AVERAGING_HINT = ("; to average models (EMA, SWA), average model.parameters() (the trainable rows) or write "
+                   "into the tensors of state_dict(), which keep pinned values within rounding")
 
 
 def _write(func, args: tuple, kwargs: dict) -> Tensor:
     """An in-place op on the merged weight: applied to a scratch copy, then only the free rows
     are written back, and only if the pinned rows are left unchanged."""
-    name = _op_name(func)
+    name = op_name(func)
     if "out" in kwargs and isinstance(kwargs["out"], (PinnedWeight, PinnedConstant)):
         target, slot = kwargs["out"], "out"
     elif args:
@@ -428,11 +357,16 @@ def _write(func, args: tuple, kwargs: dict) -> Tensor:
             kwargs = {**kwargs, slot: scratch}
         with torch._C.DisableTorchFunctionSubclass():
             func(*args, **kwargs)
-        pin.check_pinned(scratch, f"in-place {name}")
+        # A state dict's tensor may be written with pinned rows within rounding of their values
+        # (an EMA, ``ema * d + (1 - d) * model``): the free rows are written, the pinned ones kept.
+        constant_target = isinstance(target, PinnedConstant)
+        pin.check_pinned(scratch, f"in-place {name}", rounding=constant_target,
+                         hint="" if constant_target else _AVERAGING_HINT)
         pin.write_free_rows(scratch, free)
-        if isinstance(target, PinnedConstant) and storage_ptr(target) != storage_ptr(pin.table(free)):
-            with torch._C.DisableTorchFunctionSubclass():
-                target.copy_(scratch)  # a gathered (scattered-layout) or stale constant: keep it current
+        table = pin.table(free)
+        if constant_target and storage_ptr(target) != storage_ptr(table):
+            with torch._C.DisableTorchFunctionSubclass():  # a gathered (scattered-layout) or stale constant
+                target.copy_(pin.layout.to_user_order(table))
         return target
 
 
