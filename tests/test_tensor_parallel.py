@@ -100,6 +100,7 @@ def test_refusals(one_d):
         msg = ref["constrain_shard1"]
         assert msg.startswith("ValueError") and "Shard(dim=1)" in msg and msg.endswith("unchanged=True"), msg
         assert ref["release"].startswith("RuntimeError") and "tensor parallelism" in ref["release"]
+        assert ref["save_rows"].startswith("ValueError") and "merged_state_dict" in ref["save_rows"]
 
 
 def _padded(shape: tuple, dp: int) -> int:

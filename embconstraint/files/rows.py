@@ -135,6 +135,11 @@ def _constrained_weights(module: nn.Module, with_path: bool = False) -> Iterator
     for mname, m in module.named_modules():
         for attr in list(getattr(m, "parametrizations", {}).keys()):
             pin = pin_of(m, attr)
+            if pin is not None and pin.shard is not None:
+                raise ValueError(
+                    f"{mname or type(m).__name__} is sharded by tensor parallelism (each rank holds its rows of the "
+                    "vocabulary): a rows file needs the whole table; write one from merged_state_dict(model) "
+                    "(embconstraint.files.extract_rows, or the rows CLI)")
             if pin is not None:
                 full = f"{mname}.{attr}" if mname else attr
                 yield (_canonical(full), pin, full) if with_path else (_canonical(full), pin)

@@ -212,6 +212,12 @@ def one_d(rank: int, out: Path, r: dict, record: dict) -> None:
         except Exception as err:
             out_["constrain_shard1"] = f"{type(err).__name__}: {err} | unchanged={not hasattr(model.tok, 'parametrizations')}"
         try:
+            from embconstraint import save_rows
+            save_rows(after, out / "rows.safetensors")
+            out_["save_rows"] = "no error"
+        except Exception as err:
+            out_["save_rows"] = f"{type(err).__name__}: {err}"
+        try:
             from embconstraint import release
             release(after)
             out_["release"] = "no error"
