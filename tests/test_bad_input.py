@@ -111,19 +111,19 @@ def _rows_of_other_model() -> str:
 
 
 def _constrain_sharded(module: nn.Module) -> None:
-    """``constrain`` on a copy of ``module`` whose weight is a sharded DTensor (what fully_shard
-    leaves), in a one-process gloo group that is torn down afterwards."""
+    """``constrain`` on a copy of ``module`` sharded by ``fully_shard`` (its weight a DTensor), in a
+    one-process gloo group that is torn down afterwards. (A weight sharded on rows by tensor
+    parallelism, not by FSDP, is accepted: tests/test_tensor_parallel.py.)"""
     import copy
 
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.fsdp import fully_shard
 
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         twin = copy.deepcopy(module)
-        mesh = init_device_mesh("cpu", (1,))
-        twin.weight = nn.Parameter(distribute_tensor(twin.weight.detach(), mesh, [Shard(0)]))
+        fully_shard(twin, mesh=init_device_mesh("cpu", (1,)))
         constrain(twin, _ref())
     finally:
         dist.destroy_process_group()

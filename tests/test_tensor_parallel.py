@@ -1,10 +1,10 @@
 """Tensor parallelism of a constrained model on CPU processes (gloo), torchtitan's Llama plan: the
 embedding under ``RowwiseParallel`` (vocabulary-parallel lookup), the head under ``ColwiseParallel``.
 
-tests/scripts/tensor_parallel.py runs on a 1-D mesh of 2 processes (``1d``, ~15 s on an idle machine:
+tests/scripts/tensor_parallel.py runs on a 1-D mesh of 2 processes (``1d``, ~8 s on an idle machine:
 torch's styles then ``constrain``; ``constrain`` then :mod:`embconstraint.parallel`'s styles with
-``loss_parallel``; a tied head) and on a 2 x 2 (data x tensor) mesh with ``fully_shard`` over the
-data-parallel dimension (``2d``, 4 processes). Every step, on every rank: its pinned rows bitwise the
+``loss_parallel``; a tied head) and, marked slow, on a 2 x 2 (data x tensor) mesh with ``fully_shard``
+over the data-parallel dimension (``2d``, 4 processes, ~13 s). Every step, on every rank: its pinned rows bitwise the
 reference, its rows of every merged weight within 1e-5 of one process on the global batch, nothing
 of size (V, D) built; the activations communicated are the plain model's (the pinned rows never are),
 and fully_shard gathers and reduces the free rows only. State dicts are the plain model's
@@ -29,7 +29,7 @@ def one_d(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def two_d(tmp_path_factory):
+def two_d(tmp_path_factory):  # (4 processes: the tests that use it are marked slow)
     return rank_records("tensor_parallel", tmp_path_factory.mktemp("tp2d"), "2d", ranks=4, timeout=240)
 
 
@@ -80,7 +80,7 @@ def test_1d_tied_head_shares_the_rows(one_d):
         assert names == ["body.bias", "body.weight", "tok.parametrizations.weight.original"]
 
 
-@pytest.mark.parametrize("fixture", ["one_d", "two_d"])
+@pytest.mark.parametrize("fixture", ["one_d", pytest.param("two_d", marks=pytest.mark.slow)])
 def test_state_dicts_are_plain(request, fixture):
     for r in request.getfixturevalue(fixture):
         v, d = r["sizes"]["V"], r["sizes"]["D"]
@@ -110,6 +110,7 @@ def _padded(shape: tuple, dp: int) -> int:
     return math.ceil(shape[0] / dp) * dp * math.prod(shape[1:])
 
 
+@pytest.mark.slow
 def test_2d_fsdp_and_tensor_parallel(two_d):
     for r in two_d:
         _exact(r["fsdp_tp"], r["sizes"]["STEPS"])
