@@ -1,10 +1,10 @@
 """The transformers ``Trainer`` with DeepSpeed ZeRO-3 on 2 CPU processes (gloo), new tokens trained
 with ``constrain_new_tokens`` and ``SaveRowsCallback``.
 
-tests/scripts/trainer_zero3.py runs under ``torch.distributed.run`` (one launch, ~20 s on an idle
-machine, for the default runs: an untied Llama built under ``deepspeed.zero.Init`` and resized under
-ZeRO-3, as ``from_pretrained`` does once a ZeRO-3 ``TrainingArguments`` exists; and LoRA with a
-tied head); the slow test adds a tied model and LoRA with an untied head. Every step: the pinned
+tests/scripts/trainer_zero3.py runs under ``torch.distributed.run`` (marked slow: ~12 s a launch on an
+idle machine), twice: an untied Llama built under ``deepspeed.zero.Init`` and resized under ZeRO-3, as
+``from_pretrained`` does once a ZeRO-3 ``TrainingArguments`` exists, with LoRA on a tied head; then a
+tied model and LoRA with an untied head. Every step: the pinned
 rows of the embedding and the head bitwise their values before training, every trainable Parameter
 within 1e-5 of one process on the global batch. A resume from the first checkpoint ends bitwise
 where the uninterrupted run ended. ``save_model`` writes a plain model (loads into an unconstrained
@@ -25,7 +25,10 @@ from helpers.distributed import rank_records
 pytest.importorskip("deepspeed")
 pytest.importorskip("transformers")
 
-pytestmark = [pytest.mark.distributed, pytest.mark.subprocess]
+# slow: transformers, peft and DeepSpeed imported in 2 processes, 4 Trainer runs (~12 s a launch on an idle
+# machine); the default suite has the engine itself (tests/test_deepspeed.py) and, in one process, what the
+# Trainer's ZeRO-3 path asks of embconstraint (tests/test_engines_unit.py)
+pytestmark = [pytest.mark.distributed, pytest.mark.subprocess, pytest.mark.slow]
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "scripts"))
 import trainer_zero3 as script  # noqa: E402  (its sizes and model config, no process group)
@@ -128,7 +131,6 @@ def test_lora_with_a_tied_head(default_runs):
     _check_run(out, ranks, "lora_tied")
 
 
-@pytest.mark.slow
 def test_tied_and_lora_untied(tmp_path):
     ranks = _launch(tmp_path, ["tied", "lora_untied"])
     _check_run(tmp_path, ranks, "tied")
