@@ -112,6 +112,13 @@ def constrain(
             is its ``decoder.bias``): those modules stay tied to the merged ``(V, D)`` weight (or
             bias). Without it, a shared Parameter is refused (``RuntimeError``, nothing changes).
 
+    Distributed training: constrain before ``fully_shard`` and before ``deepspeed.initialize`` (a
+    module either already manages is refused); a module built under ``deepspeed.zero.Init`` is
+    gathered for the time it takes (every rank calls it). After tensor parallelism that shards the
+    rows (torch's ``RowwiseParallel`` on an embedding, ``ColwiseParallel`` on a head: the weight a
+    ``DTensor`` sharded on dim 0), each rank constrains its own rows (see
+    :mod:`embconstraint.parallel`).
+
     >>> import torch
     >>> old = torch.nn.Embedding(3, 4)
     >>> new = constrain(torch.nn.Embedding(5, 4), old)

@@ -168,7 +168,9 @@ def constrain_new_tokens(
     parameters (and on nothing else) and returns them: one ``(k, D)`` block for a tied model,
     the embedding's and the head's for an untied one (plus the head's free bias entries).
     Works on a ``peft.PeftModel`` (e.g. LoRA, which freezes the base model) as on the base
-    model. :func:`embconstraint.release` (on ``model``) undoes it.
+    model. :func:`embconstraint.release` (on ``model``) undoes it. Under DeepSpeed ZeRO-3 (a model
+    loaded or resized under ``deepspeed.zero.Init``) every rank calls it: the embeddings are gathered
+    for the time it takes.
 
     Args:
         model: a ``transformers`` model (or ``PeftModel``) whose embeddings were resized.
