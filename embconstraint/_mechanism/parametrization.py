@@ -96,7 +96,7 @@ def install_accessors(module: nn.Module, name: str = "weight") -> None:
     ``PinnedRows`` included; those would gather the free rows for the list's call only,
     partition them again before the lookup runs, and wrap the weight in an autograd function that
     detaches it from the free rows. For a ZeRO-3 Parameter the getter calls
-    :meth:`PinnedRows.forward` directly and reads ``original`` through DeepSpeed's parameter dict,
+    :meth:`PinnedRows.eager_weight` directly and reads ``original`` through DeepSpeed's parameter dict,
     which gathers it in forward and registers it as an external parameter of the module running
     (the embedding, or a tied head): from then on DeepSpeed gathers the free rows before that
     module's forward and backward and partitions them after, as for its own weights. A tied head's
