@@ -43,7 +43,9 @@ def bench(m: nn.ModuleDict, rows: int, reps: int = 200) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.ab_step", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.ab_step", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("vocab", type=parse_size, help="rows V, e.g. 10000 or 10k (90%% of them pinned)")
     V = parser.parse_args(argv).vocab
     torch.manual_seed(0)

@@ -40,6 +40,7 @@ def run(rank: int, port: int, V: int, D: int, N: int, steps: int) -> None:
     from torch.distributed.fsdp import fully_shard
 
     from embconstraint import constrain
+
     mesh = init_device_mesh("cpu", (2,))
     ref = torch.randn(N, D, generator=torch.Generator().manual_seed(0))
     results: dict[str, list] = {}
@@ -68,18 +69,31 @@ def run(rank: int, port: int, V: int, D: int, N: int, steps: int) -> None:
     if rank == 0:
         print(f"V={V} D={D} pinned={N} steps={steps}, load average {load_average()}")
         for name, runs in results.items():
-            print(f"{name:14s} median step ms {[round(t * 1e3, 1) for t, _ in runs]}  "
-                  f"all-gathered / reduce-scattered elements per step {runs[0][1]}")
+            print(
+                f"{name:14s} median step ms {[round(t * 1e3, 1) for t, _ in runs]}  "
+                f"all-gathered / reduce-scattered elements per step {runs[0][1]}"
+            )
     dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.fsdp_comm", description=__doc__.split("\n\n")[0])
-    for name, default, text in (("V", 32768, "rows"), ("D", 256, "embedding dimension"),
-                                ("N_PINNED", 32000, "pinned rows (the first ones)"),
-                                ("STEPS", 20, "measured steps per run")):
-        parser.add_argument(name.lower(), metavar=name, type=int, nargs="?", default=default,
-                            help=f"{text} (default {default})")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.fsdp_comm", description=__doc__.split("\n\n")[0]
+    )
+    for name, default, text in (
+        ("V", 32768, "rows"),
+        ("D", 256, "embedding dimension"),
+        ("N_PINNED", 32000, "pinned rows (the first ones)"),
+        ("STEPS", 20, "measured steps per run"),
+    ):
+        parser.add_argument(
+            name.lower(),
+            metavar=name,
+            type=int,
+            nargs="?",
+            default=default,
+            help=f"{text} (default {default})",
+        )
     args = parser.parse_args(argv)
     mp.spawn(run, args=(free_port(), args.v, args.d, args.n_pinned, args.steps), nprocs=2, join=True)
     return 0

@@ -79,6 +79,7 @@ def comma_list(parse: Callable[[str], T]) -> Callable[[str], list[T]]:
     >>> comma_list(parse_size)("10k, 1M,")
     [10000, 1000000]
     """
+
     def parse_list(text: str) -> list[T]:
         try:
             return [parse(part) for part in text.split(",") if part.strip()]
@@ -115,8 +116,9 @@ def _worker_main(target: str, args: tuple, conn: Any) -> None:
         conn.close()
 
 
-def run_in_worker(ctx: mp.context.BaseContext, target: str, args: tuple = (),
-                  timeout: float = 3600.0) -> tuple[str, Any]:
+def run_in_worker(
+    ctx: mp.context.BaseContext, target: str, args: tuple = (), timeout: float = 3600.0
+) -> tuple[str, Any]:
     """``target(*args)`` in a fresh process of ``ctx``; ``("ok", result)`` or ``("error", reason)``.
 
     ``target`` names a module-level function as ``"package.module:function"`` (imported in the
@@ -396,9 +398,11 @@ class CollectiveCounter:
     functions it found at start: those are counted too) go through these. The functional
     collectives DTensor uses (tensor parallelism) are counted by :class:`FunctionalCollectiveCounter`."""
 
-    NAMES = {"all_gather": ("all_gather_single", "all_gather_into_tensor", "_all_gather_base"),
-             "reduce_scatter": ("reduce_scatter_single", "reduce_scatter_tensor", "_reduce_scatter_base"),
-             "all_reduce": ("all_reduce",)}
+    NAMES = {
+        "all_gather": ("all_gather_single", "all_gather_into_tensor", "_all_gather_base"),
+        "reduce_scatter": ("reduce_scatter_single", "reduce_scatter_tensor", "_reduce_scatter_base"),
+        "all_reduce": ("all_reduce",),
+    }
     # DeepSpeed's TorchBackend: attribute -> kind (the functions it bound when it started)
     DEEPSPEED = {"all_gather_function": "all_gather", "reduce_scatter_function": "reduce_scatter"}
 
@@ -454,9 +458,18 @@ class FunctionalCollectiveCounter:
     ``all_to_all_single``, ``broadcast`` and their coalesced forms (input elements), through a
     ``TorchDispatchMode``."""
 
-    OPS = frozenset({"all_reduce", "all_reduce_coalesced", "all_gather_into_tensor",
-                     "all_gather_into_tensor_coalesced", "reduce_scatter_tensor", "reduce_scatter_tensor_coalesced",
-                     "all_to_all_single", "broadcast"})
+    OPS = frozenset(
+        {
+            "all_reduce",
+            "all_reduce_coalesced",
+            "all_gather_into_tensor",
+            "all_gather_into_tensor_coalesced",
+            "reduce_scatter_tensor",
+            "reduce_scatter_tensor_coalesced",
+            "all_to_all_single",
+            "broadcast",
+        }
+    )
 
     def __init__(self) -> None:
         from torch.utils._python_dispatch import TorchDispatchMode
@@ -470,7 +483,9 @@ class FunctionalCollectiveCounter:
                 if func.namespace == "_c10d_functional" and name in FunctionalCollectiveCounter.OPS:
                     first = args[0] if args else None
                     tensors = first if isinstance(first, (list, tuple)) else [first]
-                    counts[name] = counts.get(name, 0) + sum(t.numel() for t in tensors if isinstance(t, torch.Tensor))
+                    counts[name] = counts.get(name, 0) + sum(
+                        t.numel() for t in tensors if isinstance(t, torch.Tensor)
+                    )
                 return func(*args, **(kwargs or {}))
 
         self._mode = _Mode()

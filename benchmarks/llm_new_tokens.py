@@ -118,11 +118,21 @@ def build_model(config: Config) -> nn.Module:
 
     heads = max(1, config.dim // 64)
     torch.manual_seed(config.seed)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=config.vocab, hidden_size=config.dim, intermediate_size=4 * config.dim,
-        num_hidden_layers=config.layers, num_attention_heads=heads, num_key_value_heads=heads,
-        max_position_embeddings=config.seq, tie_word_embeddings=config.tied, bos_token_id=0, eos_token_id=0,
-        pad_token_id=0))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=config.vocab,
+            hidden_size=config.dim,
+            intermediate_size=4 * config.dim,
+            num_hidden_layers=config.layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            max_position_embeddings=config.seq,
+            tie_word_embeddings=config.tied,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+        )
+    )
     model.resize_token_embeddings(config.vocab + config.new, mean_resizing=False)
     return model.to(config.device).requires_grad_(False)
 
@@ -231,9 +241,15 @@ def time_interleaved(methods: list[str], config: Config, rounds: int, warmup: in
             ref = reference if len(rows) == len(reference) else reference * len(rows)  # tied: one
             dev = max(float((a.double() - b.double()).abs().max()) for a, b in zip(rows, ref, strict=True))
             exact = all(torch.equal(a, b) for a, b in zip(rows, ref, strict=True))
-        out[m] = {"status": "ok", "step_ms": times[m], "median_ms": statistics.median(times[m]),
-                  "max_pinned_deviation": dev, "pinned_exact": exact, "final_loss": steppers[m].loss,
-                  "trainable_params": sum(p.numel() for p in steppers[m].params)}
+        out[m] = {
+            "status": "ok",
+            "step_ms": times[m],
+            "median_ms": statistics.median(times[m]),
+            "max_pinned_deviation": dev,
+            "pinned_exact": exact,
+            "final_loss": steppers[m].loss,
+            "trainable_params": sum(p.numel() for p in steppers[m].params),
+        }
     return out
 
 
@@ -255,8 +271,12 @@ def measure_memory(method: str, config: Config, steps: int = 2) -> dict[str, Any
     for i in range(steps):
         stepper.step(i)
     top = mem.peak()
-    return {"peak_bytes": top - base, "train_bytes": top - built, "model_bytes": built - base,
-            "memory_method": mem.method}
+    return {
+        "peak_bytes": top - base,
+        "train_bytes": top - built,
+        "model_bytes": built - base,
+        "memory_method": mem.method,
+    }
 
 
 def _memory_worker(method: str, config: dict, threads: int | None) -> dict[str, Any]:
@@ -266,17 +286,21 @@ def _memory_worker(method: str, config: dict, threads: int | None) -> dict[str, 
     return measure_memory(method, Config(**config))
 
 
-def memory_in_fresh_process(ctx: Any, method: str, config: Config, threads: int | None,
-                            timeout: float = 1800) -> dict[str, Any]:
-    kind, payload = run_in_worker(ctx, "benchmarks.llm_new_tokens:_memory_worker",
-                                  (method, asdict(config), threads), timeout)
+def memory_in_fresh_process(
+    ctx: Any, method: str, config: Config, threads: int | None, timeout: float = 1800
+) -> dict[str, Any]:
+    kind, payload = run_in_worker(
+        ctx, "benchmarks.llm_new_tokens:_memory_worker", (method, asdict(config), threads), timeout
+    )
     return payload if kind == "ok" else {"memory_error": payload}
 
 
 # -- command line and report ------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface (``python -m benchmarks.llm_new_tokens --help``)."""
-    p = argparse.ArgumentParser(prog="python -m benchmarks.llm_new_tokens", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.llm_new_tokens", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--sizes", type=comma_list(parse_size), help="old vocabulary sizes V (default 32k,128k)")
     p.add_argument("--dims", type=comma_list(int), help="hidden sizes D (default 256,1024)")
     p.add_argument("--tying", type=comma_list(str.strip), default=["tied", "untied"], help="tied,untied")
@@ -287,8 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, help="warm-up steps per method (default 3)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile every method's model (default backend; compiled in the warm-up steps)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile every method's model (default backend; compiled in the warm-up steps)",
+    )
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory runs")
     p.add_argument("--out", default="bench-llm", help="output directory (default ./bench-llm)")
     return p
@@ -305,38 +332,58 @@ def _row(r: dict[str, Any], floor: dict[str, Any] | None, peft: dict[str, Any] |
     def ratio(o: dict[str, Any] | None) -> str:
         return f"{r['median_ms'] / o['median_ms']:.2f}x" if o and o["status"] == "ok" else "-"
 
-    mem = f"{r['peak_bytes'] / MiB:.0f} / {r['train_bytes'] / MiB:.0f}" if "peak_bytes" in r else \
-        r.get("memory_error", "not measured")
+    mem = (
+        f"{r['peak_bytes'] / MiB:.0f} / {r['train_bytes'] / MiB:.0f}"
+        if "peak_bytes" in r
+        else r.get("memory_error", "not measured")
+    )
     dev = "0 (exact)" if r["pinned_exact"] else f"{r['max_pinned_deviation']:.3g}"
     return [r["method"], f"{r['median_ms']:.1f}", ratio(floor), ratio(peft), mem, dev]
 
 
 def render_markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    out = ["# New tokens in a Llama-shaped model: step time, memory, pinned rows", "",
-           f"- command: `{meta['command']}`", f"- date: {meta['date']}; {meta['cpu_count']} CPU ({meta['cpu']})",
-           f"- torch {meta['torch']} ({meta['torch_threads']} threads), transformers {meta['transformers']}, "
-           f"peft {meta['peft']}, device {meta['device']}",
-           f"- step: 2-layer LlamaForCausalLM, +{meta['new']} tokens, batch 4x128, AdamW(1e-3, wd 0.01); "
-           f"{meta['warmup']} warm-up steps, then {meta['rounds']} rounds of one step per method in rotated "
-           "order, one process; median ms/step"
-           + ("; every model torch.compile-d (default backend, compiled in the warm-up)" if meta.get("compiled") else
-              "; eager"), f"- memory: {meta['memory_method']}; each method in a "
-           "fresh process; 'peak / training' MiB = peak above the process before the model was built / above "
-           "the built model", ""]
+    out = [
+        "# New tokens in a Llama-shaped model: step time, memory, pinned rows",
+        "",
+        f"- command: `{meta['command']}`",
+        f"- date: {meta['date']}; {meta['cpu_count']} CPU ({meta['cpu']})",
+        f"- torch {meta['torch']} ({meta['torch_threads']} threads), transformers {meta['transformers']}, "
+        f"peft {meta['peft']}, device {meta['device']}",
+        f"- step: 2-layer LlamaForCausalLM, +{meta['new']} tokens, batch 4x128, AdamW(1e-3, wd 0.01); "
+        f"{meta['warmup']} warm-up steps, then {meta['rounds']} rounds of one step per method in rotated "
+        "order, one process; median ms/step"
+        + (
+            "; every model torch.compile-d (default backend, compiled in the warm-up)"
+            if meta.get("compiled")
+            else "; eager"
+        ),
+        f"- memory: {meta['memory_method']}; each method in a "
+        "fresh process; 'peak / training' MiB = peak above the process before the model was built / above "
+        "the built model",
+        "",
+    ]
     for key in sorted({(r["vocab"], r["dim"], r["tied"]) for r in results}):
         rows = {r["method"]: r for r in results if (r["vocab"], r["dim"], r["tied"]) == key}
         load = next(iter(rows.values()))["loadavg_1min"]
-        out += [f"## V={key[0]}, D={key[1]}, {'tied' if key[2] else 'untied'}", "",
-                f"1-minute load average before / after timing: {' / '.join('n/a' if x is None else f'{x:.2f}' for x in load)} "
-                f"(machine: {meta['cpu_count']} CPUs; above ~{meta['torch_threads']} the figures are noisy)", ""]
-        out += markdown_table(COLUMNS, [_row(r, rows.get("floor"), rows.get("peft")) for r in rows.values()]) + [""]
+        out += [
+            f"## V={key[0]}, D={key[1]}, {'tied' if key[2] else 'untied'}",
+            "",
+            f"1-minute load average before / after timing: {' / '.join('n/a' if x is None else f'{x:.2f}' for x in load)} "
+            f"(machine: {meta['cpu_count']} CPUs; above ~{meta['torch_threads']} the figures are noisy)",
+            "",
+        ]
+        out += markdown_table(
+            COLUMNS, [_row(r, rows.get("floor"), rows.get("peft")) for r in rows.values()]
+        ) + [""]
     out += ["Methods: " + "; ".join(f"`{k}`: {v}" for k, v in METHODS.items()), ""]
     return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    bad = [m for m in args.methods if m not in METHODS] + [t for t in args.tying if t not in ("tied", "untied")]
+    bad = [m for m in args.methods if m not in METHODS] + [
+        t for t in args.tying if t not in ("tied", "untied")
+    ]
     if bad:
         raise SystemExit(f"unknown method or tying {bad}; methods: {','.join(METHODS)}; tying: tied,untied")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -351,30 +398,56 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = machine_info(args.device)
     argv_text = sys.argv[1:] if argv is None else argv
-    meta.update(command=shlex.join(["python", "-m", "benchmarks.llm_new_tokens", *argv_text]), rounds=rounds,
-                warmup=warmup, new=args.new, transformers=transformers.__version__, memory_method="not measured",
-                compiled=args.compile)
+    meta.update(
+        command=shlex.join(["python", "-m", "benchmarks.llm_new_tokens", *argv_text]),
+        rounds=rounds,
+        warmup=warmup,
+        new=args.new,
+        transformers=transformers.__version__,
+        memory_method="not measured",
+        compiled=args.compile,
+    )
     ctx = worker_context(["torch", "transformers", "peft"]) if args.memory else None
     results: list[dict[str, Any]] = []
     started = time.perf_counter()
     for tying in args.tying:
         for d in dims:
             for v in sizes:
-                config = Config(vocab=v, dim=d, tied=tying == "tied", new=args.new, device=args.device,
-                                compile=args.compile)
+                config = Config(
+                    vocab=v,
+                    dim=d,
+                    tied=tying == "tied",
+                    new=args.new,
+                    device=args.device,
+                    compile=args.compile,
+                )
                 load_before = load_average()
                 timed = time_interleaved(args.methods, config, rounds, warmup)
                 load = [None if x is None else x[0] for x in (load_before, load_average())]
                 for m in args.methods:
-                    r = {"method": m, "vocab": v, "dim": d, "tied": config.tied, "loadavg_1min": load, **timed[m]}
+                    r = {
+                        "method": m,
+                        "vocab": v,
+                        "dim": d,
+                        "tied": config.tied,
+                        "loadavg_1min": load,
+                        **timed[m],
+                    }
                     if args.memory and r["status"] == "ok":
                         r.update(memory_in_fresh_process(ctx, m, config, args.threads))
                         meta["memory_method"] = r.get("memory_method", meta["memory_method"])
                     results.append(r)
-                    print(f"V={v} D={d} {tying:<6} {m:<13} " + (
-                        f"{r['median_ms']:8.1f} ms  peak {r.get('peak_bytes', 0) / MiB:7.0f} MiB  "
-                        f"max|Δ| {r['max_pinned_deviation']:.3g}" if r["status"] == "ok" else r["status"])
-                        + f"  ({time.perf_counter() - started:.0f} s)", flush=True)
+                    print(
+                        f"V={v} D={d} {tying:<6} {m:<13} "
+                        + (
+                            f"{r['median_ms']:8.1f} ms  peak {r.get('peak_bytes', 0) / MiB:7.0f} MiB  "
+                            f"max|Δ| {r['max_pinned_deviation']:.3g}"
+                            if r["status"] == "ok"
+                            else r["status"]
+                        )
+                        + f"  ({time.perf_counter() - started:.0f} s)",
+                        flush=True,
+                    )
     meta["wall_s"] = time.perf_counter() - started
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -135,10 +135,16 @@ def make_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<s>", "</s>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     backend.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="</s>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="</s>"
+    )
 
 
 def batch(tok: PreTrainedTokenizerFast, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -151,13 +157,20 @@ def batch(tok: PreTrainedTokenizerFast, texts: list[str]) -> dict[str, torch.Ten
 def nats_per_word(model: LlamaForCausalLM, data: dict[str, torch.Tensor], words: int) -> float:
     logits = model(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits[:, :-1]
     labels = data["labels"][:, 1:]
-    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                                            ignore_index=-100, reduction="sum")
+    nll = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100, reduction="sum"
+    )
     return nll.item() / words
 
 
-def train(model: LlamaForCausalLM, params: list[torch.Tensor], batches: list[dict[str, torch.Tensor]], lr: float,
-          evaluate: Any, every: int) -> list[tuple[int, float]]:
+def train(
+    model: LlamaForCausalLM,
+    params: list[torch.Tensor],
+    batches: list[dict[str, torch.Tensor]],
+    lr: float,
+    evaluate: Any,
+    every: int,
+) -> list[tuple[int, float]]:
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     curve = [(0, evaluate())]
     for step, data in enumerate(batches, 1):
@@ -180,13 +193,24 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
     pieces = {d: len(tok.tokenize(" " + d)) for d in lang.domain}
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=old_vocab, hidden_size=args.dim, intermediate_size=2 * args.dim,
-                      num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=4,
-                      max_position_embeddings=512, tie_word_embeddings=args.tied,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=old_vocab,
+        hidden_size=args.dim,
+        intermediate_size=2 * args.dim,
+        num_hidden_layers=args.layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        tie_word_embeddings=args.tied,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     base = LlamaForCausalLM(cfg)
-    pre_batches = [batch(tok, [lang.text(args.sentences, domain=b % 2 == 1) for _ in range(args.batch)])
-                   for b in range(args.pretrain_steps)]
+    pre_batches = [
+        batch(tok, [lang.text(args.sentences, domain=b % 2 == 1) for _ in range(args.batch)])
+        for b in range(args.pretrain_steps)
+    ]
     t0 = time.perf_counter()
     train(base, list(base.parameters()), pre_batches, args.pretrain_lr, lambda: 0.0, args.pretrain_steps)
     pretrain_s = time.perf_counter() - t0
@@ -196,11 +220,17 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
     held_out = [lang.text(args.sentences, domain=True) for _ in range(args.eval_texts)]
     words = sum(len(t.split()) for t in held_out)
     old_loss = nats_per_word(base, batch(tok, held_out), words)
-    train_texts = [[lang.text(args.sentences, domain=True) for _ in range(args.batch)] for _ in range(args.steps)]
+    train_texts = [
+        [lang.text(args.sentences, domain=True) for _ in range(args.batch)] for _ in range(args.steps)
+    ]
 
     new_tokens = [" " + d for d in lang.domain]
-    new_tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tok.backend_tokenizer.to_str()),
-                                      bos_token="<s>", eos_token="</s>", pad_token="</s>")
+    new_tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(tok.backend_tokenizer.to_str()),
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="</s>",
+    )
     new_tok.add_tokens(new_tokens)
     eval_new = batch(new_tok, held_out)
     train_new = [batch(new_tok, texts) for texts in train_texts]
@@ -217,11 +247,23 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
             init_new_tokens(model, new_tok, new_tokens, method="description", descriptions=descriptions)
         model.requires_grad_(False)
         params = constrain_new_tokens(model, old_vocab)
-        curves[method] = train(model, params, train_new, args.lr, lambda m=model: nats_per_word(m, eval_new, words),
-                               args.eval_every)
-    return {"seed": seed, "old_vocab": old_vocab, "new_tokens": len(new_tokens),
-            "pieces_per_new_token": statistics.mean(pieces.values()), "old_tokenization": old_loss,
-            "pretrain_s": pretrain_s, "curves": curves}
+        curves[method] = train(
+            model,
+            params,
+            train_new,
+            args.lr,
+            lambda m=model: nats_per_word(m, eval_new, words),
+            args.eval_every,
+        )
+    return {
+        "seed": seed,
+        "old_vocab": old_vocab,
+        "new_tokens": len(new_tokens),
+        "pieces_per_new_token": statistics.mean(pieces.values()),
+        "old_tokenization": old_loss,
+        "pretrain_s": pretrain_s,
+        "curves": curves,
+    }
 
 
 def steps_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
@@ -232,31 +274,40 @@ def summarize(runs: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
     """Medians over seeds: the curve of each method, its step-0 and final loss, and the step at
     which it first reaches the mean's final loss."""
     steps = [s for s, _ in runs[0]["curves"][methods[0]]]
-    med = {m: [statistics.median(r["curves"][m][i][1] for r in runs) for i in range(len(steps))] for m in methods}
+    med = {
+        m: [statistics.median(r["curves"][m][i][1] for r in runs) for i in range(len(steps))] for m in methods
+    }
     old = statistics.median(r["old_tokenization"] for r in runs)
     out = {"steps": steps, "seeds": len(runs), "median_curves": med, "old_tokenization": old, "methods": {}}
     for m in methods:
-        reach = [steps_to_reach(r["curves"][m], r["curves"]["mean"][-1][1]) for r in runs] if "mean" in methods else []
+        reach = (
+            [steps_to_reach(r["curves"][m], r["curves"]["mean"][-1][1]) for r in runs]
+            if "mean" in methods
+            else []
+        )
         gap0 = statistics.median(r["curves"][m][0][1] - r["old_tokenization"] for r in runs)
-        out["methods"][m] = {"step0": med[m][0], "final": med[m][-1], "gap0": gap0,
-                             "reach_mean_final": reach}
+        out["methods"][m] = {"step0": med[m][0], "final": med[m][-1], "gap0": gap0, "reach_mean_final": reach}
     return out
 
 
 def table(summary: dict[str, Any], runs: list[dict[str, Any]]) -> str:
     steps = summary["steps"]
     mid = steps[len(steps) // 2]
-    lines = [f"held-out domain text, nats per word (median of {len(runs)} seed(s)); old tokenization: "
-             f"{summary['old_tokenization']:.3f}",
-             "",
-             f"| method | step 0 | step 0 minus old tokenization | step {mid} | step {steps[-1]} | "
-             "steps to reach mean's final loss (per seed) |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"held-out domain text, nats per word (median of {len(runs)} seed(s)); old tokenization: "
+        f"{summary['old_tokenization']:.3f}",
+        "",
+        f"| method | step 0 | step 0 minus old tokenization | step {mid} | step {steps[-1]} | "
+        "steps to reach mean's final loss (per seed) |",
+        "|---|---|---|---|---|---|",
+    ]
     for m, r in summary["methods"].items():
         curve = summary["median_curves"][m]
         reach = ", ".join("-" if s is None else str(s) for s in r["reach_mean_final"])
-        lines.append(f"| {m} | {r['step0']:.3f} | {r['gap0']:+.3f} | {curve[steps.index(mid)]:.3f} | "
-                     f"{r['final']:.3f} | {reach} |")
+        lines.append(
+            f"| {m} | {r['step0']:.3f} | {r['gap0']:+.3f} | {curve[steps.index(mid)]:.3f} | "
+            f"{r['final']:.3f} | {reach} |"
+        )
     return "\n".join(lines)
 
 
@@ -270,11 +321,22 @@ def plot(summary: dict[str, Any], path: Path) -> bool:
         print("matplotlib is not installed: no plot")
         return False
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for m, curve in summary["median_curves"].items():  # hf-default lies on mean: drawn wide and dashed below it
-        style = {"linestyle": "--", "linewidth": 4, "alpha": 0.5, "zorder": 1} if m == "hf-default" else {"zorder": 2}
+    for m, curve in summary[
+        "median_curves"
+    ].items():  # hf-default lies on mean: drawn wide and dashed below it
+        style = (
+            {"linestyle": "--", "linewidth": 4, "alpha": 0.5, "zorder": 1}
+            if m == "hf-default"
+            else {"zorder": 2}
+        )
         ax.plot(summary["steps"], curve, marker="o", markersize=3, label=m, **style)
-    ax.axhline(summary["old_tokenization"], color="black", linestyle="--", linewidth=1,
-               label="old tokenization (perfect start)")
+    ax.axhline(
+        summary["old_tokenization"],
+        color="black",
+        linestyle="--",
+        linewidth=1,
+        label="old tokenization (perfect start)",
+    )
     ax.set_xlabel("training steps of the new rows only")
     ax.set_ylabel("held-out loss (nats per word)")
     ax.set_title(f"New tokens: held-out loss from each initialisation (median of {summary['seeds']} seeds)")
@@ -287,8 +349,11 @@ def plot(summary: dict[str, Any], path: Path) -> bool:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.new_token_init", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.new_token_init",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--steps", type=int, default=120, help="training steps of the new rows")
@@ -298,7 +363,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pretrain-lr", type=float, default=3e-3)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--sentences", type=int, default=4, help="sentences per text")
-    p.add_argument("--vocab", type=int, default=420, help="BPE vocabulary size (256 bytes + merges + 2 specials)")
+    p.add_argument(
+        "--vocab", type=int, default=420, help="BPE vocabulary size (256 bytes + merges + 2 specials)"
+    )
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--tokenizer-texts", type=int, default=2000)
@@ -306,7 +373,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--workers", type=int, default=2, help="processes running seeds in parallel")
     p.add_argument("--tied", action="store_true", help="tie the head to the input embedding")
-    p.add_argument("--quick", action="store_true", help="1 seed, 150 pretraining steps, 20 steps: a smoke test")
+    p.add_argument(
+        "--quick", action="store_true", help="1 seed, 150 pretraining steps, 20 steps: a smoke test"
+    )
     p.add_argument("--json", type=Path, default=None, help="write the runs and the summary here")
     p.add_argument("--plot", type=Path, default=None, help="write the PNG here (default: none)")
     args = p.parse_args(argv)
@@ -331,12 +400,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summary = summarize(runs, args.methods)
     wall = time.perf_counter() - t0
     print(table(summary, runs))
-    print(f"\n{runs[0]['new_tokens']} new tokens, {statistics.mean(r['pieces_per_new_token'] for r in runs):.1f} "
-          f"old pieces each on average; old vocabulary {runs[0]['old_vocab']}; "
-          f"{'tied' if args.tied else 'untied'} head; wall {wall:.0f} s ({args.workers} processes x "
-          f"{args.threads} thread(s))")
-    result = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-              "machine": machine_info("cpu"), "wall_s": wall, "summary": summary, "runs": runs}
+    print(
+        f"\n{runs[0]['new_tokens']} new tokens, {statistics.mean(r['pieces_per_new_token'] for r in runs):.1f} "
+        f"old pieces each on average; old vocabulary {runs[0]['old_vocab']}; "
+        f"{'tied' if args.tied else 'untied'} head; wall {wall:.0f} s ({args.workers} processes x "
+        f"{args.threads} thread(s))"
+    )
+    result = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "machine": machine_info("cpu"),
+        "wall_s": wall,
+        "summary": summary,
+        "runs": runs,
+    }
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1))

@@ -54,6 +54,7 @@ class Net(nn.Module):
 
 def _build(V: int, D: int, N: int, constrained: bool) -> Net:
     from embconstraint import constrain
+
     torch.manual_seed(0)
     model = Net(V, D)
     if constrained:
@@ -64,11 +65,18 @@ def _build(V: int, D: int, N: int, constrained: bool) -> Net:
 
 
 def _zero_config(stage: int) -> dict:
-    return {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
-            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
-            "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0,
-                                  "memory_efficient_linear": False},
-            "steps_per_print": 10**9}
+    return {
+        "train_micro_batch_size_per_gpu": 8,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.0,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+        "zero_optimization": {
+            "stage": stage,
+            "stage3_param_persistence_threshold": 0,
+            "memory_efficient_linear": False,
+        },
+        "steps_per_print": 10**9,
+    }
 
 
 def _steps(step_fn, steps: int) -> tuple[float, dict]:
@@ -82,14 +90,19 @@ def _steps(step_fn, steps: int) -> tuple[float, dict]:
         dist.barrier()
         if step >= 3:
             times.append(time.perf_counter() - start)
-            counts = {**{k: v for k, v in comm.counts.items() if v}, **{f"dtensor {k}": v for k, v in fcomm.counts.items()}}
+            counts = {
+                **{k: v for k, v in comm.counts.items() if v},
+                **{f"dtensor {k}": v for k, v in fcomm.counts.items()},
+            }
     return statistics.median(times), counts
 
 
 def _zero(rank: int, stage: int, V: int, D: int, N: int, steps: int, constrained: bool) -> tuple[float, dict]:
     import deepspeed
-    engine, *_ = deepspeed.initialize(model=(m := _build(V, D, N, constrained)), model_parameters=m.parameters(),
-                                      config=_zero_config(stage))
+
+    engine, *_ = deepspeed.initialize(
+        model=(m := _build(V, D, N, constrained)), model_parameters=m.parameters(), config=_zero_config(stage)
+    )
 
     def step(i: int) -> None:
         g = torch.Generator().manual_seed(2 * i + rank)
@@ -111,10 +124,16 @@ def _tp(rank: int, V: int, D: int, N: int, steps: int, constrained: bool) -> tup
     )
 
     from embconstraint import constrain
+
     mesh = init_device_mesh("cpu", (2,))
-    model = parallelize_module(_build(V, D, N, False), mesh, {
-        "emb": RowwiseParallel(input_layouts=Replicate()),
-        "head": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)})
+    model = parallelize_module(
+        _build(V, D, N, False),
+        mesh,
+        {
+            "emb": RowwiseParallel(input_layouts=Replicate()),
+            "head": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False),
+        },
+    )
     if constrained:  # torchtitan's order: tensor parallelism, then the constraint
         g = torch.Generator().manual_seed(1)
         constrain(model.emb, torch.randn(N, D, generator=g))
@@ -135,10 +154,12 @@ def _tp(rank: int, V: int, D: int, N: int, steps: int, constrained: bool) -> tup
 def run(rank: int, port: int, engines: list[str], V: int, D: int, N: int, steps: int) -> None:
     """One rank: every engine, plain then constrained; rank 0 prints the figures."""
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank)
+    )
     if any(e.startswith("zero") for e in engines):
         import deepspeed
+
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # (an inference all-reduce: compiles)
         deepspeed.init_distributed(dist_backend="gloo")
     else:
@@ -152,26 +173,45 @@ def run(rank: int, port: int, engines: list[str], V: int, D: int, N: int, steps:
                 ms, counts = _zero(rank, int(engine[-1]), V, D, N, steps, constrained)
             results.append((engine, "constrained" if constrained else "plain", ms, counts))
     if rank == 0:
-        print(f"V={V} D={D} pinned={N} (embedding and head) steps={steps}, 2 gloo ranks, load average {load_average()}")
+        print(
+            f"V={V} D={D} pinned={N} (embedding and head) steps={steps}, 2 gloo ranks, load average {load_average()}"
+        )
         for engine, kind, sec, counts in results:
             print(f"{engine:6s} {kind:12s} median step {sec * 1e3:8.1f} ms  elements per step {counts}")
     dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.sharded_comm", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--engines", type=comma_list(str), default=list(ENGINES),
-                        help=f"comma-separated, among {', '.join(ENGINES)} (default: all)")
-    for name, default, text in (("V", 32768, "rows"), ("D", 256, "embedding dimension"),
-                                ("N_PINNED", 32000, "pinned rows (the first ones)"),
-                                ("STEPS", 10, "measured steps per run")):
-        parser.add_argument(name.lower(), metavar=name, type=int, nargs="?", default=default,
-                            help=f"{text} (default {default})")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.sharded_comm", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--engines",
+        type=comma_list(str),
+        default=list(ENGINES),
+        help=f"comma-separated, among {', '.join(ENGINES)} (default: all)",
+    )
+    for name, default, text in (
+        ("V", 32768, "rows"),
+        ("D", 256, "embedding dimension"),
+        ("N_PINNED", 32000, "pinned rows (the first ones)"),
+        ("STEPS", 10, "measured steps per run"),
+    ):
+        parser.add_argument(
+            name.lower(),
+            metavar=name,
+            type=int,
+            nargs="?",
+            default=default,
+            help=f"{text} (default {default})",
+        )
     args = parser.parse_args(argv)
     unknown = [e for e in args.engines if e not in ENGINES]
     if unknown:
         parser.error(f"unknown engine(s) {unknown}; choose among {', '.join(ENGINES)}")
-    mp.spawn(run, args=(free_port(), args.engines, args.v, args.d, args.n_pinned, args.steps), nprocs=2, join=True)
+    mp.spawn(
+        run, args=(free_port(), args.engines, args.v, args.d, args.n_pinned, args.steps), nprocs=2, join=True
+    )
     return 0
 
 

@@ -167,7 +167,9 @@ class Config:
         if self.ids not in ID_DISTRIBUTIONS:
             raise ValueError(f"ids must be one of {ID_DISTRIBUTIONS}, got {self.ids!r}")
         if self.steps < 1 or self.warmup < 0:
-            raise ValueError(f"steps must be >= 1 and warmup >= 0, got steps={self.steps}, warmup={self.warmup}")
+            raise ValueError(
+                f"steps must be >= 1 and warmup >= 0, got steps={self.steps}, warmup={self.warmup}"
+            )
 
     @property
     def num_pinned(self) -> int:
@@ -275,7 +277,7 @@ class _CatReference(nn.Module):
         return torch.cat([self.reference, free])
 
     def right_inverse(self, weight: Tensor) -> Tensor:
-        return weight[self.reference.shape[0]:].clone()
+        return weight[self.reference.shape[0] :].clone()
 
 
 @dataclass
@@ -345,8 +347,11 @@ def _build(method: str, config: Config, reference: Tensor, free_init: Tensor, he
     if method == "full_table":
         emb = _FullTable(full_weight(), n)
         f = V - n
-        return _Setup(_Pooled(emb, head), pinned_rows=lambda: emb.table[:n],
-                      map_ids=lambda ids: torch.stack([ids, torch.where(ids >= n, ids - n, f)]))
+        return _Setup(
+            _Pooled(emb, head),
+            pinned_rows=lambda: emb.table[:n],
+            map_ids=lambda ids: torch.stack([ids, torch.where(ids >= n, ids - n, f)]),
+        )
     raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
 
 
@@ -373,6 +378,7 @@ def make_batches(config: Config) -> list[tuple[Tensor, Tensor]]:
 
 
 # -- measuring -------------------------------------------------------------------------------------
+
 
 @dataclass
 class RunResult:
@@ -406,8 +412,14 @@ class RunResult:
 class _Trainer:
     """One method's model, optimizer and batches, ready to step."""
 
-    def __init__(self, method: str, config: Config, reference: Tensor, free_init: Tensor,
-                 batches: list[tuple[Tensor, Tensor]]) -> None:
+    def __init__(
+        self,
+        method: str,
+        config: Config,
+        reference: Tensor,
+        free_init: Tensor,
+        batches: list[tuple[Tensor, Tensor]],
+    ) -> None:
         self.device = torch.device(config.device)
         torch.manual_seed(config.seed + 2)
         head = nn.Linear(config.dim, config.classes).to(self.device)
@@ -455,8 +467,15 @@ def _inputs(config: Config) -> tuple[Tensor, Callable[[], Tensor], list[tuple[Te
 def _prewarm(method: str, config: Config) -> None:
     """One step of ``method`` on a tiny model: loads the code pages, lazy imports and kernels
     that any first step touches, so that the memory reading counts tensors, not libraries."""
-    tiny = replace(config, vocab=min(config.vocab, 256), dim=min(config.dim, 16), batch=8, seq=4, num_batches=1,
-                   compile=False)
+    tiny = replace(
+        config,
+        vocab=min(config.vocab, 256),
+        dim=min(config.dim, 16),
+        batch=8,
+        seq=4,
+        num_batches=1,
+        compile=False,
+    )
     reference, free_init, batches = _inputs(tiny)
     trainer = _Trainer(method, tiny, reference, free_init(), batches)
     trainer.step(0)
@@ -483,8 +502,13 @@ def run_one(method: str, config: Config) -> RunResult:
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
     device = torch.device(config.device)
-    result = RunResult(method=method, config=asdict(config), threads=torch.get_num_threads(), pid=os.getpid(),
-                       estimate_bytes=estimate_bytes(method, config))
+    result = RunResult(
+        method=method,
+        config=asdict(config),
+        threads=torch.get_num_threads(),
+        pid=os.getpid(),
+        estimate_bytes=estimate_bytes(method, config),
+    )
     _prewarm(method, config)
 
     # Inputs shared by every method: reference rows, initial free rows, batches.
@@ -534,8 +558,13 @@ def _max_abs_diff(a: Tensor, b: Tensor, chunk_bytes: int = 2**26) -> float:
     """``max |a - b|`` in float64, a block of rows at a time (a whole (n, D) float64 copy of a
     large reference would need more memory than the training step itself)."""
     step = max(1, chunk_bytes // (8 * max(a.shape[1], 1)))
-    return max((float((a[i:i + step].double() - b[i:i + step].double()).abs().max())
-                for i in range(0, a.shape[0], step)), default=0.0)
+    return max(
+        (
+            float((a[i : i + step].double() - b[i : i + step].double()).abs().max())
+            for i in range(0, a.shape[0], step)
+        ),
+        default=0.0,
+    )
 
 
 def run_interleaved(methods: list[str], config: Config) -> dict[str, Any]:
@@ -581,7 +610,16 @@ def _worker(method: str | list[str], config: dict) -> dict[str, Any]:
 # -- the sweep ---------------------------------------------------------------------------------------
 
 # When not every method of a configuration fits in memory at once, these are interleaved first.
-INTERLEAVE_PRIORITY = ("free_only", "full_table", "embconstraint", "cat", "peft", "unconstrained", "callback", "grad_hook")
+INTERLEAVE_PRIORITY = (
+    "free_only",
+    "full_table",
+    "embconstraint",
+    "cat",
+    "peft",
+    "unconstrained",
+    "callback",
+    "grad_hook",
+)
 
 DEFAULT_SIZES = (10_000, 100_000, 1_000_000)
 LARGE_SIZES = (10_000_000,)
@@ -589,8 +627,16 @@ DEFAULT_DIMS = (64, 128, 1024)
 DEFAULT_PINNED = (0.5, 0.9, 0.99)
 DEFAULT_MEM_LIMIT_GIB = 12.0
 ISSUE = {"sizes": (10_000, 100_000, 1_000_000), "dims": (128,), "pinned": (0.9,)}
-QUICK = {"sizes": (10_000, 100_000), "dims": (64, 128), "pinned": (0.9,), "steps": 5, "warmup": 1,
-         "rounds": 1, "max_seconds": 3.0, "min_seconds": 0.0}
+QUICK = {
+    "sizes": (10_000, 100_000),
+    "dims": (64, 128),
+    "pinned": (0.9,),
+    "steps": 5,
+    "warmup": 1,
+    "rounds": 1,
+    "max_seconds": 3.0,
+    "min_seconds": 0.0,
+}
 
 
 # -- arguments ---------------------------------------------------------------------------------------
@@ -643,46 +689,93 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--sizes", type=comma_list(parse_size), help="vocabulary sizes V, e.g. 10k,100k,1M")
     p.add_argument("--dims", type=comma_list(_dim), help="embedding dimensions D, e.g. 64,128,1024")
-    p.add_argument("--pinned", type=comma_list(parse_fraction), help="pinned fractions, e.g. 50,90,99 (or 0.9)")
+    p.add_argument(
+        "--pinned", type=comma_list(parse_fraction), help="pinned fractions, e.g. 50,90,99 (or 0.9)"
+    )
     p.add_argument("--methods", type=comma_list(_method), help=f"subset of: {','.join(METHODS)}")
-    p.add_argument("--ids", type=comma_list(_ids), default=["uniform"],
-                   help="token-id distributions: uniform (default) and/or new (half the ids are new rows)")
-    p.add_argument("--quick", action="store_true",
-                   help="V=10k,100k; D=64,128; 90%%; 1 warm-up + 5 steps, 1 round (about a minute on 2 idle cores)")
-    p.add_argument("--issue", action="store_true",
-                   help="the headline figures: V=10k,100k,1M; D=128; 90%% pinned")
+    p.add_argument(
+        "--ids",
+        type=comma_list(_ids),
+        default=["uniform"],
+        help="token-id distributions: uniform (default) and/or new (half the ids are new rows)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="V=10k,100k; D=64,128; 90%%; 1 warm-up + 5 steps, 1 round (about a minute on 2 idle cores)",
+    )
+    p.add_argument(
+        "--issue", action="store_true", help="the headline figures: V=10k,100k,1M; D=128; 90%% pinned"
+    )
     p.add_argument("--large", action="store_true", help="add V=10M to the default sizes")
     p.add_argument("--steps", type=int, help="measured steps per run (default 10)")
     p.add_argument("--warmup", type=int, help="warm-up steps per run, not measured (default 3)")
-    p.add_argument("--rounds", type=int, help="rounds; each runs every method once, rotated order (default 2)")
-    p.add_argument("--max-seconds", type=float,
-                   help="stop measuring a run after this many seconds of steps (at least 3 steps; default 20)")
-    p.add_argument("--min-seconds", type=float,
-                   help="go on measuring a run past --steps until this many seconds of steps (default 2; "
-                        "0 with --quick): small tables get hundreds of steps")
-    p.add_argument("--malloc", choices=("steady", "default"), default="steady",
-                   help="steady (default): the workers keep freed memory (glibc MALLOC_MMAP_THRESHOLD_ and "
-                        "MALLOC_TRIM_THRESHOLD_ at 1 GiB) instead of page-faulting temporaries in at random "
-                        "steps; default: glibc's own settings")
+    p.add_argument(
+        "--rounds", type=int, help="rounds; each runs every method once, rotated order (default 2)"
+    )
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        help="stop measuring a run after this many seconds of steps (at least 3 steps; default 20)",
+    )
+    p.add_argument(
+        "--min-seconds",
+        type=float,
+        help="go on measuring a run past --steps until this many seconds of steps (default 2; "
+        "0 with --quick): small tables get hundreds of steps",
+    )
+    p.add_argument(
+        "--malloc",
+        choices=("steady", "default"),
+        default="steady",
+        help="steady (default): the workers keep freed memory (glibc MALLOC_MMAP_THRESHOLD_ and "
+        "MALLOC_TRIM_THRESHOLD_ at 1 GiB) instead of page-faulting temporaries in at random "
+        "steps; default: glibc's own settings",
+    )
     p.add_argument("--batch", type=int, default=256, help="sequences per batch (default 256)")
     p.add_argument("--seq", type=int, default=32, help="tokens per sequence (default 32)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile every method's model (default backend; compiled in the warm-up steps)")
-    p.add_argument("--mem-limit", type=float, default=None,
-                   help=f"skip runs estimated above this many GiB (default {DEFAULT_MEM_LIMIT_GIB:g} on CPU, "
-                        "90%% of the GPU on CUDA; never above 90%% of the memory available at start)")
-    p.add_argument("--no-interleave", dest="interleave", action="store_false",
-                   help="time from the isolated runs only (default: also time all methods of a configuration "
-                        "step by step in turn in one process, where they fit together, and report that)")
-    p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
-                   help="before each run, wait up to SECONDS for other processes to use < 25%% of the CPU")
-    p.add_argument("--busy-threshold", type=float, default=0.15, metavar="FRACTION",
-                   help="a run during which other processes used more than this share of the CPU is run "
-                        "again (default 0.15)")
-    p.add_argument("--busy-retries", type=int, default=None,
-                   help="how many times to run a busy run again (default 2, 0 with --quick; 0 disables)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile every method's model (default backend; compiled in the warm-up steps)",
+    )
+    p.add_argument(
+        "--mem-limit",
+        type=float,
+        default=None,
+        help=f"skip runs estimated above this many GiB (default {DEFAULT_MEM_LIMIT_GIB:g} on CPU, "
+        "90%% of the GPU on CUDA; never above 90%% of the memory available at start)",
+    )
+    p.add_argument(
+        "--no-interleave",
+        dest="interleave",
+        action="store_false",
+        help="time from the isolated runs only (default: also time all methods of a configuration "
+        "step by step in turn in one process, where they fit together, and report that)",
+    )
+    p.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="before each run, wait up to SECONDS for other processes to use < 25%% of the CPU",
+    )
+    p.add_argument(
+        "--busy-threshold",
+        type=float,
+        default=0.15,
+        metavar="FRACTION",
+        help="a run during which other processes used more than this share of the CPU is run "
+        "again (default 0.15)",
+    )
+    p.add_argument(
+        "--busy-retries",
+        type=int,
+        default=None,
+        help="how many times to run a busy run again (default 2, 0 with --quick; 0 disables)",
+    )
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds before a worker is killed")
     p.add_argument("--out", default="bench-out", help="output directory (default ./bench-out)")
     return p
@@ -690,8 +783,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve(args: argparse.Namespace) -> dict[str, Any]:
     """Settings from parsed arguments: presets first, then explicit options win."""
-    s: dict[str, Any] = {"sizes": list(DEFAULT_SIZES), "dims": list(DEFAULT_DIMS), "pinned": list(DEFAULT_PINNED),
-                         "steps": 10, "warmup": 3, "rounds": 2, "max_seconds": 20.0, "min_seconds": 2.0}
+    s: dict[str, Any] = {
+        "sizes": list(DEFAULT_SIZES),
+        "dims": list(DEFAULT_DIMS),
+        "pinned": list(DEFAULT_PINNED),
+        "steps": 10,
+        "warmup": 3,
+        "rounds": 2,
+        "max_seconds": 20.0,
+        "min_seconds": 2.0,
+    }
     if args.issue:
         s.update({k: list(v) for k, v in ISSUE.items()}, rounds=3)
     if args.quick:
@@ -741,8 +842,9 @@ def _config_key(c: Config) -> tuple:
     return (c.vocab, c.dim, c.pinned, c.ids)
 
 
-def _run_quiet(ctx: Any, method: str | list[str], config: Config, timeout: float,
-               settings: dict[str, Any], log) -> dict[str, Any]:
+def _run_quiet(
+    ctx: Any, method: str | list[str], config: Config, timeout: float, settings: dict[str, Any], log
+) -> dict[str, Any]:
     """One worker run; run again (up to ``settings["busy_retries"]`` times, after waiting for an
     idle CPU) while other processes used more than ``settings["busy_threshold"]`` of the CPU
     during its timed steps. Returns the attempt with the least background load."""
@@ -757,33 +859,51 @@ def _run_quiet(ctx: Any, method: str | list[str], config: Config, timeout: float
         bg = out["background_cpu"]
         if bg is None or bg <= settings["busy_threshold"]:
             break
-        log(f"  (background load {bg:.0%} while timing {_describe(config)} "
+        log(
+            f"  (background load {bg:.0%} while timing {_describe(config)} "
             f"{method if isinstance(method, str) else 'interleaved'}; "
-            f"{'running it again' if attempt < settings['busy_retries'] else 'keeping the quietest attempt'})")
+            f"{'running it again' if attempt < settings['busy_retries'] else 'keeping the quietest attempt'})"
+        )
     best = min(attempts, key=lambda o: o["background_cpu"] if o["background_cpu"] is not None else 0.0)
     best["attempts"] = len(attempts)
     return best
 
 
-def run_sweep(settings: dict[str, Any], base: Config, mem_limit: int, timeout: float,
-              log=print) -> list[dict[str, Any]]:
+def run_sweep(
+    settings: dict[str, Any], base: Config, mem_limit: int, timeout: float, log=print
+) -> list[dict[str, Any]]:
     """Run every (configuration, method): ``settings["rounds"]`` isolated rounds (fresh process
     each, rotated order: memory, deviation, isolated step times), then, where all the methods of
     a configuration fit in memory together and ``settings["interleave"]`` is set, one process
     that times them step by step in turn (where not all fit, the first of
     :data:`INTERLEAVE_PRIORITY` that do). One record per (configuration, method)."""
-    configs = [replace(base, vocab=v, dim=d, pinned=p, ids=ids)
-               for ids in settings["ids"] for p in settings["pinned"] for d in settings["dims"]
-               for v in settings["sizes"]]
+    configs = [
+        replace(base, vocab=v, dim=d, pinned=p, ids=ids)
+        for ids in settings["ids"]
+        for p in settings["pinned"]
+        for d in settings["dims"]
+        for v in settings["sizes"]
+    ]
     methods = settings["methods"]
     records: dict[tuple, dict[str, Any]] = {}
     for c in configs:
         for m in methods:
             est = estimate_bytes(m, c)
-            rec = {"method": m, "label": METHODS[m], "vocab": c.vocab, "dim": c.dim, "pinned": c.pinned,
-                   "ids": c.ids, "num_pinned": c.num_pinned, "estimate_bytes": est, "rounds": []}
+            rec = {
+                "method": m,
+                "label": METHODS[m],
+                "vocab": c.vocab,
+                "dim": c.dim,
+                "pinned": c.pinned,
+                "ids": c.ids,
+                "num_pinned": c.num_pinned,
+                "estimate_bytes": est,
+                "rounds": [],
+            }
             if est > mem_limit:
-                rec.update(status="skipped", reason=f"needs ~{est / GiB:.1f} GiB (limit {mem_limit / GiB:.1f} GiB)")
+                rec.update(
+                    status="skipped", reason=f"needs ~{est / GiB:.1f} GiB (limit {mem_limit / GiB:.1f} GiB)"
+                )
             else:
                 rec["status"] = "pending"
             records[(*_config_key(c), m)] = rec
@@ -811,8 +931,10 @@ def run_sweep(settings: dict[str, Any], base: Config, mem_limit: int, timeout: f
                     progress(f"{_describe(c)} {m}: FAILED {out['reason']}")
                     continue
                 rec["rounds"].append(out)
-                progress(f"{_describe(c)} {m:<14} round {r + 1}: {out['median_ms']:9.2f} ms  "
-                         f"peak {out['peak_bytes'] / MiB:9.1f} MiB  bg {_pct(out['background_cpu'])}")
+                progress(
+                    f"{_describe(c)} {m:<14} round {r + 1}: {out['median_ms']:9.2f} ms  "
+                    f"peak {out['peak_bytes'] / MiB:9.1f} MiB  bg {_pct(out['background_cpu'])}"
+                )
         if not settings["interleave"]:
             continue
         ok = [m for m in runnable if records[(*_config_key(c), m)]["rounds"]]
@@ -823,8 +945,10 @@ def run_sweep(settings: dict[str, Any], base: Config, mem_limit: int, timeout: f
         ok = [m for m in ok if m in chosen]
         done += 1
         if len(ok) < 2:
-            progress(f"{_describe(c)} interleaved: not run (fewer than 2 methods fit in memory together); "
-                     "isolated timings are reported")
+            progress(
+                f"{_describe(c)} interleaved: not run (fewer than 2 methods fit in memory together); "
+                "isolated timings are reported"
+            )
             continue
         ic = replace(c, steps=c.steps * settings["rounds"], max_seconds=c.max_seconds * settings["rounds"])
         out = _run_quiet(ctx, ok, ic, timeout, settings, log)
@@ -832,10 +956,15 @@ def run_sweep(settings: dict[str, Any], base: Config, mem_limit: int, timeout: f
             progress(f"{_describe(c)} interleaved: FAILED {out['reason']}; isolated timings are reported")
             continue
         for m in ok:
-            records[(*_config_key(c), m)]["interleaved"] = {"step_ms": out["step_ms"][m],
-                                                            "background_cpu": out["background_cpu"]}
-        progress(f"{_describe(c)} interleaved: " + ", ".join(
-            f"{m} {statistics.median(out['step_ms'][m]):.2f}" for m in ok) + f" ms  bg {_pct(out['background_cpu'])}")
+            records[(*_config_key(c), m)]["interleaved"] = {
+                "step_ms": out["step_ms"][m],
+                "background_cpu": out["background_cpu"],
+            }
+        progress(
+            f"{_describe(c)} interleaved: "
+            + ", ".join(f"{m} {statistics.median(out['step_ms'][m]):.2f}" for m in ok)
+            + f" ms  bg {_pct(out['background_cpu'])}"
+        )
     return [_aggregate(rec) for rec in records.values()]
 
 
@@ -877,17 +1006,28 @@ def _aggregate(rec: dict[str, Any]) -> dict[str, Any]:
     )
     # The headline: the best (lowest) median of the runs: every isolated round and the interleaved
     # run are each a full measurement; interference from the rest of the machine only adds time.
-    candidates = [(r["median_ms"], f"isolated round {i + 1}", r["background_cpu"], len(r["step_ms"]))
-                  for i, r in enumerate(rounds)]
+    candidates = [
+        (r["median_ms"], f"isolated round {i + 1}", r["background_cpu"], len(r["step_ms"]))
+        for i, r in enumerate(rounds)
+    ]
     rec.update(interleaved_median_ms=None, interleaved_background_cpu=None)
     if inter is not None:
-        rec.update(interleaved_median_ms=statistics.median(inter["step_ms"]),
-                   interleaved_step_ms=inter["step_ms"], interleaved_background_cpu=inter["background_cpu"])
-        candidates.append((rec["interleaved_median_ms"], "interleaved", inter["background_cpu"],
-                           len(inter["step_ms"])))
+        rec.update(
+            interleaved_median_ms=statistics.median(inter["step_ms"]),
+            interleaved_step_ms=inter["step_ms"],
+            interleaved_background_cpu=inter["background_cpu"],
+        )
+        candidates.append(
+            (rec["interleaved_median_ms"], "interleaved", inter["background_cpu"], len(inter["step_ms"]))
+        )
     best = min(candidates, key=lambda c: c[0])
-    rec.update(median_ms=best[0], timing=best[1], background_cpu=best[2], measured_steps=best[3],
-               runs_timed=len(candidates))
+    rec.update(
+        median_ms=best[0],
+        timing=best[1],
+        background_cpu=best[2],
+        measured_steps=best[3],
+        runs_timed=len(candidates),
+    )
     if failed:
         rec["reason"] = f"some rounds failed: {failed}"
     return rec
@@ -897,11 +1037,20 @@ def add_ratios(results: list[dict[str, Any]]) -> None:
     """Ratios of time and memory to each lower limit of the same configuration: ``*_vs_free``
     (the free-rows-only model) and ``*_vs_full`` (the full-table limit); None where not measured."""
     for limit, suffix in LIMITS.items():
-        base = {(r["vocab"], r["dim"], r["pinned"], r["ids"]): r for r in results
-                if r["method"] == limit and r["status"] == "ok"}
+        base = {
+            (r["vocab"], r["dim"], r["pinned"], r["ids"]): r
+            for r in results
+            if r["method"] == limit and r["status"] == "ok"
+        }
         for r in results:
             f = base.get((r["vocab"], r["dim"], r["pinned"], r["ids"]))
-            for key in ("median_ms", "isolated_median_ms", "interleaved_median_ms", "peak_bytes", "train_bytes"):
+            for key in (
+                "median_ms",
+                "isolated_median_ms",
+                "interleaved_median_ms",
+                "peak_bytes",
+                "train_bytes",
+            ):
                 ok = f is not None and r["status"] == "ok" and r.get(key) is not None and bool(f.get(key))
                 r[f"{key}_vs_{suffix}"] = r[key] / f[key] if ok else None
 
@@ -928,8 +1077,11 @@ def _ratio(x: float | None) -> str:
 
 
 def _both(r: dict[str, Any]) -> str:
-    ratios = [f"{r[k]:.2f}x {name}" for k, name in (("median_ms_vs_free", "free"), ("median_ms_vs_full", "full"))
-              if r.get(k) is not None]
+    ratios = [
+        f"{r[k]:.2f}x {name}"
+        for k, name in (("median_ms_vs_free", "free"), ("median_ms_vs_full", "full"))
+        if r.get(k) is not None
+    ]
     return _ms(r["median_ms"]) + (f" ({', '.join(ratios)})" if ratios else "")
 
 
@@ -974,38 +1126,70 @@ def _table(results: list[dict[str, Any]], methods: list[str], what: str) -> list
     """One row per configuration, one column per method, ``CELLS[what]`` in each cell."""
     by = {(r["vocab"], r["dim"], r["pinned"], r["ids"], r["method"]): r for r in results}
     keys = sorted({(r["ids"], r["pinned"], r["dim"], r["vocab"]) for r in results})
-    return markdown_table(["V", "D", "pinned", "ids", *methods],
-                          [[_fmt_size(v), str(d), f"{p:.0%}", ids, *(_cell(by[(v, d, p, ids, m)], what) for m in methods)]
-                           for ids, p, d, v in keys])
+    return markdown_table(
+        ["V", "D", "pinned", "ids", *methods],
+        [
+            [_fmt_size(v), str(d), f"{p:.0%}", ids, *(_cell(by[(v, d, p, ids, m)], what) for m in methods)]
+            for ids, p, d, v in keys
+        ],
+    )
 
 
 def targets(results: list[dict[str, Any]]) -> list[str]:
     """Whether the measured figures meet the targets (measured, not asserted)."""
     lines = []
-    ec = [r for r in results if r["method"] == "embconstraint" and r["status"] == "ok"
-          and r["median_ms_vs_free"] is not None]
+    ec = [
+        r
+        for r in results
+        if r["method"] == "embconstraint" and r["status"] == "ok" and r["median_ms_vs_free"] is not None
+    ]
     if ec:
-        lines.append("Target 1: embconstraint within 1.10x of the free-rows-only model, at every V "
-                     "(time; peak memory; training memory = peak above the built model), and of the "
-                     "full-table limit (time):")
+        lines.append(
+            "Target 1: embconstraint within 1.10x of the free-rows-only model, at every V "
+            "(time; peak memory; training memory = peak above the built model), and of the "
+            "full-table limit (time):"
+        )
         lines.append("")
         rows = []
         for r in sorted(ec, key=lambda r: (r["ids"], r["pinned"], r["dim"], r["vocab"])):
-            ratios = [r.get(k) for k in ("median_ms_vs_free", "peak_bytes_vs_free", "train_bytes_vs_free",
-                                         "median_ms_vs_full")]
-            rows.append([_fmt_size(r["vocab"]), str(r["dim"]), f"{r['pinned']:.0%}", r["ids"],
-                         *("n/a" if x is None else f"{x:.2f}x {'met' if x <= 1.10 else 'MISSED'}" for x in ratios)])
-        lines += markdown_table(["V", "D", "pinned", "ids", "time", "peak memory", "training memory",
-                                 "time vs full-table limit"], rows)
+            ratios = [
+                r.get(k)
+                for k in (
+                    "median_ms_vs_free",
+                    "peak_bytes_vs_free",
+                    "train_bytes_vs_free",
+                    "median_ms_vs_full",
+                )
+            ]
+            rows.append(
+                [
+                    _fmt_size(r["vocab"]),
+                    str(r["dim"]),
+                    f"{r['pinned']:.0%}",
+                    r["ids"],
+                    *("n/a" if x is None else f"{x:.2f}x {'met' if x <= 1.10 else 'MISSED'}" for x in ratios),
+                ]
+            )
+        lines += markdown_table(
+            ["V", "D", "pinned", "ids", "time", "peak memory", "training memory", "time vs full-table limit"],
+            rows,
+        )
         lines.append("")
     # The small-table step-time bounds against the free-rows-only model, where they apply.
     bound = {10_000: 1.25, 100_000: 1.15}
-    t13 = [f"- V={_fmt_size(r['vocab'])} D={r['dim']} {r['pinned']:.0%} {r['ids']}: {r['median_ms_vs_free']:.2f}x "
-           f"free-rows-only (bound {bound[r['vocab']]:.2f}x: {'met' if r['median_ms_vs_free'] <= bound[r['vocab']] else 'MISSED'})"
-           for r in ec if r["vocab"] in bound]
+    t13 = [
+        f"- V={_fmt_size(r['vocab'])} D={r['dim']} {r['pinned']:.0%} {r['ids']}: {r['median_ms_vs_free']:.2f}x "
+        f"free-rows-only (bound {bound[r['vocab']]:.2f}x: {'met' if r['median_ms_vs_free'] <= bound[r['vocab']] else 'MISSED'})"
+        for r in ec
+        if r["vocab"] in bound
+    ]
     if t13:
-        lines += ["Small tables: embconstraint within 1.25x of free-rows-only at V=10k, 1.15x at V=100k:", "",
-                  *t13, ""]
+        lines += [
+            "Small tables: embconstraint within 1.25x of free-rows-only at V=10k, 1.15x at V=100k:",
+            "",
+            *t13,
+            "",
+        ]
     by = {(r["vocab"], r["dim"], r["pinned"], r["ids"], r["method"]): r for r in results}
     t2 = []
     for r in ec:
@@ -1019,11 +1203,15 @@ def targets(results: list[dict[str, Any]]) -> list[str]:
                 t2.append(f"- D={r['dim']} {r['ids']}: {other} {o['status']} ({o.get('reason', '')})")
                 continue
             speedup = o["median_ms"] / r["median_ms"]
-            t2.append(f"- D={r['dim']} {r['ids']}: embconstraint {r['median_ms']:.1f} ms vs {other} "
-                      f"{o['median_ms']:.1f} ms: {speedup:.2f}x faster ({'met' if speedup >= 4 else 'MISSED'})")
+            t2.append(
+                f"- D={r['dim']} {r['ids']}: embconstraint {r['median_ms']:.1f} ms vs {other} "
+                f"{o['median_ms']:.1f} ms: {speedup:.2f}x faster ({'met' if speedup >= 4 else 'MISSED'})"
+            )
     if t2:
-        lines.append("Target 2: at V=1M with 90% pinned, embconstraint at least 4x faster than the cat "
-                     "parametrization and than PEFT:")
+        lines.append(
+            "Target 2: at V=1M with 90% pinned, embconstraint at least 4x faster than the cat "
+            "parametrization and than PEFT:"
+        )
         lines.append("")
         lines.extend(t2)
         lines.append("")
@@ -1037,45 +1225,72 @@ def issue_figures(results: list[dict[str, Any]]) -> list[str]:
     if not sizes:
         return []
     by = {(r["vocab"], r["method"]): r for r in rows}
-    methods = [m for m in ("embconstraint", "unconstrained", "free_only", "full_table", "cat", "peft")
-               if any((v, m) in by for v in sizes)]
-    lines = ["Core issue figures (D=128, 90% pinned, batch 256x32, AdamW): median step ms "
-             "(x free-rows-only limit, x full-table limit)", ""]
-    lines += markdown_table(["method", *(f"V={_fmt_size(v)}" for v in sizes)],
-                            [[m, *(_cell(by[(v, m)], "both") if (v, m) in by else "" for v in sizes)]
-                             for m in methods])
+    methods = [
+        m
+        for m in ("embconstraint", "unconstrained", "free_only", "full_table", "cat", "peft")
+        if any((v, m) in by for v in sizes)
+    ]
+    lines = [
+        "Core issue figures (D=128, 90% pinned, batch 256x32, AdamW): median step ms "
+        "(x free-rows-only limit, x full-table limit)",
+        "",
+    ]
+    lines += markdown_table(
+        ["method", *(f"V={_fmt_size(v)}" for v in sizes)],
+        [[m, *(_cell(by[(v, m)], "both") if (v, m) in by else "" for v in sizes)] for m in methods],
+    )
     return lines + [""]
 
 
 # The report's tables after the targets, in order: (heading, text above the table or None, cell kind).
 SECTIONS: list[tuple[str, str | None, str]] = [
-    ("Median step time (ms; ratio to the free-rows-only model)",
-     "Each method is timed in every isolated round (a fresh process) and, where it fits in memory "
-     "with the others, in the interleaved run (all methods in one process, one step each in turn). "
-     "Each of these runs gives a median over its measured steps; the table shows the lowest of "
-     "them (interference from the rest of the machine only adds time; every method gets the same "
-     "number of runs). The next tables show each protocol on its own.", "time"),
-    ("Median step time (ms; ratio to the full-table limit)",  # where the full-table limit was measured
-     "The same headline medians, as a ratio to `full_table`: a lookup of every id in the full "
-     "(V, D) table (pinned rows' memory traffic included) with a gradient for the free rows "
-     "only, and nothing else. It is the limit for any method that keeps the pinned rows in "
-     "the model; `free_only` is the limit for one that does not.", "time_full"),
-    ("Median step time, isolated runs only (ms; ratio to free-rows-only)",
-     "Median over every measured step of every isolated round.", "iso"),
+    (
+        "Median step time (ms; ratio to the free-rows-only model)",
+        "Each method is timed in every isolated round (a fresh process) and, where it fits in memory "
+        "with the others, in the interleaved run (all methods in one process, one step each in turn). "
+        "Each of these runs gives a median over its measured steps; the table shows the lowest of "
+        "them (interference from the rest of the machine only adds time; every method gets the same "
+        "number of runs). The next tables show each protocol on its own.",
+        "time",
+    ),
+    (
+        "Median step time (ms; ratio to the full-table limit)",  # where the full-table limit was measured
+        "The same headline medians, as a ratio to `full_table`: a lookup of every id in the full "
+        "(V, D) table (pinned rows' memory traffic included) with a gradient for the free rows "
+        "only, and nothing else. It is the limit for any method that keeps the pinned rows in "
+        "the model; `free_only` is the limit for one that does not.",
+        "time_full",
+    ),
+    (
+        "Median step time, isolated runs only (ms; ratio to free-rows-only)",
+        "Median over every measured step of every isolated round.",
+        "iso",
+    ),
     ("Median step time, interleaved run only (ms; ratio to free-rows-only)", None, "inter"),
     ("Which run gave the headline median", None, "source"),
-    ("Background load during that run",
-     "Share of all CPU time used by other processes while its steps were timed (this machine was "
-     "shared).", "bg"),
-    ("Peak memory (MiB; ratio to free-rows-only)",
-     "Peak during the training steps, above the process before the model was built (the reference "
-     "rows and the batches, common to all methods, are not counted).", "peak"),
-    ("Training memory (MiB; ratio to free-rows-only)",
-     "Peak during the training steps above the built model at rest: gradients, optimizer state, "
-     "temporaries.", "train"),
-    ("Peak while building the model (MiB)",
-     "From the same baseline as the peak memory above: the method's set-up transients (e.g. the "
-     "initial (V, D) weight and what constrain() or the parametrization allocate).", "build"),
+    (
+        "Background load during that run",
+        "Share of all CPU time used by other processes while its steps were timed (this machine was shared).",
+        "bg",
+    ),
+    (
+        "Peak memory (MiB; ratio to free-rows-only)",
+        "Peak during the training steps, above the process before the model was built (the reference "
+        "rows and the batches, common to all methods, are not counted).",
+        "peak",
+    ),
+    (
+        "Training memory (MiB; ratio to free-rows-only)",
+        "Peak during the training steps above the built model at rest: gradients, optimizer state, "
+        "temporaries.",
+        "train",
+    ),
+    (
+        "Peak while building the model (MiB)",
+        "From the same baseline as the peak memory above: the method's set-up transients (e.g. the "
+        "initial (V, D) weight and what constrain() or the parametrization allocate).",
+        "build",
+    ),
     ("Optimizer state (MiB)", None, "opt"),
     ("Max |pinned row - reference| after the run", None, "dev"),
 ]
@@ -1084,19 +1299,23 @@ SECTIONS: list[tuple[str, str | None, str]] = [
 def render_markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     methods = [m for m in METHODS if any(r["method"] == m for r in results)]
     out = ["# Training-step benchmark: pinning embedding rows", ""]
-    out += [f"- command: `{meta['command']}`", f"- date: {meta['date']}",
-            f"- machine: {meta['cpu_count']} CPU ({meta['cpu']}), {meta['mem_total_gib']} GiB, {meta['platform']}",
-            f"- torch {meta['torch']} (threads: {meta['torch_threads']}), peft {meta['peft']}, "
-            f"python {meta['python']}, device {meta['device']}",
-            f"- step: embedding -> mean -> linear({meta['classes']} classes), cross-entropy, AdamW(lr={meta['lr']}, "
-            f"weight_decay={meta['weight_decay']}), batch {meta['batch']}x{meta['seq']} ids; "
-            f"{meta['warmup']} warm-up + at least {meta['steps']} measured steps per run, on to "
-            f"{meta.get('min_seconds', 0):g} s of steps (at most {meta['max_seconds']:g} s), {meta['rounds']} round(s), "
-            "methods in rotated order, each run in a fresh process; allocator: "
-            f"{meta.get('malloc', 'default')} (see benchmarks/README.md); "
-            + ("every model torch.compile-d (default backend)" if meta.get("compiled") else "eager"),
-            f"- memory: {meta['memory_method']}; skipped above ~{meta['mem_limit_gib']:.1f} GiB (estimated)",
-            f"- total wall time: {meta['wall_s']:.0f} s", ""]
+    out += [
+        f"- command: `{meta['command']}`",
+        f"- date: {meta['date']}",
+        f"- machine: {meta['cpu_count']} CPU ({meta['cpu']}), {meta['mem_total_gib']} GiB, {meta['platform']}",
+        f"- torch {meta['torch']} (threads: {meta['torch_threads']}), peft {meta['peft']}, "
+        f"python {meta['python']}, device {meta['device']}",
+        f"- step: embedding -> mean -> linear({meta['classes']} classes), cross-entropy, AdamW(lr={meta['lr']}, "
+        f"weight_decay={meta['weight_decay']}), batch {meta['batch']}x{meta['seq']} ids; "
+        f"{meta['warmup']} warm-up + at least {meta['steps']} measured steps per run, on to "
+        f"{meta.get('min_seconds', 0):g} s of steps (at most {meta['max_seconds']:g} s), {meta['rounds']} round(s), "
+        "methods in rotated order, each run in a fresh process; allocator: "
+        f"{meta.get('malloc', 'default')} (see benchmarks/README.md); "
+        + ("every model torch.compile-d (default backend)" if meta.get("compiled") else "eager"),
+        f"- memory: {meta['memory_method']}; skipped above ~{meta['mem_limit_gib']:.1f} GiB (estimated)",
+        f"- total wall time: {meta['wall_s']:.0f} s",
+        "",
+    ]
     out += issue_figures(results)
     out += ["## Targets", ""] + targets(results)
     for heading, text, what in SECTIONS:
@@ -1116,19 +1335,28 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     methods = [m for m in METHODS if any(r["method"] == m for r in results)]
     rows = sorted({(r["ids"], r["pinned"]) for r in results})
     dims = sorted({r["dim"] for r in results})
-    fig, axes = plt.subplots(len(rows), len(dims), figsize=(4.2 * len(dims), 3.4 * len(rows)),
-                             squeeze=False, sharex=True)
+    fig, axes = plt.subplots(
+        len(rows), len(dims), figsize=(4.2 * len(dims), 3.4 * len(rows)), squeeze=False, sharex=True
+    )
     for i, (ids, p) in enumerate(rows):
         for j, d in enumerate(dims):
             ax = axes[i][j]
             for m in methods:
-                pts = sorted((r["vocab"], r["median_ms"]) for r in results
-                             if r["method"] == m and r["dim"] == d and r["pinned"] == p and r["ids"] == ids
-                             and r["status"] == "ok")
+                pts = sorted(
+                    (r["vocab"], r["median_ms"])
+                    for r in results
+                    if r["method"] == m
+                    and r["dim"] == d
+                    and r["pinned"] == p
+                    and r["ids"] == ids
+                    and r["status"] == "ok"
+                )
                 if pts:
-                    style = {"embconstraint": {"linewidth": 2.6},
-                             "free_only": {"linestyle": "--", "color": "black"},
-                             "full_table": {"linestyle": ":", "color": "black"}}.get(m, {"linewidth": 1.2})
+                    style = {
+                        "embconstraint": {"linewidth": 2.6},
+                        "free_only": {"linestyle": "--", "color": "black"},
+                        "full_table": {"linestyle": ":", "color": "black"},
+                    }.get(m, {"linewidth": 1.2})
                     ax.plot([v for v, _ in pts], [t for _, t in pts], marker="o", label=m, **style)
             ax.set_xscale("log")
             ax.set_yscale("log")
@@ -1169,23 +1397,49 @@ def main(argv: list[str] | None = None) -> int:
         avail = mem_available()
         if avail is not None:
             mem_limit = min(mem_limit, 0.9 * avail)
-    base = Config(vocab=2, dim=1, pinned=0.5, batch=args.batch, seq=args.seq, steps=settings["steps"],
-                  warmup=settings["warmup"], max_seconds=settings["max_seconds"],
-                  min_seconds=settings["min_seconds"], seed=args.seed, device=device, compile=args.compile)
+    base = Config(
+        vocab=2,
+        dim=1,
+        pinned=0.5,
+        batch=args.batch,
+        seq=args.seq,
+        steps=settings["steps"],
+        warmup=settings["warmup"],
+        max_seconds=settings["max_seconds"],
+        min_seconds=settings["min_seconds"],
+        seed=args.seed,
+        device=device,
+        compile=args.compile,
+    )
     if args.malloc == "steady":  # read by the forkserver (and so every worker) when it starts
         os.environ.update(STEADY_MALLOC)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = machine_info(device)
     argv_text = sys.argv[1:] if argv is None else argv
-    meta.update(command=shlex.join(["python", "-m", "benchmarks.step_time", *argv_text]),
-                mem_limit_gib=mem_limit / GiB, rounds=settings["rounds"], batch=base.batch, seq=base.seq,
-                steps=base.steps, warmup=base.warmup, max_seconds=base.max_seconds,
-                min_seconds=base.min_seconds, malloc=args.malloc, lr=base.lr,
-                weight_decay=base.weight_decay, classes=base.classes, seed=base.seed, settings=settings,
-                compiled=args.compile)
-    print(f"torch {meta['torch']}, {meta['torch_threads']} threads, {meta['cpu_count']} CPUs, device {device}; "
-          f"memory limit {mem_limit / GiB:.1f} GiB", flush=True)
+    meta.update(
+        command=shlex.join(["python", "-m", "benchmarks.step_time", *argv_text]),
+        mem_limit_gib=mem_limit / GiB,
+        rounds=settings["rounds"],
+        batch=base.batch,
+        seq=base.seq,
+        steps=base.steps,
+        warmup=base.warmup,
+        max_seconds=base.max_seconds,
+        min_seconds=base.min_seconds,
+        malloc=args.malloc,
+        lr=base.lr,
+        weight_decay=base.weight_decay,
+        classes=base.classes,
+        seed=base.seed,
+        settings=settings,
+        compiled=args.compile,
+    )
+    print(
+        f"torch {meta['torch']}, {meta['torch_threads']} threads, {meta['cpu_count']} CPUs, device {device}; "
+        f"memory limit {mem_limit / GiB:.1f} GiB",
+        flush=True,
+    )
     started = time.perf_counter()
     results = run_sweep(settings, base, int(mem_limit), args.timeout, log=lambda s: print(s, flush=True))
     add_ratios(results)

@@ -22,8 +22,18 @@ from .core import constrain, is_constrained, merged_state_dict, release
 from .exceptions import CheckpointError, PinnedRowsError
 from .files import load_rows, save_rows, unload_rows
 
-__all__ = ["constrain", "release", "is_constrained", "merged_state_dict", "save_rows", "load_rows", "unload_rows",
-           "EmbeddingConstraint", "PinnedRowsError", "CheckpointError"]
+__all__ = [
+    "constrain",
+    "release",
+    "is_constrained",
+    "merged_state_dict",
+    "save_rows",
+    "load_rows",
+    "unload_rows",
+    "EmbeddingConstraint",
+    "PinnedRowsError",
+    "CheckpointError",
+]
 __version__ = "0.1.0"
 
 

@@ -20,8 +20,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["bitwise_equal", "equal_bits", "max_abs_deviation", "casts_exactly", "index_tensor", "check_rows",
-           "RAW_KEY", "original_key"]
+__all__ = [
+    "bitwise_equal",
+    "equal_bits",
+    "max_abs_deviation",
+    "casts_exactly",
+    "index_tensor",
+    "check_rows",
+    "RAW_KEY",
+    "original_key",
+]
 
 _BIT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 # Where parametrize keeps the trainable tensor of a parametrized ``name``: the one place that spells it out.
@@ -71,7 +79,9 @@ def index_tensor(indices: Any) -> Tensor:
             raise TypeError("indices must be a 1-D integer tensor or a sequence of ints")
         idx = torch.tensor(list(indices), dtype=torch.long)
     else:
-        raise TypeError(f"indices must be a 1-D integer tensor or a sequence of ints, got {type(indices).__name__}")
+        raise TypeError(
+            f"indices must be a 1-D integer tensor or a sequence of ints, got {type(indices).__name__}"
+        )
     if idx.dtype == torch.bool or idx.is_floating_point() or idx.is_complex():
         raise TypeError(f"indices must hold integers, got dtype {idx.dtype}")
     if idx.dim() != 1:

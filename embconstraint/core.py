@@ -57,7 +57,9 @@ def is_constrained(embedding: nn.Module) -> bool:
     return isinstance(embedding, nn.Module) and pin_of(embedding) is not None
 
 
-def _bias_reference(module: nn.Module, reference: Reference, idx: Tensor | None, num_pinned: int) -> Tensor | None:
+def _bias_reference(
+    module: nn.Module, reference: Reference, idx: Tensor | None, num_pinned: int
+) -> Tensor | None:
     """The pinned entries of a head's bias: the reference head's bias, else their current values."""
     bias = getattr(module, "bias", None) if isinstance(module, nn.Linear) else None
     if bias is None:
@@ -65,7 +67,9 @@ def _bias_reference(module: nn.Module, reference: Reference, idx: Tensor | None,
     ref = reference_bias(reference)
     if ref is not None:
         return ref
-    bias = full(bias.detach())  # (a tensor-parallel head's bias is a DTensor: all-gathered, every rank constrains)
+    bias = full(
+        bias.detach()
+    )  # (a tensor-parallel head's bias is a DTensor: all-gathered, every rank constrains)
     return bias[:num_pinned] if idx is None else bias.index_select(0, idx.to(bias.device))
 
 
@@ -165,7 +169,6 @@ class ConstrainPlan:
             _own_free_rows(embedding, self.tied)
         return embedding
 
-
     def _apply_sharded(self) -> nn.Module:
         """Tensor parallelism: the table's rows are sharded over a 1-D mesh (``RowwiseParallel`` on an
         embedding, ``ColwiseParallel`` on a head: the weight a DTensor ``Shard(0)``; or a plain weight that
@@ -187,7 +190,9 @@ class ConstrainPlan:
                 if shares == name:
                     module.register_parameter(attr, local)
         padding = getattr(embedding, "padding_idx", None)
-        if padding is not None:  # the module now computes on its rows: the padding row is local (or elsewhere)
+        if (
+            padding is not None
+        ):  # the module now computes on its rows: the padding row is local (or elsewhere)
             embedding.padding_idx = padding - shard.lo if shard.lo <= padding < shard.hi else None
         ConstrainPlan(embedding, reference, layout, bias, self.on_mismatch, self.tied).apply()
         for name in ("weight", "bias"):
@@ -263,13 +268,7 @@ def _check_not_shared(embedding: nn.Module, tied: list[tuple[nn.Module, str, str
 
 def _shared_with(root: nn.Module, param: Tensor, skip: nn.Module) -> list[tuple[nn.Module, str]]:
     """Every (module, name) under ``root`` whose own parameter is ``param``, ``skip`` aside."""
-    return [
-        (m, n)
-        for m in root.modules()
-        if m is not skip
-        for n, p in m._parameters.items()
-        if p is param
-    ]
+    return [(m, n) for m in root.modules() if m is not skip for n, p in m._parameters.items() if p is param]
 
 
 def _widened(value: Tensor, free_rows: Tensor, num_rows: int) -> Tensor:
@@ -277,8 +276,9 @@ def _widened(value: Tensor, free_rows: Tensor, num_rows: int) -> Tensor:
     rows = free_rows.to(value.device)
     if value.layout == torch.sparse_coo:  # an nn.Embedding(sparse=True) gradient
         value = value.coalesce()
-        return torch.sparse_coo_tensor(rows[value.indices()[0]].unsqueeze(0), value.values(),
-                                       (num_rows, *value.shape[1:]))
+        return torch.sparse_coo_tensor(
+            rows[value.indices()[0]].unsqueeze(0), value.values(), (num_rows, *value.shape[1:])
+        )
     wide = value.new_zeros((num_rows, *value.shape[1:]))
     wide.index_copy_(0, rows, value)
     return wide
@@ -293,8 +293,10 @@ def _check_optimizer(optimizer: object) -> None:
 # free rows' shape). transformers' Adafactor keeps ``exp_avg_sq_row`` (rows,), torch's ``row_var`` (rows, 1).
 _ROW_STATISTICS = {"exp_avg_sq_row": lambda shape: shape[:-1], "row_var": lambda shape: (*shape[:-1], 1)}
 # Their per-column statistics: a mean over the rows, with no entry per row; kept as they are.
-_COLUMN_STATISTICS = {"exp_avg_sq_col": lambda shape: (*shape[:-2], shape[-1]),
-                      "col_var": lambda shape: (*shape[:-2], 1, shape[-1])}
+_COLUMN_STATISTICS = {
+    "exp_avg_sq_col": lambda shape: (*shape[:-2], shape[-1]),
+    "col_var": lambda shape: (*shape[:-2], 1, shape[-1]),
+}
 
 
 def _holds(optimizer: torch.optim.Optimizer, param: Tensor) -> bool:
@@ -316,7 +318,11 @@ def _widening_plan(optimizer: torch.optim.Optimizer | None, frees: list[Tensor])
             f"release: {name} partitions its parameters across ranks by their size when it is built, and a "
             "released weight changes size; call release(module) without optimizer= and build a new optimizer"
         )
-    if held and isinstance(optimizer, torch.optim.LBFGS) and (optimizer.state or getattr(optimizer, "_numel_cache", None)):
+    if (
+        held
+        and isinstance(optimizer, torch.optim.LBFGS)
+        and (optimizer.state or getattr(optimizer, "_numel_cache", None))
+    ):
         raise ValueError(
             "release: LBFGS keeps one flat history over all its parameters (its directions and steps), which "
             "cannot be widened to the released rows; call release(module) without optimizer= and build a new LBFGS"
@@ -328,13 +334,19 @@ def _widening_plan(optimizer: torch.optim.Optimizer | None, frees: list[Tensor])
         for key, value in state.items():
             if not isinstance(value, Tensor):
                 if _holds_tensors(value):
-                    raise ValueError(f"release: {name} keeps state {key!r} as a {type(value).__name__} of tensors, "
-                                     "which cannot be widened to the released rows; call release(module) without "
-                                     "optimizer= and build a new optimizer")
+                    raise ValueError(
+                        f"release: {name} keeps state {key!r} as a {type(value).__name__} of tensors, "
+                        "which cannot be widened to the released rows; call release(module) without "
+                        "optimizer= and build a new optimizer"
+                    )
                 continue  # a number (step), a flag
-            if value.dim() == 0 or (key in _COLUMN_STATISTICS and tuple(value.shape) == _COLUMN_STATISTICS[key](shape)):
+            if value.dim() == 0 or (
+                key in _COLUMN_STATISTICS and tuple(value.shape) == _COLUMN_STATISTICS[key](shape)
+            ):
                 continue
-            if tuple(value.shape) == shape or (key in _ROW_STATISTICS and tuple(value.shape) == _ROW_STATISTICS[key](shape)):
+            if tuple(value.shape) == shape or (
+                key in _ROW_STATISTICS and tuple(value.shape) == _ROW_STATISTICS[key](shape)
+            ):
                 plan.append((state, key))
                 continue
             raise ValueError(
@@ -385,8 +397,13 @@ def release(module: nn.Module, *, optimizer: torch.optim.Optimizer | None = None
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
     _check_optimizer(optimizer)
     pinned = [m for m in module.modules() if is_constrained(m)]
-    tied = [(m, n) for m in module.modules() if parametrize.is_parametrized(m)
-            for n in list(m.parametrizations.keys()) if tie_of(m, n) is not None]
+    tied = [
+        (m, n)
+        for m in module.modules()
+        if parametrize.is_parametrized(m)
+        for n in list(m.parametrizations.keys())
+        if tie_of(m, n) is not None
+    ]
     if not pinned and not tied:
         raise ValueError(f"release: {type(module).__name__} holds no constrained embedding")
     # A tie is one Parameter shared by two modules: releasing either side releases both, so that
@@ -395,22 +412,39 @@ def release(module: nn.Module, *, optimizer: torch.optim.Optimizer | None = None
         embedding = tie_of(m, name).embedding
         if is_constrained(embedding) and not any(embedding is p for p in pinned):
             pinned.append(embedding)  # (not if torch's remove_parametrizations released it: the tie is plain)
-    tied += [tie for m in pinned for n in m.parametrizations.keys() if (pin := pin_of(m, n)) is not None
-             for tie in pin.ties() if tie not in tied]
+    tied += [
+        tie
+        for m in pinned
+        for n in m.parametrizations.keys()
+        if (pin := pin_of(m, n)) is not None
+        for tie in pin.ties()
+        if tie not in tied
+    ]
     for m in pinned:
-        if any(pin_of(m, n) is not None and pin_of(m, n).shard is not None for n in m.parametrizations.keys()):
+        if any(
+            pin_of(m, n) is not None and pin_of(m, n).shard is not None for n in m.parametrizations.keys()
+        ):
             raise RuntimeError(
                 "release: a constrained module under tensor parallelism holds this rank's rows only and cannot be "
                 "released in place; save merged_state_dict(model) (or get_model_state_dict) and load it into a "
                 "plain model"
             )
-        if any(pin_of(m, n) is not None and pin_of(m, n).storage == "split" for n in m.parametrizations.keys()):
+        if any(
+            pin_of(m, n) is not None and pin_of(m, n).storage == "split" for n in m.parametrizations.keys()
+        ):
             raise RuntimeError(
                 "release: a constrained module in sharded training (fully_shard) cannot be released in "
                 "place; save merged_state_dict(model) (or a full state dict) and load it into a plain model"
             )
-    plan = _widening_plan(optimizer, [pin_of(m, n).free_parameter for m in pinned for n in m.parametrizations.keys()
-                                      if pin_of(m, n) is not None])
+    plan = _widening_plan(
+        optimizer,
+        [
+            pin_of(m, n).free_parameter
+            for m in pinned
+            for n in m.parametrizations.keys()
+            if pin_of(m, n) is not None
+        ],
+    )
     for m in pinned:
         remove_hooks(m)
         for name in [n for n in m.parametrizations.keys() if pin_of(m, n) is not None]:
@@ -460,7 +494,10 @@ def merged_state_dict(module: nn.Module, state_dict: Mapping[str, Any] | None = 
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
     if state_dict is None:
-        return {k: full(v).detach().clone() if isinstance(v, Tensor) else v for k, v in module.state_dict().items()}
+        return {
+            k: full(v).detach().clone() if isinstance(v, Tensor) else v
+            for k, v in module.state_dict().items()
+        }
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a dict of tensors or None, got {type(state_dict).__name__}")
     out, merged = dict(state_dict), {}
@@ -475,8 +512,10 @@ def merged_state_dict(module: nn.Module, state_dict: Mapping[str, Any] | None = 
             free = out.pop(raw)
             expected = (pin.num_rows - pin.num_pinned, *pin.pinned_block().shape[1:])
             if tuple(free.shape) != expected:
-                raise ValueError(f"state_dict[{raw!r}] has shape {tuple(free.shape)}, expected the free rows "
-                                 f"{expected} of {prefix + name}")
+                raise ValueError(
+                    f"state_dict[{raw!r}] has shape {tuple(free.shape)}, expected the free rows "
+                    f"{expected} of {prefix + name}"
+                )
             if id(free) not in merged:
                 pinned = pin.pinned_block().to(device=free.device, dtype=free.dtype)
                 merged[id(free)] = pin.layout.to_user_order(torch.cat([pinned, free.detach()]))

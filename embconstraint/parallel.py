@@ -70,11 +70,20 @@ def _shard_constrained(module: nn.Module, mesh: Any) -> None:
         raise ValueError(f"{_kind(module)} is sharded already (tensor parallelism is applied once)")
     if pin.storage == "split":
         raise ValueError("apply tensor parallelism before fully_shard: the module is sharded by FSDP already")
-    reference, indices, on_mismatch = pinned_values(module).detach().clone(), pin.pinned_rows(), pin.on_mismatch
+    reference, indices, on_mismatch = (
+        pinned_values(module).detach().clone(),
+        pin.pinned_rows(),
+        pin.on_mismatch,
+    )
     ties = [m for m, _ in pin.ties()]
     release(module)
-    plan = check_constrain(module, reference, indices=indices, on_mismatch=on_mismatch,
-                           root=nn.ModuleList([module, *ties]) if ties else None)
+    plan = check_constrain(
+        module,
+        reference,
+        indices=indices,
+        on_mismatch=on_mismatch,
+        root=nn.ModuleList([module, *ties]) if ties else None,
+    )
     plan.shard = rows_on(mesh, module.weight.shape[0])
     plan.apply()
 
@@ -91,7 +100,8 @@ class RowwiseParallel(_RowwiseParallel):
             raise NotImplementedError(
                 f"RowwiseParallel on a constrained {_kind(module)} would shard its embedding dimension: "
                 "use RowwiseParallel on the embedding and ColwiseParallel on the output head (both shard the "
-                "vocabulary)")
+                "vocabulary)"
+            )
         self.desired_input_layouts = (Replicate(),)
         _register(self, module, device_mesh)
         _shard_constrained(module, device_mesh)
@@ -111,11 +121,14 @@ class ColwiseParallel(_ColwiseParallel):
         if not isinstance(module, nn.Linear):
             raise NotImplementedError(
                 f"ColwiseParallel on a constrained {_kind(module)} would shard its embedding dimension: "
-                "use RowwiseParallel on the embedding (it shards the vocabulary)")
+                "use RowwiseParallel on the embedding (it shards the vocabulary)"
+            )
         if tie is not None:
             if tie.pin.shard is None:
-                raise ValueError("this head is tied to a constrained embedding that is not sharded yet: apply "
-                                 "RowwiseParallel to the embedding first (earlier in the plan)")
+                raise ValueError(
+                    "this head is tied to a constrained embedding that is not sharded yet: apply "
+                    "RowwiseParallel to the embedding first (earlier in the plan)"
+                )
             _register(self, module, device_mesh)  # (its hooks of the rows came with the embedding's)
             return module
         _register(self, module, device_mesh)

@@ -41,9 +41,19 @@ def pretrained_base() -> LlamaForCausalLM:
     rows are initialised from the global RNG, so they differ between calls."""
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=OLD_VOCAB, hidden_size=DIM, intermediate_size=2 * DIM, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=SEQ,
-                         tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=OLD_VOCAB,
+        hidden_size=DIM,
+        intermediate_size=2 * DIM,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=SEQ,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
     model = LlamaForCausalLM(config)
     torch.random.set_rng_state(generator_state)
     model.resize_token_embeddings(OLD_VOCAB + NUM_NEW, mean_resizing=False)
@@ -77,9 +87,19 @@ def main(output_dir: Path) -> None:
     print(f"trainable: {lora} LoRA tensors + new rows {[tuple(p.shape) for p in new_rows]}")
 
     # 3. Train with the Trainer.
-    args = TrainingArguments(output_dir=str(output_dir / "trainer"), per_device_train_batch_size=16,
-                             max_steps=60, learning_rate=1e-2, lr_scheduler_type="constant", report_to="none",
-                             use_cpu=True, save_strategy="no", logging_steps=20, disable_tqdm=True, seed=0)
+    args = TrainingArguments(
+        output_dir=str(output_dir / "trainer"),
+        per_device_train_batch_size=16,
+        max_steps=60,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=20,
+        disable_tqdm=True,
+        seed=0,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=make_dataset(512, seed=0))
     trainer.train()
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
@@ -93,8 +113,10 @@ def main(output_dir: Path) -> None:
     model.save_pretrained(output_dir / "adapter")
     rows_file = output_dir / "new_rows.safetensors"
     save_rows(model, rows_file)
-    print(f"saved {output_dir / 'adapter'} and {rows_file.name} ({rows_file.stat().st_size / 1024:.0f} KiB; "
-          f"the two tables would be {2 * (OLD_VOCAB + NUM_NEW) * DIM * 4 / 1024:.0f} KiB)")
+    print(
+        f"saved {output_dir / 'adapter'} and {rows_file.name} ({rows_file.stat().st_size / 1024:.0f} KiB; "
+        f"the two tables would be {2 * (OLD_VOCAB + NUM_NEW) * DIM * 4 / 1024:.0f} KiB)"
+    )
 
     # 5. A fresh base (same pretrained weights, other new rows), the rows file, then the adapter.
     ids = torch.stack([d["input_ids"] for d in make_dataset(8, seed=1)])
@@ -115,7 +137,9 @@ def main(output_dir: Path) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("output_dir", nargs="?", type=Path, help="where to write (default: a temporary directory)")
+    parser.add_argument(
+        "output_dir", nargs="?", type=Path, help="where to write (default: a temporary directory)"
+    )
     out = parser.parse_args().output_dir
     if out is None:
         with tempfile.TemporaryDirectory() as tmp:

@@ -44,8 +44,16 @@ def main(output_dir: Path) -> None:
     transformers.logging.disable_progress_bar()
     torch.set_num_threads(1)  # a tiny model: more threads only add overhead
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=SEQ, vocab_size=OLD_VOCAB,
-                        bos_token_id=0, eos_token_id=0, tie_word_embeddings=True)
+    config = GPT2Config(
+        n_layer=2,
+        n_embd=32,
+        n_head=4,
+        n_positions=SEQ,
+        vocab_size=OLD_VOCAB,
+        bos_token_id=0,
+        eos_token_id=0,
+        tie_word_embeddings=True,
+    )
     model = GPT2LMHeadModel(config)  # stands in for a pretrained model
     old_rows = model.get_input_embeddings().weight.detach().clone()
 
@@ -92,7 +100,9 @@ def main(output_dir: Path) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("output_dir", nargs="?", type=Path, help="where to save the model (default: a temp dir)")
+    parser.add_argument(
+        "output_dir", nargs="?", type=Path, help="where to save the model (default: a temp dir)"
+    )
     args = parser.parse_args()
     if args.output_dir is None:
         with tempfile.TemporaryDirectory() as tmp:

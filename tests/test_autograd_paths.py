@@ -106,7 +106,9 @@ def test_double_backward_through_a_bag_is_refused_as_plain_torch_refuses():
     for module in _pair("bag", "scattered", mode="sum"):
         free = _free(module)
         (g,) = torch.autograd.grad(module(IDS).pow(3).sum(), free, create_graph=True)
-        with pytest.raises(RuntimeError, match="derivative for .*_embedding_bag_backward.* is not implemented"):
+        with pytest.raises(
+            RuntimeError, match="derivative for .*_embedding_bag_backward.* is not implemented"
+        ):
             torch.autograd.grad(g.sum(), free)
 
 
@@ -176,7 +178,7 @@ def test_functional_call_with_the_plain_key_leaves_the_module_as_it_was(kind, la
     new = before.clone()
     new[[r for r in range(V) if r not in (LAYOUTS[layout] or range(N))]] += 1.0
     out = functional_call(ours, {"weight": new}, (_input(kind),))
-    expected = (F.linear(_input(kind), new) if kind == "head" else F.embedding(_input(kind), new))
+    expected = F.linear(_input(kind), new) if kind == "head" else F.embedding(_input(kind), new)
     _close(out, expected)
     assert torch.equal(ours.weight.detach(), before)
     assert torch.equal(_free(ours).detach(), _free(ref).detach())
@@ -388,7 +390,9 @@ def test_jit_trace_saves_and_loads(layout):
 
 
 def test_jit_script_is_refused_naming_the_way_out():
-    with pytest.raises(RuntimeError, match=r"torch.jit.script cannot compile .* torch.jit.trace or torch.export"):
+    with pytest.raises(
+        RuntimeError, match=r"torch.jit.script cannot compile .* torch.jit.trace or torch.export"
+    ):
         torch.jit.script(_Tied("prefix"))
     with pytest.raises(RuntimeError, match="release"):
         torch.jit.script(_Tied("prefix").head)
@@ -412,7 +416,10 @@ def test_assigning_real_is_a_guarded_write(layout):
     ours, _ = _pair("embedding", layout)
     before = ours.weight.detach().clone()
     for get in (lambda: ours.weight, lambda: ours.weight.detach()):
-        with torch.no_grad(), pytest.raises(PinnedRowsError, match=r"\.real assignment would change pinned rows"):
+        with (
+            torch.no_grad(),
+            pytest.raises(PinnedRowsError, match=r"\.real assignment would change pinned rows"),
+        ):
             get().real = torch.ones(V, D)
     with torch.no_grad(), pytest.raises(RuntimeError, match=r"\.real assignment on a view"):
         ours.weight[1:].real = torch.ones(V - 1, D)

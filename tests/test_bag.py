@@ -34,8 +34,11 @@ def test_embedding_bag_matches_plain(mode, kw, weighted, offsets, layout):
     psw = torch.rand(4, 5, generator=gen, requires_grad=True) if weighted else None
     args = {"input": x, "per_sample_weights": psw}
     if offsets:  # 1-D input with offsets, including an empty bag
-        args = {"input": x.flatten(), "offsets": torch.tensor([0, 5, 5, 12]),
-                "per_sample_weights": None if psw is None else psw.flatten()}
+        args = {
+            "input": x.flatten(),
+            "offsets": torch.tensor([0, 5, 5, 12]),
+            "per_sample_weights": None if psw is None else psw.flatten(),
+        }
     out, ref_out = emb(**args), plain(**args)
     assert torch.equal(out, ref_out)
     upstream = torch.randn_like(out)

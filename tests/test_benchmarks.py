@@ -21,10 +21,31 @@ TINY = {"vocab": 300, "dim": 8, "pinned": 0.9, "batch": 16, "seq": 4, "steps": 3
 def quick_run(tmp_path_factory):
     """The real command line, in quick mode at tiny sizes (every method, one process each)."""
     out = tmp_path_factory.mktemp("bench")
-    proc = run_python("-m", "benchmarks.step_time", "--quick", "--sizes", "2k", "--dims", "8", "--pinned", "90",
-                      "--steps", "3", "--warmup", "1", "--batch", "16", "--seq", "4",
-                      "--busy-retries", "0",  # no re-runs: the suite itself loads the machine
-                      "--out", out, cwd=ROOT, timeout=240)
+    proc = run_python(
+        "-m",
+        "benchmarks.step_time",
+        "--quick",
+        "--sizes",
+        "2k",
+        "--dims",
+        "8",
+        "--pinned",
+        "90",
+        "--steps",
+        "3",
+        "--warmup",
+        "1",
+        "--batch",
+        "16",
+        "--seq",
+        "4",
+        "--busy-retries",
+        "0",  # no re-runs: the suite itself loads the machine
+        "--out",
+        out,
+        cwd=ROOT,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc.stdout, json.loads((out / "results.json").read_text())
 
@@ -39,8 +60,14 @@ def _result(data: dict, method: str, vocab: int) -> dict:
 def test_quick_run_writes_markdown_json_and_png(quick_run):
     out, stdout, data = quick_run
     md = (out / "results.md").read_text()
-    for section in ("## Targets", "## Median step time", "## Median step time (ms; ratio to the full-table limit)",
-                    "## Peak memory", "## Optimizer state", "## Max |pinned row - reference|"):
+    for section in (
+        "## Targets",
+        "## Median step time",
+        "## Median step time (ms; ratio to the full-table limit)",
+        "## Peak memory",
+        "## Optimizer state",
+        "## Max |pinned row - reference|",
+    ):
         assert section in md
     assert "time vs full-table limit" in md
     for method in step_time.METHODS:
@@ -74,10 +101,14 @@ def test_quick_run_measures_each_method(quick_run):
     # Optimizer state: AdamW keeps 2 floats per trainable element (+ a step counter per parameter).
     head = 8 * 16 + 16
     n_free = 2000 - 1800
-    for method, trainable in (("unconstrained", 2000 * 8 + head), ("embconstraint", n_free * 8 + head),
-                              ("cat", n_free * 8 + head), ("peft", n_free * 8 + head),
-                              ("full_table", n_free * 8 + head),
-                              ("free_only", (n_free + 1) * 8 + head)):  # + its padding row
+    for method, trainable in (
+        ("unconstrained", 2000 * 8 + head),
+        ("embconstraint", n_free * 8 + head),
+        ("cat", n_free * 8 + head),
+        ("peft", n_free * 8 + head),
+        ("full_table", n_free * 8 + head),
+        ("free_only", (n_free + 1) * 8 + head),
+    ):  # + its padding row
         r = _result(data, method, 2000)
         assert r["trainable_params"] == trainable, method
         assert 8 * trainable <= r["optimizer_state_bytes"] <= 8 * trainable + 64, method
@@ -112,7 +143,11 @@ def test_run_one_in_process_matches_the_semantics():
     assert cat.final_loss == pytest.approx(ec.final_loss, rel=1e-5)
     # The full-table limit trains exactly like embconstraint (same rows read, same gradients).
     full = step_time.run_one("full_table", config)
-    assert full.final_loss == ec.final_loss and full.pinned_exact and full.trainable_params == ec.trainable_params
+    assert (
+        full.final_loss == ec.final_loss
+        and full.pinned_exact
+        and full.trainable_params == ec.trainable_params
+    )
 
 
 def test_interleaved_timing_returns_every_method():
@@ -131,8 +166,25 @@ def test_batches_favouring_new_rows():
 
 
 def test_memory_estimate_skips_instead_of_crashing(tmp_path):
-    assert step_time.main(["--sizes", "1M", "--dims", "1024", "--pinned", "90", "--methods",
-                           "unconstrained,free_only", "--mem-limit", "1", "--out", str(tmp_path)]) == 0
+    assert (
+        step_time.main(
+            [
+                "--sizes",
+                "1M",
+                "--dims",
+                "1024",
+                "--pinned",
+                "90",
+                "--methods",
+                "unconstrained,free_only",
+                "--mem-limit",
+                "1",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     data = json.loads((tmp_path / "results.json").read_text())
     assert [r["status"] for r in data["results"]] == ["skipped", "skipped"]
     unconstrained = _result(data, "unconstrained", 1_000_000)
@@ -178,7 +230,9 @@ def test_config_rejects_bad_values():
         step_time.run_one("lora", step_time.Config(vocab=10, dim=2, pinned=0.5))
 
 
-BENCHMARKS = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py") if p.stem not in ("__init__", "harness"))
+BENCHMARKS = sorted(
+    p.stem for p in (ROOT / "benchmarks").glob("*.py") if p.stem not in ("__init__", "harness")
+)
 
 
 def test_the_benchmarks_are_found():
@@ -195,8 +249,12 @@ def test_each_benchmark_imports_only_the_harness(name):
     assert {m for m in imported if m.split(".")[0] == "benchmarks"} <= {"benchmarks.harness"}, imported
     private = {m for m in imported - {"__future__"} if any(part.startswith("_") for part in m.split("."))}
     assert not private and not imported & {"tests", "conftest"}, imported
-    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "benchmarks.harness"
-             for a in n.names}
+    names = {
+        a.name
+        for n in ast.walk(tree)
+        if isinstance(n, ast.ImportFrom) and n.module == "benchmarks.harness"
+        for a in n.names
+    }
     assert not any(name.startswith("_") for name in names), names
     assert "sys.path" not in ast.unparse(tree)
     outside_main = [n for n in tree.body if not (isinstance(n, ast.FunctionDef) and n.name == "main")]

@@ -15,9 +15,27 @@ pytest.importorskip("transformers")
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench-llm")
-    proc = run_python("-m", "benchmarks.llm_new_tokens", "--quick", "--sizes", "500", "--dims", "64", "--rounds", "3",
-                      "--warmup", "1", "--threads", "1", "--methods", "peft,whole,floor,embconstraint", "--out", out,
-                      cwd=ROOT, timeout=120)
+    proc = run_python(
+        "-m",
+        "benchmarks.llm_new_tokens",
+        "--quick",
+        "--sizes",
+        "500",
+        "--dims",
+        "64",
+        "--rounds",
+        "3",
+        "--warmup",
+        "1",
+        "--threads",
+        "1",
+        "--methods",
+        "peft,whole,floor,embconstraint",
+        "--out",
+        out,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, json.loads((out / "llm_new_tokens.json").read_text())
 
@@ -32,7 +50,8 @@ def test_quick_run_writes_both_tyings_and_every_method(quick_run):
     md = (out / "llm_new_tokens.md").read_text()
     assert "## V=500, D=64, tied" in md and "## V=500, D=64, untied" in md
     assert {(r["method"], r["tied"]) for r in data["results"]} == {
-        (m, t) for m in ("peft", "whole", "floor", "embconstraint") for t in (True, False)}
+        (m, t) for m in ("peft", "whole", "floor", "embconstraint") for t in (True, False)
+    }
     assert data["meta"]["torch_threads"] == 1 and data["meta"]["rounds"] == 3
 
 

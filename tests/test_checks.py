@@ -44,10 +44,13 @@ def test_indices_checked_without_the_embedding_size():
         checked_indices([5, 1], 2, 5)
 
 
-@pytest.mark.parametrize("call", [
-    lambda w: F.embedding(torch.tensor([0]), w, max_norm=1.0),
-    lambda w: F.embedding_bag(torch.tensor([[0]]), w, max_norm=1.0),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda w: F.embedding(torch.tensor([0]), w, max_norm=1.0),
+        lambda w: F.embedding_bag(torch.tensor([[0]]), w, max_norm=1.0),
+    ],
+)
 def test_max_norm_is_a_value_error_everywhere(call):
     with pytest.raises(ValueError, match="max_norm"):
         constrain(nn.Embedding(4, 2, max_norm=1.0), torch.zeros(2, 2))

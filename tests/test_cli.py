@@ -268,10 +268,18 @@ def test_export_lightning_checkpoint_saved_while_constrained(tmp_path, capsys):
     torch.manual_seed(0)
     old = nn.Embedding(N, D)
     model = _Tiny()
-    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=tmp_path,
-                         callbacks=[EmbeddingConstraint(model.emb, old),
-                                    pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt")])
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[
+            EmbeddingConstraint(model.emb, old),
+            pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt"),
+        ],
+    )
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(V)), batch_size=V)
     trainer.fit(model, data)
     (ckpt,) = (tmp_path / "ckpt").glob("*.ckpt")
@@ -287,8 +295,10 @@ def test_export_lightning_checkpoint_saved_while_constrained(tmp_path, capsys):
         assert torch.equal(written["emb.weight"], model.emb.weight)
         assert not torch.equal(written["emb.weight"][N:], torch.zeros(V - N, D))
     torch.save(old.weight.detach(), tmp_path / "old.pt")
-    code, out, _ = run(["verify", tmp_path / "model.safetensors", "--reference", tmp_path / "old.pt",
-                        "--key", "emb.weight"], capsys)
+    code, out, _ = run(
+        ["verify", tmp_path / "model.safetensors", "--reference", tmp_path / "old.pt", "--key", "emb.weight"],
+        capsys,
+    )
     assert code == 0 and "max |Δ| = 0.0," in out
 
 
@@ -380,6 +390,7 @@ def test_export_checkpoint_function_returns_what_it_wrote(tmp_path):
 
 # -- unusual inputs ---------------------------------------------------------------------------------
 
+
 def _torch_parametrized(kind: str) -> dict:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 3))
@@ -405,7 +416,9 @@ def test_export_never_merges_a_reference_into_torch_parametrizations(tmp_path, c
     sd = _torch_parametrized("orthogonal")
     torch.save({"state_dict": sd}, tmp_path / "a.ckpt")
     torch.save(torch.randn(4, 3), tmp_path / "ref.pt")
-    code, out, err = run(["export", tmp_path / "a.ckpt", tmp_path / "a.pt", "--reference", tmp_path / "ref.pt"], capsys)
+    code, out, err = run(
+        ["export", tmp_path / "a.ckpt", tmp_path / "a.pt", "--reference", tmp_path / "ref.pt"], capsys
+    )
     if code == 2:  # refusing (nothing to merge the reference into) is fine: one line, no file
         assert_error(code, out, err, "reference")
         assert not (tmp_path / "a.pt").exists()
@@ -443,9 +456,14 @@ def weights(tmp_path):
     return w
 
 
-@pytest.mark.parametrize("make", [pytest.param(lambda w: w.to_sparse(), id="sparse"),
-                                  pytest.param(lambda w: torch.empty_like(w, device="meta"), id="meta"),
-                                  pytest.param(lambda w: torch.nested.nested_tensor([w, w[:2]]), id="nested")])
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda w: w.to_sparse(), id="sparse"),
+        pytest.param(lambda w: torch.empty_like(w, device="meta"), id="meta"),
+        pytest.param(lambda w: torch.nested.nested_tensor([w, w[:2]]), id="nested"),
+    ],
+)
 def test_verify_unusual_tensor_is_a_one_line_error(make, weights, tmp_path, capsys) -> None:
     torch.save({"w": make(weights)}, tmp_path / "w.pt")
     code, out, err = run(["verify", tmp_path / "w.pt", "--reference", tmp_path / "ref.pt"], capsys)
@@ -455,7 +473,9 @@ def test_verify_unusual_tensor_is_a_one_line_error(make, weights, tmp_path, caps
 def test_verify_key_missing_from_reference_is_an_error(weights, tmp_path, capsys) -> None:
     torch.save({"w": weights}, tmp_path / "w.pt")
     torch.save({"other.weight": weights[:2].clone()}, tmp_path / "ref2.pt")
-    code, out, err = run(["verify", tmp_path / "w.pt", "--reference", tmp_path / "ref2.pt", "--key", "w"], capsys)
+    code, out, err = run(
+        ["verify", tmp_path / "w.pt", "--reference", tmp_path / "ref2.pt", "--key", "w"], capsys
+    )
     assert_error(code, out, err, "'w'", "ref2.pt")
 
 
@@ -494,8 +514,19 @@ def test_torch_file_renamed_safetensors_is_read_by_content(weights, tmp_path, ca
 def test_verify_reference_key_names_the_tensor_in_ref(weights, tmp_path, capsys) -> None:
     torch.save({"w": weights}, tmp_path / "w.pt")
     torch.save({"other.weight": weights[:2].clone()}, tmp_path / "ref2.pt")
-    code, out, err = run(["verify", tmp_path / "w.pt", "--reference", tmp_path / "ref2.pt", "--key", "w",
-                           "--reference-key", "other.weight"], capsys)
+    code, out, err = run(
+        [
+            "verify",
+            tmp_path / "w.pt",
+            "--reference",
+            tmp_path / "ref2.pt",
+            "--key",
+            "w",
+            "--reference-key",
+            "other.weight",
+        ],
+        capsys,
+    )
     assert code == 0 and out.startswith("w: 2 pinned rows checked"), err
 
 
@@ -505,19 +536,26 @@ def test_export_merges_an_embconstraint_raw_entry_next_to_a_torch_parametrizatio
     sd["e.parametrizations.weight.original"] = free
     torch.save(sd, tmp_path / "a.pt")
     torch.save(ref, tmp_path / "ref.pt")
-    code, out, err = run(["export", tmp_path / "a.pt", tmp_path / "b.pt", "--reference", tmp_path / "ref.pt"], capsys)
+    code, out, err = run(
+        ["export", tmp_path / "a.pt", tmp_path / "b.pt", "--reference", tmp_path / "ref.pt"], capsys
+    )
     assert code == 0, err
     written = torch.load(tmp_path / "b.pt")
     assert torch.equal(written["e.weight"], torch.cat([ref, free]))
     assert "0.parametrizations.weight.original" in written  # torch's own: passed through
 
 
-@pytest.mark.parametrize(("make", "ext"), [
-    pytest.param(lambda w: w.to_sparse(), "safetensors", id="sparse-safetensors"),
-    pytest.param(lambda w: torch.nested.nested_tensor([w, w[:2]]), "safetensors", id="nested-safetensors"),
-    pytest.param(lambda w: torch.empty_like(w, device="meta"), "pt", id="meta-pt"),
-    pytest.param(lambda w: torch.empty_like(w, device="meta"), "safetensors", id="meta-safetensors"),
-])
+@pytest.mark.parametrize(
+    ("make", "ext"),
+    [
+        pytest.param(lambda w: w.to_sparse(), "safetensors", id="sparse-safetensors"),
+        pytest.param(
+            lambda w: torch.nested.nested_tensor([w, w[:2]]), "safetensors", id="nested-safetensors"
+        ),
+        pytest.param(lambda w: torch.empty_like(w, device="meta"), "pt", id="meta-pt"),
+        pytest.param(lambda w: torch.empty_like(w, device="meta"), "safetensors", id="meta-safetensors"),
+    ],
+)
 def test_export_unusable_tensor_is_a_one_line_error(make, ext, weights, tmp_path, capsys) -> None:
     torch.save({"state_dict": {"w": make(weights)}}, tmp_path / "a.ckpt")
     code, out, err = run(["export", tmp_path / "a.ckpt", tmp_path / f"a.{ext}"], capsys)
@@ -557,9 +595,12 @@ def test_python_dash_m_subprocess(files, tmp_path):
     _, _, paths = files
     help_ = run_python("-m", "embconstraint", "--help", timeout=120)
     assert help_.returncode == 0 and "verify" in help_.stdout
-    bad = run_python("-m", "embconstraint", "verify", tmp_path / "nope.pt", "--reference", paths["ref_pt"],
-                     timeout=120)
+    bad = run_python(
+        "-m", "embconstraint", "verify", tmp_path / "nope.pt", "--reference", paths["ref_pt"], timeout=120
+    )
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.startswith("embconstraint: error: ") and len(bad.stderr.strip().splitlines()) == 1
-    ok = run_python("-m", "embconstraint", "verify", paths["w_st"], "--reference", paths["ref_st"], timeout=120)
+    ok = run_python(
+        "-m", "embconstraint", "verify", paths["w_st"], "--reference", paths["ref_st"], timeout=120
+    )
     assert ok.returncode == 0 and "max |Δ| = 0.0," in ok.stdout

@@ -50,7 +50,9 @@ def test_rows_refuses_to_write_onto_its_weights_file(tmp_path, capsys, weights, 
     code, stdout, err = _run(capsys, "rows", weights, out, "--pinned", 4, "--key", "emb.weight")
     assert code == 2 and stdout == ""
     assert err.count("\n") == 1 and "Traceback" not in err
-    assert "is the weights file itself: writing onto it would replace the weights file by the rows only" in err
+    assert (
+        "is the weights file itself: writing onto it would replace the weights file by the rows only" in err
+    )
     assert _digest(weights) == before  # every tensor is still there
     assert sorted(safetensors_torch.load_file(str(weights))) == ["emb.weight", "proj.bias"]
 
@@ -71,8 +73,12 @@ def test_extract_rows_function_refuses_the_same_file(weights):
 @pytest.fixture
 def int_keys(tmp_path):
     """A state dict whose only 2-D tensor has an int key, one with a mix, a checkpoint with one."""
-    paths = {"only": tmp_path / "only.pt", "mixed": tmp_path / "mixed.pt", "ckpt": tmp_path / "int.ckpt",
-             "ref": tmp_path / "ref.pt"}
+    paths = {
+        "only": tmp_path / "only.pt",
+        "mixed": tmp_path / "mixed.pt",
+        "ckpt": tmp_path / "int.ckpt",
+        "ref": tmp_path / "ref.pt",
+    }
     torch.save({1: torch.zeros(5, 2)}, paths["only"])
     torch.save({1: torch.zeros(5, 2), "emb.weight": torch.zeros(5, 2)}, paths["mixed"])
     torch.save({"epoch": 1, "state_dict": {0: torch.zeros(5, 2)}}, paths["ckpt"])
@@ -80,18 +86,25 @@ def int_keys(tmp_path):
     return paths
 
 
-@pytest.mark.parametrize(("argv", "which", "key"), [
-    (["rows", "{only}", "{out}", "--pinned", "3"], "only", "1"),
-    (["rows", "{mixed}", "{out}", "--pinned", "3", "--key", "emb.weight"], "mixed", "1"),
-    (["verify", "{only}", "--reference", "{ref}"], "only", "1"),
-    (["verify", "{mixed}", "--reference", "{ref}", "--key", "emb.weight"], "mixed", "1"),
-    (["verify", "{ckpt}", "--reference", "{ref}"], "ckpt", "0"),
-    (["export", "{only}", "{out_pt}"], "only", "1"),
-    (["export", "{ckpt}", "{out_pt}"], "ckpt", "0"),
-], ids=["rows", "rows --key", "verify", "verify --key", "verify ckpt", "export", "export ckpt"])
+@pytest.mark.parametrize(
+    ("argv", "which", "key"),
+    [
+        (["rows", "{only}", "{out}", "--pinned", "3"], "only", "1"),
+        (["rows", "{mixed}", "{out}", "--pinned", "3", "--key", "emb.weight"], "mixed", "1"),
+        (["verify", "{only}", "--reference", "{ref}"], "only", "1"),
+        (["verify", "{mixed}", "--reference", "{ref}", "--key", "emb.weight"], "mixed", "1"),
+        (["verify", "{ckpt}", "--reference", "{ref}"], "ckpt", "0"),
+        (["export", "{only}", "{out_pt}"], "only", "1"),
+        (["export", "{ckpt}", "{out_pt}"], "ckpt", "0"),
+    ],
+    ids=["rows", "rows --key", "verify", "verify --key", "verify ckpt", "export", "export ckpt"],
+)
 def test_keys_that_are_not_strings_exit_2_with_one_line(tmp_path, capsys, int_keys, argv, which, key):
-    names = {**{k: str(v) for k, v in int_keys.items()}, "out": str(tmp_path / "out.safetensors"),
-             "out_pt": str(tmp_path / "out.pt")}
+    names = {
+        **{k: str(v) for k, v in int_keys.items()},
+        "out": str(tmp_path / "out.safetensors"),
+        "out_pt": str(tmp_path / "out.pt"),
+    }
     code, stdout, err = _run(capsys, *[a.format(**names) for a in argv])
     assert code == 2 and stdout == ""
     assert err.count("\n") == 1 and "Traceback" not in err

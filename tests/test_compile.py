@@ -155,7 +155,9 @@ def test_inductor_trains_exactly():
     opt_c = torch.optim.SGD(compiled_model.parameters(), lr=0.5, momentum=0.9)
     for _ in range(5):
         x = _input("tied")
-        torch.testing.assert_close(_step(loss_fn, compiled_model, x), _step(_loss, eager, x), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            _step(loss_fn, compiled_model, x), _step(_loss, eager, x), rtol=1e-5, atol=1e-6
+        )
         opt_e.step(), opt_c.step()
         opt_e.zero_grad(), opt_c.zero_grad()
     assert torch.equal(_pinned(compiled_model), ref)
@@ -201,12 +203,27 @@ def _language_model(family: str, tied: bool) -> nn.Module:
 
     torch.manual_seed(0)
     if family == "llama":
-        config = transformers.LlamaConfig(vocab_size=60, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                          num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tied)
+        config = transformers.LlamaConfig(
+            vocab_size=60,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            tie_word_embeddings=tied,
+        )
         model = transformers.LlamaForCausalLM(config)
     else:
-        config = transformers.GPT2Config(vocab_size=60, n_embd=16, n_layer=1, n_head=2, tie_word_embeddings=tied,
-                                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        config = transformers.GPT2Config(
+            vocab_size=60,
+            n_embd=16,
+            n_layer=1,
+            n_head=2,
+            tie_word_embeddings=tied,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
         model = transformers.GPT2LMHeadModel(config)
     model.resize_token_embeddings(64, mean_resizing=False)
     constrain_new_tokens(model, 60)
@@ -218,10 +235,15 @@ def _lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten())
 
 
-@pytest.mark.parametrize(("family", "tied"), [
-    ("llama", True), ("gpt2", False),
-    pytest.param("llama", False, marks=pytest.mark.slow), pytest.param("gpt2", True, marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    ("family", "tied"),
+    [
+        ("llama", True),
+        ("gpt2", False),
+        pytest.param("llama", False, marks=pytest.mark.slow),
+        pytest.param("gpt2", True, marks=pytest.mark.slow),
+    ],
+)
 def test_language_models_compile_whole(family, tied):
     """A tiny Llama / GPT-2 after ``constrain_new_tokens``: one graph, no break (``fullgraph``
     compiles or raises), the loss and every gradient equal to eager."""

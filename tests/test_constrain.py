@@ -42,8 +42,8 @@ def test_reference_aliasing_the_embedding():
     assert torch.equal(emb.weight, before)
     emb = nn.Embedding(V, D)
     before = emb.weight.detach().clone()
-    constrain(emb, emb.weight[2:N + 2])
-    assert torch.equal(emb.weight[:N], before[2:N + 2]) and torch.equal(emb.weight[N:], before[N:])
+    constrain(emb, emb.weight[2 : N + 2])
+    assert torch.equal(emb.weight[:N], before[2 : N + 2]) and torch.equal(emb.weight[N:], before[N:])
 
 
 def test_reference_is_copied():
@@ -71,8 +71,13 @@ def test_numpy_indices_are_accepted(dtype) -> None:
     assert torch.equal(emb.weight[SCATTERED], reference())
 
 
-@pytest.mark.parametrize("make", [pytest.param(lambda: torch.empty(N, D, device="meta"), id="meta"),
-                                  pytest.param(lambda: reference().to_sparse(), id="sparse")])
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda: torch.empty(N, D, device="meta"), id="meta"),
+        pytest.param(lambda: reference().to_sparse(), id="sparse"),
+    ],
+)
 def test_meta_or_sparse_reference_is_refused_in_one_line(make) -> None:
     emb = nn.Embedding(V, D)
     with pytest.raises((TypeError, ValueError)) as info:

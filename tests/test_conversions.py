@@ -54,9 +54,14 @@ def test_chained_casts_cast_the_reference_once(layout) -> None:
     assert torch.equal(emb.weight[layout.pinned], ref.bfloat16())
 
 
-@pytest.mark.parametrize("cast", [pytest.param(lambda e: e.double(), id="double"),
-                                  pytest.param(lambda e: e.to("cpu", torch.float64), id="to-device-dtype"),
-                                  pytest.param(lambda e: e.half().float(), id="half-float")])
+@pytest.mark.parametrize(
+    "cast",
+    [
+        pytest.param(lambda e: e.double(), id="double"),
+        pytest.param(lambda e: e.to("cpu", torch.float64), id="to-device-dtype"),
+        pytest.param(lambda e: e.half().float(), id="half-float"),
+    ],
+)
 def test_inference_mode_first_forward_after_to(layout, cast) -> None:
     emb = cast(constrained(layout.indices))
     with torch.inference_mode():

@@ -21,8 +21,11 @@ KINDS = ["embedding", "bag", "head"]
 
 def _pair(kind: str, indices) -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(0)
-    module = {"embedding": lambda: nn.Embedding(V, D, padding_idx=8), "bag": lambda: nn.EmbeddingBag(V, D),
-              "head": lambda: nn.Linear(D, V)}[kind]()
+    module = {
+        "embedding": lambda: nn.Embedding(V, D, padding_idx=8),
+        "bag": lambda: nn.EmbeddingBag(V, D),
+        "head": lambda: nn.Linear(D, V),
+    }[kind]()
     twin = copy.deepcopy(module)
     constrain(module, reference(), indices=indices)
     parametrize.register_parametrization(twin, "weight", CatRows(reference(), indices), unsafe=True)
@@ -80,8 +83,15 @@ def test_a_language_model_compiles_on_cuda():
     from embconstraint.hf import constrain_new_tokens
 
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=60, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
+    config = transformers.LlamaConfig(
+        vocab_size=60,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     model = transformers.LlamaForCausalLM(config)
     model.resize_token_embeddings(64, mean_resizing=False)
     constrain_new_tokens(model, 60)

@@ -54,15 +54,19 @@ def test_pinned_rows_exact_and_free_rows_match_one_process(ranks, sizes, run):
         assert len(steps) == sizes["STEPS"]
         assert [s["pinned_exact"] for s in steps] == [True] * sizes["STEPS"]
         assert all(s["free_maxdiff"] <= 1e-5 for s in steps), [s["free_maxdiff"] for s in steps]
-        assert all(s["vd_ops"] == [] for s in steps), [s["vd_ops"] for s in steps]  # no (V, D) tensor in a step
+        assert all(s["vd_ops"] == [] for s in steps), [
+            s["vd_ops"] for s in steps
+        ]  # no (V, D) tensor in a step
     assert torch.equal(ranks[0]["refs"]["tok"], ranks[1]["refs"]["tok"])
 
 
 def test_only_free_rows_are_partitioned_gathered_and_reduced(ranks, sizes):
     v, d, h = sizes["V"], sizes["D"], sizes["H"]
-    free = {"tok.parametrizations.weight.original": (v - sizes["N_TOK"], d),
-            "bag.parametrizations.weight.original": (sizes["V_BAG"] - sizes["N_BAG"], d),
-            "head.parametrizations.weight.original": (v - sizes["N_HEAD"], h)}
+    free = {
+        "tok.parametrizations.weight.original": (v - sizes["N_TOK"], d),
+        "bag.parametrizations.weight.original": (sizes["V_BAG"] - sizes["N_BAG"], d),
+        "head.parametrizations.weight.original": (v - sizes["N_HEAD"], h),
+    }
     pinned = (sizes["N_TOK"] + sizes["N_BAG"]) * d + sizes["N_HEAD"] * h
     for r in ranks:
         shapes = {n: s for n, s, _ in r["partitioned"]}
@@ -75,7 +79,9 @@ def test_only_free_rows_are_partitioned_gathered_and_reduced(ranks, sizes):
                 times, rest = divmod(plain[kind], plain_total)  # each Parameter, this many times a step
                 assert rest == 0 and times >= 1, (kind, plain[kind], plain_total)
                 assert plain[kind] - con[kind] == times * pinned, (kind, plain, con)
-        for plain, con in zip(r["stage2_plain"], r["stage2_untied"], strict=True):  # ZeRO-2: grads all-reduced
+        for plain, con in zip(
+            r["stage2_plain"], r["stage2_untied"], strict=True
+        ):  # ZeRO-2: grads all-reduced
             assert plain["all_reduce"] - con["all_reduce"] == pinned
             assert plain["all_gather"] - con["all_gather"] == pinned
 
@@ -85,7 +91,9 @@ def test_tied_head_shares_the_free_rows(ranks, sizes):
         names = [n for n, _ in r["tied_partitioned"]]
         assert "head.parametrizations.weight.original" not in names  # one Parameter, the embedding's
         assert dict(r["tied_partitioned"])["tok.parametrizations.weight.original"] == (
-            sizes["V"] - sizes["N_TOK"], sizes["D"])
+            sizes["V"] - sizes["N_TOK"],
+            sizes["D"],
+        )
 
 
 def test_checkpoint_resumes_bitwise(ranks):
@@ -95,8 +103,11 @@ def test_checkpoint_resumes_bitwise(ranks):
 
 def test_zero_to_fp32_and_consolidated_state_dict_give_the_plain_model(ranks):
     keys = ["bag.weight", "body.bias", "body.weight", "head.weight", "tok.weight"]
-    raw = ["bag.parametrizations.weight.original", "head.parametrizations.weight.original",
-           "tok.parametrizations.weight.original"]
+    raw = [
+        "bag.parametrizations.weight.original",
+        "head.parametrizations.weight.original",
+        "tok.parametrizations.weight.original",
+    ]
     rank0 = ranks[0]
     for what in ("zero_to_fp32", "consolidated"):
         # DeepSpeed names the free rows by Parameter; merged_state_dict(model, sd) makes them plain, bitwise

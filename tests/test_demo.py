@@ -15,8 +15,11 @@ from embconstraint.demo import make_data, plot_embeddings
 from embconstraint.files import verify
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-ROW = re.compile(r"^(model 1|model 2, no constraint|model 2, EmbeddingConstraint)\s+(\d+)\s+(\S+)\s+"
-                 r"(\S+)\s+(\S+)\s+([\d.]+) s$", re.M)
+ROW = re.compile(
+    r"^(model 1|model 2, no constraint|model 2, EmbeddingConstraint)\s+(\d+)\s+(\S+)\s+"
+    r"(\S+)\s+(\S+)\s+([\d.]+) s$",
+    re.M,
+)
 
 
 def parse_table(text: str) -> dict[str, dict[str, str]]:
@@ -28,7 +31,9 @@ def parse_table(text: str) -> dict[str, dict[str, str]]:
 @pytest.mark.subprocess
 def test_demo_subprocess_table_png_and_checkpoints(tmp_path):
     out = tmp_path / "demo"
-    proc = run_python("-m", "embconstraint", "demo", "--epochs", "2", "--seed", "3", "--out", out, timeout=300)
+    proc = run_python(
+        "-m", "embconstraint", "demo", "--epochs", "2", "--seed", "3", "--out", out, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = parse_table(proc.stdout)
     assert rows["model 1"]["items"] == "12" and rows["model 1"]["dev"] == "—"
@@ -56,7 +61,9 @@ def test_demo_subprocess_table_png_and_checkpoints(tmp_path):
         result = verify(out / f"{name}.ckpt", out / "model1.ckpt", key="items.weight")
         assert result.ok is ok
         if not ok:
-            assert f"{result.max_deviation:.3g}" == rows["model 2, no constraint"]["dev"]  # 3 significant digits
+            assert (
+                f"{result.max_deviation:.3g}" == rows["model 2, no constraint"]["dev"]
+            )  # 3 significant digits
             assert result.max_deviation == (weights[:12].double() - ref.double()).abs().max().item()
 
 
@@ -73,7 +80,10 @@ def test_demo_in_process_without_matplotlib_and_default_out(tmp_path, monkeypatc
     (out,) = tmp_path.glob("embconstraint-demo-*")
     assert re.fullmatch(r"embconstraint-demo-\d{8}-\d{6}", out.name)
     assert sorted(p.name for p in out.iterdir()) == [
-        "model1.ckpt", "model2_constrained.ckpt", "model2_unconstrained.ckpt"]
+        "model1.ckpt",
+        "model2_constrained.ckpt",
+        "model2_unconstrained.ckpt",
+    ]
 
 
 def test_demo_gpu_without_gpu_is_a_clear_error(tmp_path, capsys):
@@ -105,8 +115,11 @@ def test_plot_embeddings_writes_a_png(tmp_path):
     data = make_data(0)
     g = torch.Generator().manual_seed(0)
     w1 = torch.randn(12, 4, generator=g)
-    runs = [RunResult("model 1", 12, 0.0, 1.0, weights=w1),
-            RunResult("model 2", 16, 0.0, 1.0, 1.0, max_dev=0.0,
-                      weights=torch.cat([w1, torch.randn(4, 4, generator=g)]))]
+    runs = [
+        RunResult("model 1", 12, 0.0, 1.0, weights=w1),
+        RunResult(
+            "model 2", 16, 0.0, 1.0, 1.0, max_dev=0.0, weights=torch.cat([w1, torch.randn(4, 4, generator=g)])
+        ),
+    ]
     path = plot_embeddings(runs, data, tmp_path / "p.png")
     assert path == tmp_path / "p.png" and path.read_bytes()[:8] == PNG_SIGNATURE

@@ -14,7 +14,9 @@ _DETACHED_OPS = {  # lookups: the constrained weight's own kernels must treat a 
     "F.embedding": lambda w: F.embedding(IDS, w),
     "F.embedding_bag": lambda w: F.embedding_bag(IDS.view(1, -1), w, mode="sum"),
     "from_pretrained(freeze=True)": lambda w: nn.Embedding.from_pretrained(w, freeze=True)(IDS),
-    "EmbeddingBag.from_pretrained": lambda w: nn.EmbeddingBag.from_pretrained(w, freeze=True)(IDS.view(1, -1)),
+    "EmbeddingBag.from_pretrained": lambda w: nn.EmbeddingBag.from_pretrained(w, freeze=True)(
+        IDS.view(1, -1)
+    ),
 }
 _OTHER_OPS = {  # any other op on the detached weight
     "clone": lambda w: w.clone(),
@@ -57,7 +59,9 @@ def test_frozen_teacher_from_detached_weight_does_not_train_the_model(layout) ->
     teacher = nn.Embedding.from_pretrained(emb.weight.detach(), freeze=True)
     before = emb.weight.detach().clone()
     opt = torch.optim.SGD(emb.parameters(), lr=0.5)
-    student = torch.zeros(len(IDS), D, requires_grad=True)  # plain torch refuses a backward of the teacher alone
+    student = torch.zeros(
+        len(IDS), D, requires_grad=True
+    )  # plain torch refuses a backward of the teacher alone
     F.mse_loss(teacher(IDS), student).backward()
     opt.step()
     assert torch.equal(emb.weight.detach(), before)

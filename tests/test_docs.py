@@ -65,7 +65,9 @@ def test_python_block_runs(page: Path, line: int, code: str, tmp_path, monkeypat
 
 
 def test_the_pages_have_runnable_examples() -> None:
-    runnable = {_name(page) for page, _, code in (b.values for b in BLOCKS) if not code.lstrip().startswith(EXCERPT)}
+    runnable = {
+        _name(page) for page, _, code in (b.values for b in BLOCKS) if not code.lstrip().startswith(EXCERPT)
+    }
     assert {"README.md", "docs/getting-started.md", "docs/guides/plain-pytorch.md"} <= runnable
     assert {f"{page}:{i}" for page, i in SLOW} <= {b.id for b in BLOCKS}  # SLOW names real blocks
 
@@ -92,8 +94,12 @@ def test_errors_page_is_the_tested_table() -> None:
     expected = markdown_table().splitlines()
     untested = [r for r in rows if r not in expected]
     missing = [r for r in expected if r not in rows]
-    assert not untested, f"rows of {ERRORS.name} without a test (python tests/test_bad_input.py prints the table): {untested}"
-    assert not missing, f"tested errors missing from {ERRORS.name} (python tests/test_bad_input.py): {missing}"
+    assert not untested, (
+        f"rows of {ERRORS.name} without a test (python tests/test_bad_input.py prints the table): {untested}"
+    )
+    assert not missing, (
+        f"tested errors missing from {ERRORS.name} (python tests/test_bad_input.py): {missing}"
+    )
     assert rows == expected  # the same order too: the table is pasted as printed
     assert len(rows) == len(CASES) + 2
 
@@ -121,13 +127,29 @@ def test_docstrings_render_doctests_as_code_and_roles_as_code_spans() -> None:
     markdown = _griffe_markdown().markdown
     text = "See :func:`~a.b.f` and :mod:`embconstraint.hf`.\n\n>>> f()\n1\n\n    >>> g()\n\nEnd :class:`C`."
     assert markdown(text).splitlines() == [
-        "See `f` and `embconstraint.hf`.", "",
-        "```pycon", ">>> f()", "1", "```", "",
-        "    ```pycon", "    >>> g()", "    ```", "",
+        "See `f` and `embconstraint.hf`.",
+        "",
+        "```pycon",
+        ">>> f()",
+        "1",
+        "```",
+        "",
+        "    ```pycon",
+        "    >>> g()",
+        "    ```",
+        "",
         "End `C`.",
     ]
     fenced = "```python\nx = ':func:`f`'\n```\n>>> 1\n1"
-    assert markdown(fenced).splitlines() == ["```python", "x = ':func:`f`'", "```", "```pycon", ">>> 1", "1", "```"]
+    assert markdown(fenced).splitlines() == [
+        "```python",
+        "x = ':func:`f`'",
+        "```",
+        "```pycon",
+        ">>> 1",
+        "1",
+        "```",
+    ]
 
 
 @pytest.mark.subprocess
@@ -138,7 +160,11 @@ def test_mkdocs_build_strict(tmp_path) -> None:
     site = tmp_path / "site"
     run = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "WARNING" not in run.stderr, run.stderr

@@ -25,8 +25,12 @@ def _tied_model():
 
 def test_merged_state_dict_of_raw_entries_is_the_plain_model():
     model = _tied_model()
-    raw = {n: p.detach().clone() + 1.0 for n, p in model.named_parameters()}  # "trained" free rows, by Parameter
-    raw["head.parametrizations.weight.original"] = raw["emb.parametrizations.weight.original"]  # as DeepSpeed saves a tie
+    raw = {
+        n: p.detach().clone() + 1.0 for n, p in model.named_parameters()
+    }  # "trained" free rows, by Parameter
+    raw["head.parametrizations.weight.original"] = raw[
+        "emb.parametrizations.weight.original"
+    ]  # as DeepSpeed saves a tie
     plain = merged_state_dict(model, raw)
     assert sorted(plain) == ["emb.weight", "head.weight"]
     assert plain["head.weight"] is plain["emb.weight"]  # one tensor: transformers drops the tied key
@@ -41,7 +45,9 @@ def test_merged_state_dict_refuses_bad_state_dicts():
     model = _tied_model()
     with pytest.raises(TypeError, match="state_dict must be a dict"):
         merged_state_dict(model, [("emb.weight", torch.zeros(1))])
-    with pytest.raises(ValueError, match=r"state_dict\['emb.parametrizations.weight.original'\] has shape \(3, 5\)"):
+    with pytest.raises(
+        ValueError, match=r"state_dict\['emb.parametrizations.weight.original'\] has shape \(3, 5\)"
+    ):
         merged_state_dict(model, {"emb.parametrizations.weight.original": torch.zeros(3, 5)})
     kept = {"other": torch.ones(2), "emb.weight": torch.zeros(V, 5)}  # plain entries pass as they are
     assert merged_state_dict(model, kept) == kept
@@ -59,15 +65,25 @@ def test_save_rows_from_a_state_dict(tmp_path):
             target["emb"].weight[:N] = reference()
         load_rows(target, tmp_path / f"{name}.safetensors")
         assert torch.equal(target["emb"].weight, merged["emb.weight"])
-    with pytest.raises(ValueError, match="holds neither 'emb.weight' nor 'emb.parametrizations.weight.original'"):
+    with pytest.raises(
+        ValueError, match="holds neither 'emb.weight' nor 'emb.parametrizations.weight.original'"
+    ):
         save_rows(model, tmp_path / "none.safetensors", state_dict={})
 
 
 def test_save_pretrained_of_a_raw_state_dict_writes_the_plain_model(tmp_path):
     transformers = pytest.importorskip("transformers")
     from embconstraint.hf import constrain_new_tokens
-    cfg = transformers.LlamaConfig(vocab_size=12, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=12,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg)
     constrain_new_tokens(model, 10)

@@ -56,8 +56,9 @@ def test_notebook_executes(tmp_path):
     pytest.importorskip("matplotlib")
     nb = nbformat.read(NOTEBOOK, as_version=4)
     # "python3" is ipykernel's native kernel spec: jupyter_client runs it with sys.executable.
-    client = nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
-                                     resources={"metadata": {"path": str(tmp_path)}})
+    client = nbclient.NotebookClient(
+        nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
     client.execute()  # raises CellExecutionError if a cell fails (its asserts included)
 
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]

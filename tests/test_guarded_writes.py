@@ -101,10 +101,16 @@ REFUSED: dict[str, Callable[[Setup], object]] = {
     "__setitem__ row list": lambda s: s.emb.weight.__setitem__([s.free[0], s.pinned[1]], 0.0),
     "__setitem__ bool mask": lambda s: s.emb.weight.__setitem__(s.emb.weight.detach() > 0, 0.0),
     "__setitem__ column": lambda s: s.emb.weight.__setitem__((slice(None), 1), 0.0),
-    "index_put_": lambda s: s.emb.weight.index_put_((torch.tensor(s.pinned[:2]),), torch.tensor(3.0, dtype=s.dtype)),
+    "index_put_": lambda s: s.emb.weight.index_put_(
+        (torch.tensor(s.pinned[:2]),), torch.tensor(3.0, dtype=s.dtype)
+    ),
     "index_fill_": lambda s: s.emb.weight.index_fill_(0, torch.tensor([s.pinned[2]]), 3.0),
-    "index_copy_": lambda s: s.emb.weight.index_copy_(0, torch.tensor(s.pinned), torch.zeros(N, D, dtype=s.dtype)),
-    "index_add_": lambda s: s.emb.weight.index_add_(0, torch.tensor(s.pinned), torch.ones(N, D, dtype=s.dtype)),
+    "index_copy_": lambda s: s.emb.weight.index_copy_(
+        0, torch.tensor(s.pinned), torch.zeros(N, D, dtype=s.dtype)
+    ),
+    "index_add_": lambda s: s.emb.weight.index_add_(
+        0, torch.tensor(s.pinned), torch.ones(N, D, dtype=s.dtype)
+    ),
     "masked_fill_": lambda s: s.emb.weight.masked_fill_(torch.ones(V, D, dtype=torch.bool), 0.0),
     "scatter_": lambda s: s.emb.weight.scatter_(0, torch.full((1, D), s.pinned[0]), 9.0),
     "+= 1": lambda s: s.emb.weight.__iadd__(1.0),
@@ -143,7 +149,9 @@ REFUSED: dict[str, Callable[[Setup], object]] = {
     "detach().numpy()[row] = 1": lambda s: s.emb.weight.detach().numpy().__setitem__(s.pinned[0], 1.0),
     "data.numpy()[:] = 0": lambda s: s.emb.weight.data.numpy().__setitem__(slice(None), 0.0),
     "numpy(force=True)[row] = 1": lambda s: s.emb.weight.numpy(force=True).__setitem__(s.pinned[0], 1.0),
-    "np.asarray(detach())[row] = 1": lambda s: np.asarray(s.emb.weight.detach()).__setitem__(s.pinned[0], 1.0),
+    "np.asarray(detach())[row] = 1": lambda s: np.asarray(s.emb.weight.detach()).__setitem__(
+        s.pinned[0], 1.0
+    ),
     "detach()[:2].numpy()[0] = 1": lambda s: s.emb.weight.detach()[:2].numpy().__setitem__(0, 1.0),
     "np.copyto(numpy(), 0)": lambda s: np.copyto(s.emb.weight.detach().numpy(), 0.0),
     # nn.init on the weight
@@ -163,12 +171,21 @@ REFUSED: dict[str, Callable[[Setup], object]] = {
     "init.normal_(weight.data)": lambda s: nn.init.normal_(s.emb.weight.data),
     "module.reset_parameters()": lambda s: s.emb.reset_parameters(),
     "model.apply(hf-style init)": lambda s: nn.Sequential(s.emb).apply(
-        lambda m: m.weight.data.normal_(mean=0.0, std=0.02) if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) else None),
+        lambda m: (
+            m.weight.data.normal_(mean=0.0, std=0.02)
+            if isinstance(m, (nn.Embedding, nn.EmbeddingBag))
+            else None
+        )
+    ),
     # assignment and checkpoints
     "module.weight = other": lambda s: setattr(s.emb, "weight", _other(s)),
     "load_state_dict(other)": lambda s: s.emb.load_state_dict({"weight": _other(s)}),
-    "load_state_dict(other, strict=False)": lambda s: s.emb.load_state_dict({"weight": _other(s)}, strict=False),
-    "load_state_dict(other, assign=True)": lambda s: s.emb.load_state_dict({"weight": _other(s)}, assign=True),
+    "load_state_dict(other, strict=False)": lambda s: s.emb.load_state_dict(
+        {"weight": _other(s)}, strict=False
+    ),
+    "load_state_dict(other, assign=True)": lambda s: s.emb.load_state_dict(
+        {"weight": _other(s)}, assign=True
+    ),
     "load_state_dict(wrong shape)": lambda s: s.emb.load_state_dict({"weight": torch.zeros(V + 1, D)}),
 }
 
@@ -190,11 +207,15 @@ def test_write_that_changes_pinned_rows_is_refused(name, variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("op", [
-    lambda s: s.emb.weight.__setitem__(s.free, 0.0),
-    lambda s: s.emb.weight.mul_(1.0),
-    lambda s: torch.add(s.emb.weight, 0.0, out=s.emb.weight),
-], ids=["setitem free rows", "mul_(1)", "out="])
+@pytest.mark.parametrize(
+    "op",
+    [
+        lambda s: s.emb.weight.__setitem__(s.free, 0.0),
+        lambda s: s.emb.weight.mul_(1.0),
+        lambda s: torch.add(s.emb.weight, 0.0, out=s.emb.weight),
+    ],
+    ids=["setitem free rows", "mul_(1)", "out="],
+)
 def test_write_with_grad_enabled_is_refused(op, variant):
     """As for any leaf that requires grad, in-place writes need torch.no_grad(), even those
     that would leave the pinned rows unchanged."""
@@ -210,47 +231,94 @@ def _positive_reference() -> torch.Tensor:
 
 
 # Writes that leave pinned rows unchanged: (reference, write, expected free rows given the old weight).
-ACCEPTED: dict[str, tuple[torch.Tensor | None, Callable[[Setup], object], Callable[[torch.Tensor, Setup], torch.Tensor]]] = {
+ACCEPTED: dict[
+    str, tuple[torch.Tensor | None, Callable[[Setup], object], Callable[[torch.Tensor, Setup], torch.Tensor]]
+] = {
     "weight[free] = 0": (
-        None, lambda s: s.emb.weight.__setitem__(s.free, 0.0), lambda w, s: torch.zeros(V - N, D)),
+        None,
+        lambda s: s.emb.weight.__setitem__(s.free, 0.0),
+        lambda w, s: torch.zeros(V - N, D),
+    ),
     "data[free] = 0": (
-        None, lambda s: s.emb.weight.data.__setitem__(s.free, 0.0), lambda w, s: torch.zeros(V - N, D)),
+        None,
+        lambda s: s.emb.weight.data.__setitem__(s.free, 0.0),
+        lambda w, s: torch.zeros(V - N, D),
+    ),
     "detach()[free] = 0": (
-        None, lambda s: s.emb.weight.detach().__setitem__(s.free, 0.0), lambda w, s: torch.zeros(V - N, D)),
+        None,
+        lambda s: s.emb.weight.detach().__setitem__(s.free, 0.0),
+        lambda w, s: torch.zeros(V - N, D),
+    ),
     "index_put_ free rows": (
-        None, lambda s: s.emb.weight.index_put_((torch.tensor(s.free),), torch.tensor(2.0, dtype=s.dtype)),
-        lambda w, s: torch.full((V - N, D), 2.0)),
+        None,
+        lambda s: s.emb.weight.index_put_((torch.tensor(s.free),), torch.tensor(2.0, dtype=s.dtype)),
+        lambda w, s: torch.full((V - N, D), 2.0),
+    ),
     "index_fill_ free row": (
-        None, lambda s: s.emb.weight.data.index_fill_(0, torch.tensor(s.free[1:2]), 5.0),
-        lambda w, s: torch.cat([w[s.free[:1]], torch.full((1, D), 5.0), w[s.free[2:]]])),
+        None,
+        lambda s: s.emb.weight.data.index_fill_(0, torch.tensor(s.free[1:2]), 5.0),
+        lambda w, s: torch.cat([w[s.free[:1]], torch.full((1, D), 5.0), w[s.free[2:]]]),
+    ),
     "masked_fill_ free rows": (
-        None, lambda s: s.emb.weight.masked_fill_(_row_mask(s.free), -1.0),
-        lambda w, s: torch.full((V - N, D), -1.0)),
+        None,
+        lambda s: s.emb.weight.masked_fill_(_row_mask(s.free), -1.0),
+        lambda w, s: torch.full((V - N, D), -1.0),
+    ),
     "copy_ keeping pinned rows": (
-        None, lambda s: s.emb.weight.copy_(_with_free(s, 7.0)), lambda w, s: torch.full((V - N, D), 7.0)),
+        None,
+        lambda s: s.emb.weight.copy_(_with_free(s, 7.0)),
+        lambda w, s: torch.full((V - N, D), 7.0),
+    ),
     "data = value keeping pinned rows": (
-        None, lambda s: setattr(s.emb.weight, "data", _with_free(s, 7.0)), lambda w, s: torch.full((V - N, D), 7.0)),
+        None,
+        lambda s: setattr(s.emb.weight, "data", _with_free(s, 7.0)),
+        lambda w, s: torch.full((V - N, D), 7.0),
+    ),
     "module.weight = value keeping pinned rows": (
-        None, lambda s: setattr(s.emb, "weight", _with_free(s, 7.0)), lambda w, s: torch.full((V - N, D), 7.0)),
+        None,
+        lambda s: setattr(s.emb, "weight", _with_free(s, 7.0)),
+        lambda w, s: torch.full((V - N, D), 7.0),
+    ),
     "load_state_dict keeping pinned rows": (
-        None, lambda s: s.emb.load_state_dict({"weight": _with_free(s, 7.0)}), lambda w, s: torch.full((V - N, D), 7.0)),
+        None,
+        lambda s: s.emb.load_state_dict({"weight": _with_free(s, 7.0)}),
+        lambda w, s: torch.full((V - N, D), 7.0),
+    ),
     "load_state_dict(assign=True) keeping pinned rows": (
-        None, lambda s: s.emb.load_state_dict({"weight": _with_free(s, 7.0)}, assign=True),
-        lambda w, s: torch.full((V - N, D), 7.0)),
+        None,
+        lambda s: s.emb.load_state_dict({"weight": _with_free(s, 7.0)}, assign=True),
+        lambda w, s: torch.full((V - N, D), 7.0),
+    ),
     "load_state_dict of the free-rows key": (
-        None, lambda s: s.emb.load_state_dict({"parametrizations.weight.original": torch.full((V - N, D), 7.0)}),
-        lambda w, s: torch.full((V - N, D), 7.0)),
+        None,
+        lambda s: s.emb.load_state_dict({"parametrizations.weight.original": torch.full((V - N, D), 7.0)}),
+        lambda w, s: torch.full((V - N, D), 7.0),
+    ),
     "clamp_ inside the pinned range": (
-        _positive_reference(), lambda s: s.emb.weight.clamp_(min=0.5), lambda w, s: w[s.free].clamp(min=0.5)),
+        _positive_reference(),
+        lambda s: s.emb.weight.clamp_(min=0.5),
+        lambda w, s: w[s.free].clamp(min=0.5),
+    ),
     "abs_ of positive pinned rows": (
-        _positive_reference(), lambda s: s.emb.weight.abs_(), lambda w, s: w[s.free].abs()),
+        _positive_reference(),
+        lambda s: s.emb.weight.abs_(),
+        lambda w, s: w[s.free].abs(),
+    ),
     "init.zeros_ with a zero reference": (
-        torch.zeros(N, D), lambda s: nn.init.zeros_(s.emb.weight), lambda w, s: torch.zeros(V - N, D)),
+        torch.zeros(N, D),
+        lambda s: nn.init.zeros_(s.emb.weight),
+        lambda w, s: torch.zeros(V - N, D),
+    ),
     "init.ones_ with a ones reference": (
-        torch.ones(N, D), lambda s: nn.init.ones_(s.emb.weight), lambda w, s: torch.ones(V - N, D)),
+        torch.ones(N, D),
+        lambda s: nn.init.ones_(s.emb.weight),
+        lambda w, s: torch.ones(V - N, D),
+    ),
     "init.constant_ with a constant reference": (
-        torch.full((N, D), 0.5), lambda s: nn.init.constant_(s.emb.weight, 0.5),
-        lambda w, s: torch.full((V - N, D), 0.5)),
+        torch.full((N, D), 0.5),
+        lambda s: nn.init.constant_(s.emb.weight, 0.5),
+        lambda w, s: torch.full((V - N, D), 0.5),
+    ),
     "mul_(1)": (None, lambda s: s.emb.weight.mul_(1.0), lambda w, s: w[s.free]),
 }
 

@@ -129,6 +129,7 @@ def test_deepcopy_and_dtype_conversion(bias):
 
 # -- the F.linear kernel --------------------------------------------------------------------------
 
+
 class _TiedLM(nn.Module):
     """A lookup and an output head sharing one (V, D) weight, with a head bias."""
 
@@ -157,7 +158,7 @@ def _at_table_offset(value: torch.Tensor, num_pinned: int) -> nn.Parameter:
     ``num_pinned`` rows): an optimizer's vectorized loops then split it as they split ours."""
     row = value[0].numel() if value.dim() > 1 else 1
     buf = torch.empty(num_pinned * row + value.numel(), dtype=value.dtype)
-    return nn.Parameter(buf[num_pinned * row:].view(value.shape).copy_(value))
+    return nn.Parameter(buf[num_pinned * row :].view(value.shape).copy_(value))
 
 
 def _reference_steps(model: nn.Module, tied: bool, layout: Rows, opt_name: str, batches):
@@ -169,8 +170,10 @@ def _reference_steps(model: nn.Module, tied: bool, layout: Rows, opt_name: str, 
     rows, free = layout.pinned, layout.free
     w0, b0 = model.head.weight.detach().clone(), model.head.bias.detach().clone()
     emb_w = model.emb.weight.detach().clone()
-    params = [_at_table_offset(w0[free], len(rows)), _at_table_offset(b0, 0) if tied else
-              _at_table_offset(b0[free], len(rows))]
+    params = [
+        _at_table_offset(w0[free], len(rows)),
+        _at_table_offset(b0, 0) if tied else _at_table_offset(b0[free], len(rows)),
+    ]
     if not tied:
         params.append(nn.Parameter(emb_w.clone()))
     opt = DENSE_OPTIMIZERS[opt_name](params)
@@ -238,7 +241,11 @@ def test_the_head_kernel_is_used_not_the_generic_path(monkeypatch):
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 def test_no_full_size_tensor_in_the_backward(tied, layout):
     big_v, n, dim = 1000, 900, 64
-    indices = None if layout.name == "prefix" else torch.randperm(big_v, generator=torch.Generator().manual_seed(0))[:n]
+    indices = (
+        None
+        if layout.name == "prefix"
+        else torch.randperm(big_v, generator=torch.Generator().manual_seed(0))[:n]
+    )
     model = _constrained_model(tied, indices, dim=dim, vocab=big_v, n=n)
     if not tied:
         model.emb.requires_grad_(False)  # a plain trainable embedding has a (V, D) gradient of its own
@@ -269,6 +276,7 @@ def test_autocast_falls_back_and_keeps_pinned_rows():
 
 
 # -- a head tied to a constrained embedding (head.weight = emb.weight) ------------------------------
+
 
 class _TiedNoBias(nn.Module):
     """An embedding and a bias-free head sharing one Parameter: logits = emb(ids) @ emb.weight.T."""

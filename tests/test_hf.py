@@ -30,16 +30,34 @@ transformers.logging.set_verbosity_error()
 
 def gpt2(vocab: int = OLD, tied: bool = True, seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
-    cfg = GPT2Config(n_layer=1, n_embd=DIM, n_head=2, n_positions=32, vocab_size=vocab,
-                     bos_token_id=0, eos_token_id=0, tie_word_embeddings=tied)
+    cfg = GPT2Config(
+        n_layer=1,
+        n_embd=DIM,
+        n_head=2,
+        n_positions=32,
+        vocab_size=vocab,
+        bos_token_id=0,
+        eos_token_id=0,
+        tie_word_embeddings=tied,
+    )
     return GPT2LMHeadModel(cfg).eval()
 
 
 def llama(vocab: int = NEW, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=DIM, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=1, vocab_size=vocab, max_position_embeddings=32,
-                      tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=None)
+    cfg = LlamaConfig(
+        hidden_size=DIM,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=vocab,
+        max_position_embeddings=32,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=None,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -75,6 +93,7 @@ def assert_state_equal(a: dict, b: dict) -> None:
 
 
 # -- training ---------------------------------------------------------------------------------------
+
 
 def test_tied_gpt2_pinned_rows_exact_and_head_tied_after_adamw():
     model, old = grown()
@@ -153,6 +172,7 @@ def test_untied_gpt2_head_is_left_alone():
 
 # -- saving and loading -----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_release_save_pretrained_from_pretrained_round_trip(tmp_path, tied):
     model, old = grown(tied=tied)
@@ -218,6 +238,7 @@ def test_release_of_the_tied_head_releases_its_embedding() -> None:
 
 # -- transformers methods while constrained -----------------------------------------------------------
 
+
 def test_tie_weights_while_constrained_checks_the_ties():
     model, _ = grown()
     emb = constrain_input_embeddings(model, OLD)
@@ -261,6 +282,7 @@ def test_after_release_transformers_methods_are_the_plain_ones():
 
 
 # -- bad input ------------------------------------------------------------------------------------
+
 
 class _NotAnEmbedding(nn.Module):
     def __init__(self) -> None:

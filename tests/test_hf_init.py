@@ -40,8 +40,8 @@ from embconstraint.hf.init import _values  # noqa: E402
 
 D = 8
 SYLLABLES = ["ka", "lo", "mi", "ra", "te", "su", "no", "bi", "ve", "do"]
-WORDS = ["kalomi", "raveno", "sudobi"]              # ordinary words: several pieces each
-CHAT = ["<|user|>", "<|assistant|>"]                 # special tokens: their text means nothing
+WORDS = ["kalomi", "raveno", "sudobi"]  # ordinary words: several pieces each
+CHAT = ["<|user|>", "<|assistant|>"]  # special tokens: their text means nothing
 DESCRIPTIONS = {"<|user|>": "ka lo", "<|assistant|>": "su te no"}
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "new_tokens_init.py"
 
@@ -54,26 +54,44 @@ def base_json() -> str:
     text = [" ".join(rng.choice(words) for _ in range(10)) for _ in range(300)]
     backend = Tokenizer(models.BPE(unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.train_from_iterator(text, trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>", "<s>", "</s>"],
-                                                         show_progress=False))
+    backend.train_from_iterator(
+        text, trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    )
     return backend.to_str()
 
 
 def tokenizer(base_json: str) -> PreTrainedTokenizerFast:
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(base_json), unk_token="<unk>",
-                                   bos_token="<s>", eos_token="</s>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(base_json), unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
 
 
-def grown(base_json: str, *, tied: bool = False, bias: bool = False, pad_to: int | None = None,
-          dtype: torch.dtype = torch.float32, seed: int = 0):
+def grown(
+    base_json: str,
+    *,
+    tied: bool = False,
+    bias: bool = False,
+    pad_to: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+):
     """(model, tokenizer, old tokenizer, old vocabulary size): a Llama "pretrained" on the old
     vocabulary, the words and chat tokens added, the model resized (transformers' mean init)."""
     tok = tokenizer(base_json)
     old_tok, old_vocab = copy.deepcopy(tok), len(tok)
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=old_vocab, hidden_size=D, intermediate_size=16, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tied,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=old_vocab,
+        hidden_size=D,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     model = LlamaForCausalLM(cfg)
     if bias:
         model.lm_head = nn.Linear(D, old_vocab, bias=True)
@@ -102,8 +120,13 @@ def pieces(old_tok, text: str) -> list[int]:
 
 def expected_rows(before, tok, old_tok, texts: dict[str, str]) -> dict[str, dict[int, torch.Tensor]]:
     """{table: {row: the mean of the old table's rows of ``texts[token]``'s pieces}}."""
-    return {name: {tok.convert_tokens_to_ids(t): w[pieces(old_tok, text)].float().mean(0).to(w.dtype)
-                   for t, text in texts.items()} for name, w in before.items()}
+    return {
+        name: {
+            tok.convert_tokens_to_ids(t): w[pieces(old_tok, text)].float().mean(0).to(w.dtype)
+            for t, text in texts.items()
+        }
+        for name, w in before.items()
+    }
 
 
 def assert_written(model, before, expected) -> None:
@@ -123,15 +146,25 @@ def assert_written(model, before, expected) -> None:
 @pytest.mark.parametrize("head", ["tied", "untied", "bias"])
 def test_subwords_and_descriptions_write_only_the_new_rows(base_json, head, constrained):
     model, tok, old_tok, old_vocab = grown(base_json, tied=head == "tied", bias=head == "bias", pad_to=16)
-    assert model.get_input_embeddings().num_embeddings == 64 > len(tok)  # padding rows, which belong to no token
+    assert (
+        model.get_input_embeddings().num_embeddings == 64 > len(tok)
+    )  # padding rows, which belong to no token
     if constrained:
         constrain_new_tokens(model, old_vocab)
     before = tables(model)
     done = init_new_tokens(model, tok, WORDS + CHAT, descriptions=DESCRIPTIONS)
 
     texts = {**{w: w for w in WORDS}, **DESCRIPTIONS}
-    assert done == [InitializedToken(t, tok.convert_tokens_to_ids(t), "description" if t in CHAT else "subwords",
-                                     texts[t], tuple(pieces(old_tok, texts[t]))) for t in WORDS + CHAT]
+    assert done == [
+        InitializedToken(
+            t,
+            tok.convert_tokens_to_ids(t),
+            "description" if t in CHAT else "subwords",
+            texts[t],
+            tuple(pieces(old_tok, texts[t])),
+        )
+        for t in WORDS + CHAT
+    ]
     assert all(len(d.pieces) > 1 for d in done)  # every text really is several old pieces
     assert_written(model, before, expected_rows(before, tok, old_tok, texts))
     if constrained:
@@ -179,7 +212,9 @@ def test_old_tokenizer_given_or_derived_agree(base_json):
 def test_added_token_objects_are_accepted(base_json):
     model, tok, old_tok, _ = grown(base_json)
     done = init_new_tokens(model, tok, [AddedToken(w) for w in WORDS])
-    assert [d.token for d in done] == WORDS and [d.pieces for d in done] == [tuple(pieces(old_tok, w)) for w in WORDS]
+    assert [d.token for d in done] == WORDS and [d.pieces for d in done] == [
+        tuple(pieces(old_tok, w)) for w in WORDS
+    ]
 
 
 @pytest.mark.parametrize("head", ["tied", "bias"])
@@ -190,8 +225,10 @@ def test_mean_is_the_mean_of_the_old_rows(base_json, head):
     assert [(d.method, d.text, d.pieces) for d in done] == [("mean", "", ())] * len(done)
     old_ids = sorted(old_tok.get_vocab().values())
     assert old_ids == list(range(old_vocab))
-    expected = {name: {tok.convert_tokens_to_ids(t): w[old_ids].mean(0) for t in WORDS + CHAT}
-                for name, w in before.items()}
+    expected = {
+        name: {tok.convert_tokens_to_ids(t): w[old_ids].mean(0) for t in WORDS + CHAT}
+        for name, w in before.items()
+    }
     assert_written(model, before, expected)
 
 
@@ -270,8 +307,11 @@ def test_peft_model_and_scattered_free_rows(base_json):
 
 def snapshot_unchanged(model):
     before = tables(model)
-    pins = [(m, m.parametrizations.weight.original.detach().clone()) for m in model.modules()
-            if pin_of(m) is not None]
+    pins = [
+        (m, m.parametrizations.weight.original.detach().clone())
+        for m in model.modules()
+        if pin_of(m) is not None
+    ]
 
     def check() -> None:
         after = tables(model)
@@ -283,26 +323,60 @@ def snapshot_unchanged(model):
 
 REFUSALS = [
     ({"new_tokens": ["kalomi", "zzz"]}, ValueError, r"the tokenizer does not know \['zzz'\]"),
-    ({"new_tokens": ["kalomi", "lo"]}, ValueError, r"\['lo'\] are not new: they are in the tokenizer's base vocabulary"),
+    (
+        {"new_tokens": ["kalomi", "lo"]},
+        ValueError,
+        r"\['lo'\] are not new: they are in the tokenizer's base vocabulary",
+    ),
     ({"new_tokens": ["ж"]}, ValueError, r"the text of 'ж' \('ж'\) splits into no old token"),
-    ({"descriptions": {"<|user|>": "щ щ"}}, ValueError, r"description of '<\|user\|>' \('щ щ'\) splits into no old"),
+    (
+        {"descriptions": {"<|user|>": "щ щ"}},
+        ValueError,
+        r"description of '<\|user\|>' \('щ щ'\) splits into no old",
+    ),
     ({"descriptions": {"<|user|>": ""}}, ValueError, r"description of '<\|user\|>' is empty"),
-    ({"descriptions": {"<|system|>": "ka"}}, ValueError,
-     r"descriptions name tokens that are not being added: \['<\|system\|>'\]"),
-    ({"method": "description", "descriptions": {"<|user|>": "ka"}}, ValueError,
-     r"method='description' needs a description for every token; missing: \['kalomi', 'raveno', 'sudobi', "),
-    ({"method": "random"}, ValueError, r"method must be one of \('subwords', 'ends', 'mean', 'description'\), got 'random'"),
+    (
+        {"descriptions": {"<|system|>": "ka"}},
+        ValueError,
+        r"descriptions name tokens that are not being added: \['<\|system\|>'\]",
+    ),
+    (
+        {"method": "description", "descriptions": {"<|user|>": "ka"}},
+        ValueError,
+        r"method='description' needs a description for every token; missing: \['kalomi', 'raveno', 'sudobi', ",
+    ),
+    (
+        {"method": "random"},
+        ValueError,
+        r"method must be one of \('subwords', 'ends', 'mean', 'description'\), got 'random'",
+    ),
     ({"covariance_scale": -1.0}, ValueError, r"covariance_scale must be a finite number >= 0, got -1.0"),
-    ({"covariance_scale": float("nan"), "method": "mean"}, ValueError, "covariance_scale must be a finite number"),
-    ({"covariance_scale": 1e-5}, ValueError, r"covariance_scale applies to method='mean' only, got method='subwords'"),
+    (
+        {"covariance_scale": float("nan"), "method": "mean"},
+        ValueError,
+        "covariance_scale must be a finite number",
+    ),
+    (
+        {"covariance_scale": 1e-5},
+        ValueError,
+        r"covariance_scale applies to method='mean' only, got method='subwords'",
+    ),
     ({"seed": 1.5}, TypeError, "seed must be an int, got float"),
     ({"new_tokens": "kalomi"}, TypeError, "new_tokens must be a list of tokens"),
     ({"new_tokens": [3]}, TypeError, "new_tokens must hold str or tokenizers.AddedToken, got int"),
     ({"new_tokens": []}, ValueError, "new_tokens is empty"),
     ({"new_tokens": ["kalomi", "kalomi"]}, ValueError, r"new_tokens must be distinct, got \['kalomi'\]"),
     ({"descriptions": ["ka"]}, TypeError, "descriptions must be a mapping"),
-    ({"descriptions": {"<|user|>": 3}}, TypeError, "descriptions must map str to str, got '<\\|user\\|>': int"),
-    ({"old_tokenizer": "gpt2"}, TypeError, "old_tokenizer must be a transformers tokenizer or a tokenizers.Tokenizer"),
+    (
+        {"descriptions": {"<|user|>": 3}},
+        TypeError,
+        "descriptions must map str to str, got '<\\|user\\|>': int",
+    ),
+    (
+        {"old_tokenizer": "gpt2"},
+        TypeError,
+        "old_tokenizer must be a transformers tokenizer or a tokenizers.Tokenizer",
+    ),
 ]
 
 
@@ -324,11 +398,18 @@ def test_refusals_change_nothing(base_json, kwargs, error, match, constrained):
 def test_refusals_of_the_model_and_the_tokenizers(base_json):
     model, tok, old_tok, old_vocab = grown(base_json, bias=True)
     unchanged = snapshot_unchanged(model)
-    with pytest.raises(ValueError, match=r"\['kalomi', 'raveno', 'sudobi'\] are not new: old_tokenizer already knows them"):
+    with pytest.raises(
+        ValueError, match=r"\['kalomi', 'raveno', 'sudobi'\] are not new: old_tokenizer already knows them"
+    ):
         init_new_tokens(model, tok, WORDS, old_tokenizer=tok)
     with pytest.raises(ValueError, match=r"splits into ids \[62\], which are new rows or beyond"):
-        init_new_tokens(model, tok, CHAT, descriptions={"<|user|>": "<|assistant|> ka"},
-                        old_tokenizer=_ForgetsOnly(tok, CHAT))
+        init_new_tokens(
+            model,
+            tok,
+            CHAT,
+            descriptions={"<|user|>": "<|assistant|> ka"},
+            old_tokenizer=_ForgetsOnly(tok, CHAT),
+        )
     with pytest.raises(TypeError, match="has no tokenizers backend .* pass old_tokenizer"):
         init_new_tokens(model, _NoBackend(tok), WORDS)
     with pytest.raises(TypeError, match="tokenizer must be a transformers tokenizer"):
@@ -346,10 +427,14 @@ def test_refusals_of_the_model_and_the_tokenizers(base_json):
 
     untied, tok3, _, _ = grown(base_json)
     untied.lm_head = nn.Linear(D, 10, bias=False)
-    with pytest.raises(ValueError, match="get_output_embeddings\\(\\) has 10 rows but the input embeddings have 63"):
+    with pytest.raises(
+        ValueError, match="get_output_embeddings\\(\\) has 10 rows but the input embeddings have 63"
+    ):
         init_new_tokens(untied, tok3, WORDS)
     untied.lm_head = nn.Conv1d(1, 1, 1)
-    with pytest.raises(TypeError, match="must be an nn.Linear or share the input embedding's weight, got Conv1d"):
+    with pytest.raises(
+        TypeError, match="must be an nn.Linear or share the input embedding's weight, got Conv1d"
+    ):
         init_new_tokens(untied, tok3, WORDS)
 
 
@@ -397,7 +482,15 @@ def test_recipe_add_resize_init_constrain_train_save_reload(base_json, tmp_path)
     opt = torch.optim.AdamW(params, lr=1e-2)
     text = "<|user|> kalomi lo raveno <|assistant|> sudobi ka"
     ids = tok(text, return_tensors="pt").input_ids
-    assert tok.convert_ids_to_tokens(ids[0]) == ["<|user|>", "kalomi", "lo", "raveno", "<|assistant|>", "sudobi", "ka"]
+    assert tok.convert_ids_to_tokens(ids[0]) == [
+        "<|user|>",
+        "kalomi",
+        "lo",
+        "raveno",
+        "<|assistant|>",
+        "sudobi",
+        "ka",
+    ]
     for _ in range(3):
         opt.zero_grad()
         model(input_ids=ids, labels=ids).loss.backward()
@@ -405,7 +498,7 @@ def test_recipe_add_resize_init_constrain_train_save_reload(base_json, tmp_path)
     trained = tables(model)
     for name in trained:
         assert bitwise_equal(trained[name][:old_vocab], old_rows[name][:old_vocab])
-        assert not torch.equal(trained[name][old_vocab:len(tok)], initialised[name][old_vocab:len(tok)])
+        assert not torch.equal(trained[name][old_vocab : len(tok)], initialised[name][old_vocab : len(tok)])
     logits = model(input_ids=ids).logits.detach()
     release(model)
     model.save_pretrained(tmp_path)
@@ -429,8 +522,14 @@ def test_example_runs(tmp_path):
     assert "old rows bitwise equal after training: True" in out
     assert "reloaded: same weights, same tokenization: True" in out
     loss = dict(re.findall(r"held-out loss, ([^:]+): +([0-9.]+) nats/word", out))
-    assert set(loss) == {"old tokenization", "new tokens, resize default", "new tokens, subwords",
-                         "new tokens, ends", "new tokens, mean", "new tokens, 40 steps"}
+    assert set(loss) == {
+        "old tokenization",
+        "new tokens, resize default",
+        "new tokens, subwords",
+        "new tokens, ends",
+        "new tokens, mean",
+        "new tokens, 40 steps",
+    }
     best = min(float(loss[f"new tokens, {m}"]) for m in ("subwords", "ends", "mean"))
     assert best < float(loss["new tokens, resize default"])  # the kept start beats transformers' default
     assert float(loss["new tokens, 40 steps"]) < best
@@ -449,7 +548,9 @@ def test_benchmark_quick(tmp_path, capsys):
     assert (tmp_path / "r.json").is_file() and "| subwords |" in capsys.readouterr().out
     step0 = {m: r["step0"] for m, r in summary["methods"].items()}
     assert step0["subwords"] < step0["mean"] and step0["ends"] < step0["subwords"]
-    assert step0["mean"] == pytest.approx(step0["hf-default"], abs=1e-3)  # the default is the mean, 1e-9 noise
+    assert step0["mean"] == pytest.approx(
+        step0["hf-default"], abs=1e-3
+    )  # the default is the mean, 1e-9 noise
     for m, r in summary["methods"].items():
         assert math.isfinite(r["final"]) and r["final"] < r["step0"], m
 

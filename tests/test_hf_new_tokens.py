@@ -19,8 +19,15 @@ OLD, NEW, D = 20, 24, 8
 
 def llama(tied: bool, lora: bool = False, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=OLD, hidden_size=D, intermediate_size=16, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tied)
+    cfg = LlamaConfig(
+        vocab_size=OLD,
+        hidden_size=D,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
+    )
     model = LlamaForCausalLM(cfg)
     model.resize_token_embeddings(NEW, mean_resizing=False)
     if lora:
@@ -103,8 +110,11 @@ def test_tied_checkpoint_without_the_head_key_reports_what_the_plain_model_repor
     assert result.missing_keys == plain_result.missing_keys == ["lm_head.weight"]
     assert result.unexpected_keys == plain_result.unexpected_keys == []
     del sd["model.embed_tokens.weight"]  # a truly missing embedding is reported, under its plain key
-    assert model.load_state_dict(sd, strict=False).missing_keys == plain.load_state_dict(sd, strict=False).missing_keys \
+    assert (
+        model.load_state_dict(sd, strict=False).missing_keys
+        == plain.load_state_dict(sd, strict=False).missing_keys
         == ["model.embed_tokens.weight", "lm_head.weight"]
+    )
 
 
 class _Odd(nn.Module):
@@ -126,10 +136,18 @@ class _Odd(nn.Module):
         (lambda: llama(False), True, TypeError, "old_vocab_size must be an int, got bool"),
         (lambda: llama(False), NEW + 1, ValueError, r"old_vocab_size must lie in \[0, 24\], got 25"),
         (lambda: llama(False), -1, ValueError, r"old_vocab_size must lie in \[0, 24\], got -1"),
-        (lambda: _Odd(nn.Conv1d(D, NEW, 1)), OLD, TypeError,
-         "model.get_output_embeddings.. must be an nn.Linear or share the input embedding's weight, got Conv1d"),
-        (lambda: _Odd(nn.Linear(D, NEW - 1)), OLD, ValueError,
-         r"model.get_output_embeddings\(\) has 23 rows but the input embeddings have 24"),
+        (
+            lambda: _Odd(nn.Conv1d(D, NEW, 1)),
+            OLD,
+            TypeError,
+            "model.get_output_embeddings.. must be an nn.Linear or share the input embedding's weight, got Conv1d",
+        ),
+        (
+            lambda: _Odd(nn.Linear(D, NEW - 1)),
+            OLD,
+            ValueError,
+            r"model.get_output_embeddings\(\) has 23 rows but the input embeddings have 24",
+        ),
     ],
 )
 def test_bad_input_changes_nothing(make, old, error, match):
@@ -148,7 +166,9 @@ def test_a_gradient_from_before_the_resize_is_refused_before_anything_changes():
     model.resize_token_embeddings(NEW + 4)
     assert model.get_input_embeddings().weight.grad.shape == (NEW, D)  # (the stale gradient)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=r"embedding.weight.grad has shape .* \(a gradient from before a resize\?\)"):
+    with pytest.raises(
+        ValueError, match=r"embedding.weight.grad has shape .* \(a gradient from before a resize\?\)"
+    ):
         constrain_new_tokens(model, NEW)
     assert not any(is_constrained(m) for m in model.modules())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -56,8 +56,14 @@ def _layer(module: str) -> str:
 
 
 def test_the_modules_are_found():
-    assert {"embconstraint.core", "embconstraint._mechanism.weight", "embconstraint.files.verify",
-            "embconstraint.hf", "embconstraint.lightning.callback", "embconstraint.demo.run"} <= set(MODULES)
+    assert {
+        "embconstraint.core",
+        "embconstraint._mechanism.weight",
+        "embconstraint.files.verify",
+        "embconstraint.hf",
+        "embconstraint.lightning.callback",
+        "embconstraint.demo.run",
+    } <= set(MODULES)
 
 
 def test_no_import_circles():
@@ -69,7 +75,7 @@ def test_no_import_circles():
         path.append(m)
         for n in sorted(GRAPH.get(m, ())):
             if state.get(n) == 1:
-                pytest.fail("import circle: " + " -> ".join(path[path.index(n):] + [n]))
+                pytest.fail("import circle: " + " -> ".join(path[path.index(n) :] + [n]))
             if n in GRAPH and not state.get(n):
                 visit(n)
         path.pop()
@@ -80,14 +86,17 @@ def test_no_import_circles():
             visit(m)
 
 
-@pytest.mark.parametrize("module", sorted(m for m in MODULES if _layer(m) in ("_mechanism", "_common", "exceptions")))
+@pytest.mark.parametrize(
+    "module", sorted(m for m in MODULES if _layer(m) in ("_mechanism", "_common", "exceptions"))
+)
 def test_the_mechanism_imports_no_other_layer(module):
     allowed = {"_mechanism", "_common", "exceptions"} if _layer(module) == "_mechanism" else set()
     assert {_layer(n) for n in GRAPH[module]} <= allowed, GRAPH[module]
 
 
-@pytest.mark.parametrize("module", ["embconstraint.files.formats", "embconstraint.files.export",
-                                    "embconstraint.files.verify"])
+@pytest.mark.parametrize(
+    "module", ["embconstraint.files.formats", "embconstraint.files.export", "embconstraint.files.verify"]
+)
 def test_reading_files_needs_no_mechanism(module):
     assert {_layer(n) for n in GRAPH[module]} <= {"files", "_common", "exceptions"}, GRAPH[module]
 

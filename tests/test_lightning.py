@@ -97,8 +97,10 @@ def test_dotted_path_is_resolved_at_setup(tmp_path):
 
 @pytest.mark.parametrize(
     ("path", "error", "match"),
-    [("encoder.nothing", ValueError, "has no submodule 'encoder.nothing'"),
-     ("head", TypeError, "must be an nn.Embedding or nn.EmbeddingBag, got Linear")],
+    [
+        ("encoder.nothing", ValueError, "has no submodule 'encoder.nothing'"),
+        ("head", TypeError, "must be an nn.Embedding or nn.EmbeddingBag, got Linear"),
+    ],
 )
 def test_bad_path_fails_at_setup_before_anything_changes(tmp_path, path, error, match):
     torch.manual_seed(0)
@@ -120,7 +122,12 @@ def test_embedding_of_another_model_is_refused_at_setup(tmp_path):
 @pytest.mark.parametrize(
     ("args", "kwargs", "error", "match"),
     [
-        ((3, torch.zeros(2, DIM)), {}, TypeError, "embedding must be an nn.Embedding, an nn.EmbeddingBag or a dotted"),
+        (
+            (3, torch.zeros(2, DIM)),
+            {},
+            TypeError,
+            "embedding must be an nn.Embedding, an nn.EmbeddingBag or a dotted",
+        ),
         (("a..b", torch.zeros(2, DIM)), {}, ValueError, "dotted attribute path"),
         (("", torch.zeros(2, DIM)), {}, ValueError, "dotted attribute path"),
         (("embedding", "weights.pt"), {}, TypeError, "reference must be an nn.Embedding"),
@@ -134,7 +141,12 @@ def test_embedding_of_another_model_is_refused_at_setup(tmp_path):
         (("embedding", torch.zeros(2, DIM)), {"log_key": ""}, TypeError, "log_key"),
         ((nn.Embedding(5, DIM), torch.zeros(2, DIM + 1)), {}, ValueError, "embedding dimension"),
         ((nn.Embedding(5, DIM), torch.zeros(6, DIM)), {}, ValueError, "reference has 6 rows"),
-        ((nn.Embedding(5, DIM), torch.zeros(2, DIM)), {"indices": [0, 5]}, ValueError, r"indices must lie in \[0, 5\)"),
+        (
+            (nn.Embedding(5, DIM), torch.zeros(2, DIM)),
+            {"indices": [0, 5]},
+            ValueError,
+            r"indices must lie in \[0, 5\)",
+        ),
         ((nn.Embedding(5, DIM, max_norm=1.0), torch.zeros(2, DIM)), {}, ValueError, "max_norm"),
         ((nn.Linear(DIM, 5), torch.zeros(2, DIM)), {}, TypeError, "got Linear"),
         ((nn.Embedding(5, DIM), torch.full((2, DIM), float("nan"))), {}, ValueError, "non-finite"),
@@ -163,8 +175,10 @@ def test_tied_head_sees_the_constrained_weight_and_is_tied_again_after_fit(tmp_p
         ties: list[bool] = []
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            self.ties.append(torch.equal(pl_module.head.weight, pl_module.embedding.weight)
-                             and torch.equal(pl_module.head.weight[:VOCAB_OLD], ref.weight))
+            self.ties.append(
+                torch.equal(pl_module.head.weight, pl_module.embedding.weight)
+                and torch.equal(pl_module.head.weight[:VOCAB_OLD], ref.weight)
+            )
 
     tie_probe = TieProbe()
     seen = probe("pytorch_lightning", ref.weight.detach())
@@ -186,7 +200,9 @@ def test_evaluation_stages_run_constrained_and_release(stage, tmp_path):
     torch.manual_seed(0)
     model = Module()
     seen = probe("pytorch_lightning", ref.weight.detach())
-    trainer = pl.Trainer(callbacks=[EmbeddingConstraint(model.embedding, ref), seen], **trainer_kwargs(tmp_path))
+    trainer = pl.Trainer(
+        callbacks=[EmbeddingConstraint(model.embedding, ref), seen], **trainer_kwargs(tmp_path)
+    )
     out = getattr(trainer, stage)(model, loader(batches=1))
     assert [e for e, _, _ in seen.seen] == [{"validate": "validation"}.get(stage, stage)]
     assert all(c and e for _, c, e in seen.seen)
@@ -220,8 +236,14 @@ def test_deviation_is_logged_through_the_trainer_logger(tmp_path):
     from pytorch_lightning.loggers import CSVLogger
 
     logger = CSVLogger(tmp_path, name="run", version=0)
-    fit(PLTinyLM(), [EmbeddingConstraint("embedding", reference())], tmp_path,
-         logger=logger, max_steps=8, log_every_n_steps=1)
+    fit(
+        PLTinyLM(),
+        [EmbeddingConstraint("embedding", reference())],
+        tmp_path,
+        logger=logger,
+        max_steps=8,
+        log_every_n_steps=1,
+    )
     assert isinstance(logger, pl.loggers.Logger)
     with open(tmp_path / "run" / "version_0" / "metrics.csv") as f:
         rows = [r[KEY] for r in csv.DictReader(f) if r.get(KEY)]
@@ -255,8 +277,7 @@ def test_scattered_indices(tmp_path):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             seen_rows.append(torch.equal(pl_module.embedding.weight[indices], ref.weight))
 
-    trainer = fit(model, [EmbeddingConstraint("embedding", ref, indices=indices), Rows()],
-                   tmp_path)
+    trainer = fit(model, [EmbeddingConstraint("embedding", ref, indices=indices), Rows()], tmp_path)
     assert seen_rows == [True] * 3
     assert trainer.callback_metrics[KEY].item() == 0.0
     assert type(model.embedding.weight) is nn.Parameter
@@ -278,8 +299,13 @@ def test_gradient_clipping_sees_only_the_trainable_rows(tmp_path):
     torch.manual_seed(0)
     model = PLTinyLM()
     seen = probe("pytorch_lightning", ref.weight.detach())
-    fit(model, [EmbeddingConstraint("embedding", ref), seen, Grads()], tmp_path,
-         gradient_clip_val=clip, max_steps=4)
+    fit(
+        model,
+        [EmbeddingConstraint("embedding", ref), seen, Grads()],
+        tmp_path,
+        gradient_clip_val=clip,
+        max_steps=4,
+    )
     assert len(norms) >= 3 and all(n <= clip * (1 + 1e-4) for n in norms[1:])
     assert all((VOCAB_NEW - VOCAB_OLD, DIM) in s and s.count((VOCAB_NEW, DIM)) == 1 for s in grad_shapes[1:])
     assert all(c and e for _, c, e in seen.seen)
@@ -290,8 +316,7 @@ def test_bf16_mixed_keeps_pinned_rows_exact(tmp_path):
     torch.manual_seed(0)
     model = PLTinyLM()
     seen = probe("pytorch_lightning", ref.weight.detach())
-    trainer = fit(model, [EmbeddingConstraint("embedding", ref), seen], tmp_path,
-                   precision="bf16-mixed")
+    trainer = fit(model, [EmbeddingConstraint("embedding", ref), seen], tmp_path, precision="bf16-mixed")
     assert all(c and e for _, c, e in seen.seen) and len(seen.weights) == 3
     assert model.embedding.weight.dtype == torch.float32
     assert torch.equal(model.embedding.weight[:VOCAB_OLD], ref.weight)
@@ -326,8 +351,7 @@ def test_checkpoint_loads_into_a_plain_module(tmp_path):
     torch.manual_seed(0)
     model = PLTinyLM(tie=True)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=3, save_top_k=-1)
-    fit(model, [EmbeddingConstraint("embedding", ref), ckpt], tmp_path,
-         enable_checkpointing=True)
+    fit(model, [EmbeddingConstraint("embedding", ref), ckpt], tmp_path, enable_checkpointing=True)
     loaded = PLTinyLM.load_from_checkpoint(tmp_path / "ckpt" / "step=3.ckpt")  # strict by default
     assert not any(is_constrained(m) for m in loaded.modules())
     assert loaded.head.weight is loaded.embedding.weight
@@ -350,16 +374,24 @@ def test_resume_from_checkpoint_is_bit_exact(tmp_path, step_data, stop):
     torch.manual_seed(0)
     full = PLTinyLM(step_data=step_data)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=2, save_top_k=-1)
-    trainer_full = fit(full, [EmbeddingConstraint("embedding", ref), ckpt], tmp_path,
-                        enable_checkpointing=True, max_steps=steps)
+    trainer_full = fit(
+        full,
+        [EmbeddingConstraint("embedding", ref), ckpt],
+        tmp_path,
+        enable_checkpointing=True,
+        max_steps=steps,
+    )
 
     torch.manual_seed(123)  # a different initialization: everything must come from the checkpoint
     resumed = PLTinyLM(step_data=step_data)
     seen = probe("pytorch_lightning", ref.weight.detach())
     pl = PACKAGES["pytorch_lightning"][0]
-    trainer = pl.Trainer(callbacks=[EmbeddingConstraint("embedding", ref), seen],
-                         **trainer_kwargs(tmp_path, max_steps=steps))
-    trainer.fit(resumed, loader(), loader(batches=1, seed=5), ckpt_path=tmp_path / "ckpt" / f"step={stop}.ckpt")
+    trainer = pl.Trainer(
+        callbacks=[EmbeddingConstraint("embedding", ref), seen], **trainer_kwargs(tmp_path, max_steps=steps)
+    )
+    trainer.fit(
+        resumed, loader(), loader(batches=1, seed=5), ckpt_path=tmp_path / "ckpt" / f"step={stop}.ckpt"
+    )
 
     assert len(seen.weights) == steps - stop and all(c and e for _, c, e in seen.seen)
     assert trainer.global_step == trainer_full.global_step == steps
@@ -378,14 +410,16 @@ def test_barebones_trainer_runs_constrained_without_logging(tmp_path):
     torch.manual_seed(0)
     model = PLTinyLM()
     seen = probe("pytorch_lightning", ref.weight.detach())
-    trainer = fit(model, [EmbeddingConstraint("embedding", ref), seen], tmp_path,
-                   barebones=True, num_sanity_val_steps=0)
+    trainer = fit(
+        model, [EmbeddingConstraint("embedding", ref), seen], tmp_path, barebones=True, num_sanity_val_steps=0
+    )
     assert len(seen.weights) == 3 and all(c and e for _, c, e in seen.seen)
     assert KEY not in trainer.callback_metrics
     assert torch.equal(model.embedding.weight[:VOCAB_OLD], ref.weight)
 
 
 # -- an embedding created in configure_model --------------------------------------------------------
+
 
 def test_embedding_created_in_configure_model_is_constrained_before_the_optimizer():
     """The callback constrains an embedding that configure_model creates (when it is assigned),
@@ -414,9 +448,15 @@ def test_embedding_created_in_configure_model_is_constrained_before_the_optimize
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     def fit_lm(model, name):
-        trainer = pl.Trainer(accelerator="cpu", max_steps=2, callbacks=[EmbeddingConstraint(name, ref)],
-                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                             enable_model_summary=False)
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            max_steps=2,
+            callbacks=[EmbeddingConstraint(name, ref)],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
         trainer.fit(model, DataLoader(TensorDataset(torch.randint(0, V, (8,))), batch_size=4))
 
     model = LM("block.tok")
@@ -431,6 +471,7 @@ def test_embedding_created_in_configure_model_is_constrained_before_the_optimize
 
 # -- after fit: no stale (V - n, D) gradient -----------------------------------------------------
 
+
 def test_backward_after_fit_with_the_callback(tmp_path) -> None:
     model = PLTinyLM()
     fit(model, [EmbeddingConstraint(model.embedding, reference())], tmp_path, val=False)
@@ -443,6 +484,7 @@ def test_backward_after_fit_with_the_callback(tmp_path) -> None:
 
 
 # -- optimizer param groups that name the embedding's weight or miss its rows --------------------
+
 
 class _NamedWeightGroups(PLTinyLM):
     def configure_optimizers(self):
@@ -471,11 +513,15 @@ class _NameBasedNoDecay(PLTinyLM):
 
 class _EmbeddingLeftOut(PLTinyLM):
     def configure_optimizers(self):
-        return torch.optim.SGD([p for n, p in self.named_parameters() if not n.startswith("embedding.")], lr=0.1)
+        return torch.optim.SGD(
+            [p for n, p in self.named_parameters() if not n.startswith("embedding.")], lr=0.1
+        )
 
 
-@pytest.mark.parametrize(("cls", "fragment"), [(_NameBasedNoDecay, "param group is empty"),
-                                               (_EmbeddingLeftOut, "in no optimizer param group")])
+@pytest.mark.parametrize(
+    ("cls", "fragment"),
+    [(_NameBasedNoDecay, "param group is empty"), (_EmbeddingLeftOut, "in no optimizer param group")],
+)
 def test_name_based_param_groups_that_miss_the_rows_warn(cls, fragment, tmp_path) -> None:
     model = cls()
     with pytest.warns(UserWarning, match="EmbeddingConstraint: .*" + fragment) as record:

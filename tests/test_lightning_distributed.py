@@ -30,9 +30,14 @@ def test_ddp_two_cpu_processes_keep_pinned_rows_exact_and_agree(tmp_path):
         # broadcast_buffers has nothing to send
         assert r["wrapper"] == "DistributedDataParallel" and r["broadcast_buffers"]
         assert r["buffers"] == []
-        assert ("module.embedding.parametrizations.weight.original", (VOCAB_NEW - VOCAB_OLD, DIM)) in r["params"]
+        assert ("module.embedding.parametrizations.weight.original", (VOCAB_NEW - VOCAB_OLD, DIM)) in r[
+            "params"
+        ]
         assert all(shape != (VOCAB_NEW, DIM) for _, shape in r["params"])  # tied head: no second copy
-        assert sum(torch.Size(s).numel() for _, s in r["params"]) == (VOCAB_NEW - VOCAB_OLD) * DIM + DIM * DIM + DIM
+        assert (
+            sum(torch.Size(s).numel() for _, s in r["params"])
+            == (VOCAB_NEW - VOCAB_OLD) * DIM + DIM * DIM + DIM
+        )
         # released after fit, tie restored, old rows kept
         assert r["weight_type"] == "Parameter" and r["tied"]
         assert torch.equal(r["state"]["embedding.weight"][:VOCAB_OLD], r["reference"])
@@ -57,7 +62,9 @@ def test_two_cpu_processes_constrain_both_embeddings(strategy, tmp_path):
         assert "error" not in rec, rec["error"]
         assert rec["strategy"] == ("DDPStrategy" if strategy == "ddp" else "ModelParallelStrategy")
         # both embeddings constrained before configure_optimizers: only their free rows are trained
-        if strategy == "tp":  # each rank holds its rows (rank 0's 49 rows are all pinned), the head is torch's DTensor
+        if (
+            strategy == "tp"
+        ):  # each rank holds its rows (rank 0's 49 rows are all pinned), the head is torch's DTensor
             free = (0, D) if r == 0 else (V - N, D)
             assert rec["optim_shapes"] == sorted([free, free, (V, D), (V,)])
         else:

@@ -53,8 +53,13 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
     torch.manual_seed(7)
     resumed = PLTinyLM(step_data=True)
     seen = probe("pytorch_lightning", ref.weight.detach())
-    fit(resumed, [EmbeddingConstraint("embedding", ref), seen], tmp_path, max_steps=steps,
-         ckpt_path=tmp_path / "killed" / "step=3.ckpt")
+    fit(
+        resumed,
+        [EmbeddingConstraint("embedding", ref), seen],
+        tmp_path,
+        max_steps=steps,
+        ckpt_path=tmp_path / "killed" / "step=3.ckpt",
+    )
     assert len(seen.weights) == steps - every and all(c and e for _, c, e in seen.seen)
     for key, value in uninterrupted.state_dict().items():
         assert torch.equal(resumed.state_dict()[key], value), key
@@ -91,8 +96,8 @@ def _flip_a_tensor_byte(path: Path, first: bool = False) -> None:
     data = bytearray(path.read_bytes())
     with zipfile.ZipFile(path) as archive:
         info = next(i for i in archive.infolist() if archive.read(i) == weight)
-    name_len = int.from_bytes(data[info.header_offset + 26: info.header_offset + 28], "little")
-    extra_len = int.from_bytes(data[info.header_offset + 28: info.header_offset + 30], "little")
+    name_len = int.from_bytes(data[info.header_offset + 26 : info.header_offset + 28], "little")
+    extra_len = int.from_bytes(data[info.header_offset + 28 : info.header_offset + 30], "little")
     start = info.header_offset + 30 + name_len + extra_len
     data[start if first else start + len(weight) - 1] ^= 0x01
     path.write_bytes(bytes(data))
@@ -124,7 +129,9 @@ def test_corrupted_checkpoint_is_refused(tmp_path):
     path = _checkpoint(tmp_path)
     _flip_a_tensor_byte(path)
     model = PLTinyLM()
-    with pytest.raises(RuntimeError, match=r"cannot resume from checkpoint .*corrupted torch file \(the CRC-32 of its entry"):
+    with pytest.raises(
+        RuntimeError, match=r"cannot resume from checkpoint .*corrupted torch file \(the CRC-32 of its entry"
+    ):
         fit(model, [EmbeddingConstraint("embedding", reference())], tmp_path, ckpt_path=path)
     assert not is_constrained(model.embedding)
 
@@ -169,8 +176,13 @@ def test_on_mismatch_checkpoint_takes_the_pinned_rows_from_the_checkpoint(tmp_pa
         fit(PLTinyLM(), [EmbeddingConstraint("embedding", other)], tmp_path, ckpt_path=path)
     model = PLTinyLM()
     seen = probe("pytorch_lightning", rows)
-    trainer = fit(model, [EmbeddingConstraint("embedding", other, on_mismatch="checkpoint"), seen], tmp_path,
-                   ckpt_path=path, max_steps=4)
+    trainer = fit(
+        model,
+        [EmbeddingConstraint("embedding", other, on_mismatch="checkpoint"), seen],
+        tmp_path,
+        ckpt_path=path,
+        max_steps=4,
+    )
     assert len(seen.weights) == 2 and all(c and e for _, c, e in seen.seen)
     assert torch.equal(model.embedding.weight[:VOCAB_OLD], rows)
     assert trainer.callback_metrics[KEY].item() == 0.0  # measured against the rows it holds
@@ -180,6 +192,10 @@ def test_resuming_an_unconstrained_runs_optimizer_state_is_refused(tmp_path):
     path = _checkpoint(tmp_path, constrained=False)
     model = PLTinyLM()
     with pytest.raises(ValueError, match=r"optimizer state 'exp_avg' for the embedding has shape \(10, 4\)"):
-        fit(model, [EmbeddingConstraint("embedding", reference(), on_mismatch="checkpoint")], tmp_path,
-             ckpt_path=path)
+        fit(
+            model,
+            [EmbeddingConstraint("embedding", reference(), on_mismatch="checkpoint")],
+            tmp_path,
+            ckpt_path=path,
+        )
     assert not is_constrained(model.embedding)

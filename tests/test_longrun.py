@@ -73,7 +73,11 @@ def test_ten_thousand_adamw_steps_keep_pinned_rows_bitwise():
 
 @pytest.mark.parametrize(
     ("module_cls", "kwargs", "scattered"),
-    [(nn.Embedding, {}, False), (nn.EmbeddingBag, {"mode": "mean"}, True), (nn.Embedding, {"sparse": True}, True)],
+    [
+        (nn.Embedding, {}, False),
+        (nn.EmbeddingBag, {"mode": "mean"}, True),
+        (nn.Embedding, {"sparse": True}, True),
+    ],
     ids=["embedding-prefix", "bag-scattered", "sparse-scattered"],
 )
 def test_nothing_accumulates_across_steps(module_cls, kwargs, scattered):
@@ -83,8 +87,11 @@ def test_nothing_accumulates_across_steps(module_cls, kwargs, scattered):
     emb = constrain(module_cls(V, D, **kwargs), reference, indices=indices)
     pinned = list(range(N)) if indices is None else indices.tolist()
     pin = pin_of(emb)
-    opt = (torch.optim.SparseAdam(list(emb.parameters()), lr=1e-2) if kwargs.get("sparse")
-           else torch.optim.AdamW(emb.parameters(), lr=1e-2, weight_decay=0.1))
+    opt = (
+        torch.optim.SparseAdam(list(emb.parameters()), lr=1e-2)
+        if kwargs.get("sparse")
+        else torch.optim.AdamW(emb.parameters(), lr=1e-2, weight_decay=0.1)
+    )
     merged_weights: list[weakref.ref] = []  # every merged weight the parametrization returns
     handle = pin.register_forward_hook(lambda m, args, out: merged_weights.append(weakref.ref(out)))
     graphs: list[weakref.ref] = []

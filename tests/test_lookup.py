@@ -13,7 +13,14 @@ from torch import nn
 
 @pytest.mark.parametrize(
     "kw",
-    [{}, {"padding_idx": 3}, {"padding_idx": 10}, {"padding_idx": -1}, {"scale_grad_by_freq": True}, {"sparse": True}],
+    [
+        {},
+        {"padding_idx": 3},
+        {"padding_idx": 10},
+        {"padding_idx": -1},
+        {"scale_grad_by_freq": True},
+        {"sparse": True},
+    ],
     ids=["plain", "pad_pinned_or_free", "pad_free", "pad_negative", "scale_grad_by_freq", "sparse"],
 )
 def test_embedding_forward_and_gradients_match_plain(kw, layout):
@@ -40,18 +47,31 @@ def _plain_error(cls: type, ids: torch.Tensor, **kwargs) -> type[Exception]:
 
 
 @pytest.mark.parametrize("ids", [[-1], [2, -V], [V], [-V - 1]], ids=str)
-@pytest.mark.parametrize(("cls", "kwargs"), [(nn.Embedding, {}), (nn.Embedding, {"padding_idx": 1}),
-                                             (nn.EmbeddingBag, {}), (nn.EmbeddingBag, {"padding_idx": 1})],
-                         ids=["Embedding", "Embedding-padding", "EmbeddingBag", "EmbeddingBag-padding"])
+@pytest.mark.parametrize(
+    ("cls", "kwargs"),
+    [
+        (nn.Embedding, {}),
+        (nn.Embedding, {"padding_idx": 1}),
+        (nn.EmbeddingBag, {}),
+        (nn.EmbeddingBag, {"padding_idx": 1}),
+    ],
+    ids=["Embedding", "Embedding-padding", "EmbeddingBag", "EmbeddingBag-padding"],
+)
 def test_out_of_range_ids_raise_like_plain_torch(layout, cls, kwargs, ids) -> None:
     emb = constrained(layout.indices, cls, **kwargs)
     with pytest.raises(_plain_error(cls, torch.tensor([ids]), **kwargs)):
         emb(torch.tensor([ids]))
 
 
-@pytest.mark.parametrize("fn", [pytest.param(lambda w: F.embedding(torch.tensor([-1]), w), id="F.embedding"),
-                                pytest.param(lambda w: F.embedding_bag(torch.tensor([-1]), w, torch.tensor([0])),
-                                             id="F.embedding_bag-offsets")])
+@pytest.mark.parametrize(
+    "fn",
+    [
+        pytest.param(lambda w: F.embedding(torch.tensor([-1]), w), id="F.embedding"),
+        pytest.param(
+            lambda w: F.embedding_bag(torch.tensor([-1]), w, torch.tensor([0])), id="F.embedding_bag-offsets"
+        ),
+    ],
+)
 def test_negative_ids_raise_in_functional_calls(fn) -> None:
     emb = constrained(SCATTERED)
     with pytest.raises((IndexError, RuntimeError)):

@@ -20,8 +20,15 @@ OLD, NEW, DIM = 20, 24, 8
 
 def _llama(tied: bool = False, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=OLD, hidden_size=DIM, intermediate_size=16, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tied)
+    cfg = transformers.LlamaConfig(
+        vocab_size=OLD,
+        hidden_size=DIM,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
+    )
     model = transformers.LlamaForCausalLM(cfg)
     model.resize_token_embeddings(NEW, mean_resizing=False)
     return model
@@ -33,8 +40,14 @@ def _lora(model: nn.Module, **kw) -> nn.Module:
 
 def _bert(tied: bool = False) -> nn.Module:
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=OLD, hidden_size=DIM, num_hidden_layers=1, num_attention_heads=2,
-                                  intermediate_size=16, tie_word_embeddings=tied)
+    cfg = transformers.BertConfig(
+        vocab_size=OLD,
+        hidden_size=DIM,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        tie_word_embeddings=tied,
+    )
     model = transformers.BertForMaskedLM(cfg)
     model.resize_token_embeddings(NEW, mean_resizing=False)
     with torch.no_grad():
@@ -79,8 +92,12 @@ def test_bert_untied_head_with_a_shared_bias_trains_new_rows_only():
         p.requires_grad_(True)
     _steps(model, params)
     trained = _snapshot(model)
-    for key in ("bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight",
-                "cls.predictions.decoder.bias", "cls.predictions.bias"):
+    for key in (
+        "bert.embeddings.word_embeddings.weight",
+        "cls.predictions.decoder.weight",
+        "cls.predictions.decoder.bias",
+        "cls.predictions.bias",
+    ):
         assert torch.equal(trained[key][:OLD], plain[key][:OLD]), key
         assert not torch.equal(trained[key][OLD:], plain[key][OLD:]), key
     assert torch.equal(trained["cls.predictions.bias"], trained["cls.predictions.decoder.bias"])
@@ -113,8 +130,11 @@ def test_bert_saves_and_loads_as_the_same_plain_model(tmp_path, tied):
 def test_constrain_an_output_head_whose_bias_another_module_holds():
     model = _bert()
     head = model.cls.predictions.decoder
-    with pytest.raises(RuntimeError, match=r"embedding\.bias is shared with BertLMPredictionHead\.bias .*pass "
-                                           r"root=<the model>"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"embedding\.bias is shared with BertLMPredictionHead\.bias .*pass "
+        r"root=<the model>",
+    ):
         constrain(head, head.weight.detach()[:OLD])
     assert not is_constrained(head)
     constrain(head, head.weight.detach()[:OLD], root=model)  # the advice works
@@ -150,8 +170,11 @@ def test_peft_model_resize_and_tie_weights_are_guarded(tied):
     constrain_new_tokens(model, OLD)
     before = _snapshot(model)
     for call in (model.resize_token_embeddings, model.get_base_model().resize_token_embeddings):
-        with pytest.raises(RuntimeError, match=r"resize_token_embeddings\(\) would replace the weight of a constrained "
-                                               r"embedding; call embconstraint\.release\(model\) first"):
+        with pytest.raises(
+            RuntimeError,
+            match=r"resize_token_embeddings\(\) would replace the weight of a constrained "
+            r"embedding; call embconstraint\.release\(model\) first",
+        ):
             call(NEW + 4)
     model.tie_weights()  # checks that every tie holds
     model.get_base_model().tie_weights()
@@ -164,18 +187,30 @@ def test_peft_model_resize_and_tie_weights_are_guarded(tied):
 # -- PEFT layers on the embedding or the head -----------------------------------------------------------
 
 
-@pytest.mark.parametrize(("config", "message"), [
-    (dict(target_modules=["q_proj", "embed_tokens"]),
-     r"model\.get_input_embeddings\(\) is a PEFT adapter layer \(peft\.tuners\.lora\.layer\.Embedding\) around the "
-     r"Embedding .* adds its own update \(LoRA's B @ A\) to every row, pinned rows included.* Leave the embedding "
-     r"and the output head out of target_modules"),
-    (dict(target_modules=["q_proj", "lm_head"]),
-     r"model\.get_output_embeddings\(\) is a PEFT adapter layer \(peft\.tuners\.lora\.layer\.Linear\)"),
-    (dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"]),
-     r"ModulesToSaveWrapper \(the module is in modules_to_save\): PEFT trains a full copy of the table"),
-    (dict(target_modules=["q_proj"], trainable_token_indices=[21, 22]),
-     r"TrainableTokensWrapper \(trainable_token_indices\): PEFT already trains those rows"),
-], ids=["lora embed_tokens", "lora lm_head", "modules_to_save", "trainable tokens"])
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (
+            dict(target_modules=["q_proj", "embed_tokens"]),
+            r"model\.get_input_embeddings\(\) is a PEFT adapter layer \(peft\.tuners\.lora\.layer\.Embedding\) around the "
+            r"Embedding .* adds its own update \(LoRA's B @ A\) to every row, pinned rows included.* Leave the embedding "
+            r"and the output head out of target_modules",
+        ),
+        (
+            dict(target_modules=["q_proj", "lm_head"]),
+            r"model\.get_output_embeddings\(\) is a PEFT adapter layer \(peft\.tuners\.lora\.layer\.Linear\)",
+        ),
+        (
+            dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"]),
+            r"ModulesToSaveWrapper \(the module is in modules_to_save\): PEFT trains a full copy of the table",
+        ),
+        (
+            dict(target_modules=["q_proj"], trainable_token_indices=[21, 22]),
+            r"TrainableTokensWrapper \(trainable_token_indices\): PEFT already trains those rows",
+        ),
+    ],
+    ids=["lora embed_tokens", "lora lm_head", "modules_to_save", "trainable tokens"],
+)
 def test_peft_layers_on_the_embedding_or_head_are_refused(config, message):
     model = peft.get_peft_model(_llama(), peft.LoraConfig(r=2, **config))
     before = _snapshot(model)
@@ -264,7 +299,9 @@ def _trained_peft(tied: bool = False) -> nn.Module:
 def test_save_pretrained_writes_the_rows_and_load_adapter_reads_them(tmp_path):
     model = _trained_peft()
     model.save_pretrained(tmp_path / "adapter")
-    assert (tmp_path / "adapter" / ROWS_FILE).is_file() and (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "adapter" / ROWS_FILE).is_file() and (
+        tmp_path / "adapter" / "adapter_model.safetensors"
+    ).is_file()
     fresh = _lora(_llama(seed=0))
     constrain_new_tokens(fresh, OLD)
     fresh.load_adapter(tmp_path / "adapter", "default")  # the adapter and the rows of that folder
@@ -283,14 +320,18 @@ def test_load_adapter_checks_the_rows_before_loading_the_adapter(tmp_path):
     before = _snapshot(other)
     with pytest.raises(ValueError, match="SHA-256 fingerprint mismatch"):
         other.load_adapter(tmp_path / "adapter", "default")
-    assert all(torch.equal(v, before[k]) for k, v in _snapshot(other).items())  # the adapter did not load either
+    assert all(
+        torch.equal(v, before[k]) for k, v in _snapshot(other).items()
+    )  # the adapter did not load either
 
 
 @pytest.mark.parametrize("how", ["merge_and_unload", "unload"])
 def test_merge_and_unload_keep_the_rows(how):
     model = _trained_peft()
-    tables = [model.get_input_embeddings().weight.detach().clone(),
-              model.get_output_embeddings().weight.detach().clone()]
+    tables = [
+        model.get_input_embeddings().weight.detach().clone(),
+        model.get_output_embeddings().weight.detach().clone(),
+    ]
     logits = _logits(model)
     base = getattr(model, how)()
     assert is_constrained(base.get_input_embeddings()) and is_constrained(base.get_output_embeddings())

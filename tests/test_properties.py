@@ -24,8 +24,12 @@ from torch import nn
 
 from embconstraint import constrain, is_constrained, merged_state_dict, release
 
-SETTINGS = settings(max_examples=40, deadline=None, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = settings(
+    max_examples=40,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 # Free rows: the reference optimizer runs the same arithmetic on the same gradients, so the
@@ -109,15 +113,31 @@ def problems(draw, module_cls: type) -> Problem:
     elif module_cls is nn.Embedding and draw(st.booleans()):
         # (EmbeddingBag's own CPU kernel scales by a wrong count, pytorch/pytorch#190063: test_bag covers it)
         kwargs["scale_grad_by_freq"] = True
-    return Problem(num_rows, dim, pinned, indices, dtype, ref_dtype, module_cls, kwargs, optimizer,
-                   steps=draw(st.integers(1, 4)), seed=draw(st.integers(0, 2**16)),
-                   weighted=weighted, offsets=offsets)
+    return Problem(
+        num_rows,
+        dim,
+        pinned,
+        indices,
+        dtype,
+        ref_dtype,
+        module_cls,
+        kwargs,
+        optimizer,
+        steps=draw(st.integers(1, 4)),
+        seed=draw(st.integers(0, 2**16)),
+        weighted=weighted,
+        offsets=offsets,
+    )
 
 
 def _batch(p: Problem, gen: torch.Generator) -> dict[str, torch.Tensor | None]:
     shape = (12,) if p.offsets else (3, 4)
     x = torch.randint(0, p.num_rows, shape, generator=gen)
-    psw = torch.rand(shape, generator=gen, dtype=torch.float64).to(p.dtype).requires_grad_() if p.weighted else None
+    psw = (
+        torch.rand(shape, generator=gen, dtype=torch.float64).to(p.dtype).requires_grad_()
+        if p.weighted
+        else None
+    )
     if p.module_cls is nn.Embedding:
         return {"input": x}
     if p.offsets:  # 1-D input with offsets, an empty bag included
@@ -137,8 +157,9 @@ def _sparse_free_grad(grad: torch.Tensor, free: list[int], num_rows: int) -> tor
     pos[free] = torch.arange(len(free))
     rows = pos[grad.indices()[0]]
     keep = rows >= 0
-    return torch.sparse_coo_tensor(rows[keep].unsqueeze(0), grad.values()[keep], (len(free), grad.shape[1]),
-                                   check_invariants=True)
+    return torch.sparse_coo_tensor(
+        rows[keep].unsqueeze(0), grad.values()[keep], (len(free), grad.shape[1]), check_invariants=True
+    )
 
 
 class _Reference:
@@ -193,11 +214,14 @@ def _run(p: Problem) -> None:
     rtol, atol = TOLERANCE[p.dtype]
     for step in range(p.steps):
         batch = _batch(p, gen)
-        ref_batch = {k: v.detach().clone().requires_grad_(v.requires_grad) if torch.is_tensor(v) else v
-                     for k, v in batch.items()}
+        ref_batch = {
+            k: v.detach().clone().requires_grad_(v.requires_grad) if torch.is_tensor(v) else v
+            for k, v in batch.items()
+        }
         out = emb(**batch)
         upstream = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(
-            torch.float32 if p.dtype == torch.bfloat16 else p.dtype)
+            torch.float32 if p.dtype == torch.bfloat16 else p.dtype
+        )
         ref_out = ref.step(ref_batch, upstream)
         if step == 0:  # same weights so far: the same forward, bitwise
             assert torch.equal(out, ref_out)
@@ -205,8 +229,9 @@ def _run(p: Problem) -> None:
         _loss(out, upstream).backward()
         opt.step()
         if p.weighted:  # the gradient of per_sample_weights is the plain module's
-            torch.testing.assert_close(batch["per_sample_weights"].grad, ref_batch["per_sample_weights"].grad,
-                                       rtol=rtol, atol=atol)
+            torch.testing.assert_close(
+                batch["per_sample_weights"].grad, ref_batch["per_sample_weights"].grad, rtol=rtol, atol=atol
+            )
         weight = emb.weight.detach()
         assert torch.equal(weight[p.pinned], reference.to(p.dtype)), f"pinned rows moved at step {step}"
         torch.testing.assert_close(weight[p.free], ref.free.detach(), rtol=rtol, atol=atol)
@@ -259,8 +284,12 @@ def test_embedding_bag_trains_like_the_reference(p: Problem) -> None:
 
 
 @settings(max_examples=30, deadline=None, database=None)
-@given(st.integers(1, 10).flatmap(lambda v: st.tuples(st.just(v), st.integers(1, 4), _pinned_rows(v))),
-       st.sampled_from(DTYPES), st.integers(0, 2**16), st.data())
+@given(
+    st.integers(1, 10).flatmap(lambda v: st.tuples(st.just(v), st.integers(1, 4), _pinned_rows(v))),
+    st.sampled_from(DTYPES),
+    st.integers(0, 2**16),
+    st.data(),
+)
 def test_plain_checkpoints_load_free_rows_and_check_pinned_rows(shape, dtype, seed, data) -> None:
     """A plain (V, D) checkpoint loads its free rows exactly; any change to one pinned value is
     refused with nothing changed, unless on_mismatch="checkpoint", which adopts it."""
@@ -282,15 +311,20 @@ def test_plain_checkpoints_load_free_rows_and_check_pinned_rows(shape, dtype, se
     with pytest.raises(RuntimeError, match="would change pinned rows"):
         emb.load_state_dict({"weight": bad})
     assert torch.equal(emb.weight, before)
-    adopt = constrain(nn.Embedding(num_rows, dim, dtype=dtype), reference, indices=indices,
-                      on_mismatch="checkpoint")
+    adopt = constrain(
+        nn.Embedding(num_rows, dim, dtype=dtype), reference, indices=indices, on_mismatch="checkpoint"
+    )
     adopt.load_state_dict({"weight": bad})
     assert torch.equal(adopt.weight, bad)
 
 
 @settings(max_examples=30, deadline=None, database=None)
-@given(st.integers(1, 10).flatmap(lambda v: st.tuples(st.just(v), st.integers(1, 4), _pinned_rows(v))),
-       st.integers(0, 3), st.sampled_from(["module", "weight"]), st.integers(0, 2**16))
+@given(
+    st.integers(1, 10).flatmap(lambda v: st.tuples(st.just(v), st.integers(1, 4), _pinned_rows(v))),
+    st.integers(0, 3),
+    st.sampled_from(["module", "weight"]),
+    st.integers(0, 2**16),
+)
 def test_a_constrained_embedding_is_a_reference_in_user_order(shape, extra, form, seed) -> None:
     """A constrained embedding (any layout) used as the reference of a bigger one, or loaded as a
     live weight, stands for its merged weight in user order."""

@@ -46,6 +46,7 @@ def test_release_walks_a_model():
 
 # -- gradients and optimizers --------------------------------------------------------------------
 
+
 def _full_grad(weight: torch.Tensor) -> torch.Tensor:
     """The (V, D) gradient of ``loss_of`` at ``weight``, computed on a plain embedding."""
     plain = nn.Embedding.from_pretrained(weight.detach().clone(), freeze=False)

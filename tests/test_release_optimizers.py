@@ -45,6 +45,7 @@ def _closure(module: nn.Module, opt: torch.optim.Optimizer):
         loss = _loss(module, 0)
         loss.backward()
         return loss
+
     return closure
 
 
@@ -89,8 +90,9 @@ def test_adafactor_row_statistics_are_widened(name, dim):
     plain = nn.Embedding.from_pretrained(emb.weight.detach().clone(), freeze=False)
     plain_opt = ADAFACTORS[name](plain.parameters())
     state = opt.state_dict()
-    state["state"] = {0: {k: _spread(v) if k in (ROW_KEY[name], "exp_avg") else copy.deepcopy(v)
-                          for k, v in before.items()}}
+    state["state"] = {
+        0: {k: _spread(v) if k in (ROW_KEY[name], "exp_avg") else copy.deepcopy(v) for k, v in before.items()}
+    }
     plain_opt.load_state_dict(state)
 
     release(emb, optimizer=opt)
@@ -152,11 +154,17 @@ class _Odd(torch.optim.Optimizer):
                 p.add_(p.grad, alpha=-group["lr"])
 
 
-@pytest.mark.parametrize(("kind", "message"), [
-    ("blocks", r"release: _Odd's state 'absmax' has shape \(2,\), neither one entry per free row \(the free rows "
-               r"are \(4, 3\)\) nor a scalar"),
-    ("list", "release: _Odd keeps state 'history' as a list of tensors, which cannot be widened"),
-])
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        (
+            "blocks",
+            r"release: _Odd's state 'absmax' has shape \(2,\), neither one entry per free row \(the free rows "
+            r"are \(4, 3\)\) nor a scalar",
+        ),
+        ("list", "release: _Odd keeps state 'history' as a list of tensors, which cannot be widened"),
+    ],
+)
 def test_a_state_that_cannot_be_widened_is_refused(kind, message):
     emb = _emb(3)
     other = nn.Parameter(torch.zeros(2))
@@ -190,8 +198,10 @@ def test_zero_redundancy_optimizer_is_refused():
         opt = ZeroRedundancyOptimizer(list(emb.parameters()), optimizer_class=torch.optim.Adam, lr=0.1)
         _train(emb, opt, range(2))
         weight = emb.weight.detach().clone()
-        with pytest.raises(ValueError, match="release: ZeroRedundancyOptimizer partitions its parameters across "
-                                             "ranks by their size"):
+        with pytest.raises(
+            ValueError,
+            match="release: ZeroRedundancyOptimizer partitions its parameters across ranks by their size",
+        ):
             release(emb, optimizer=opt)
         assert is_constrained(emb) and torch.equal(emb.weight, weight)
         _train(emb, opt, range(2, 3))  # still usable

@@ -26,9 +26,18 @@ def _llama(tied: bool = True, seed: int = 0) -> nn.Module:
     from the global RNG."""
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=OLD, hidden_size=DIM, intermediate_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tied,
-                                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    config = transformers.LlamaConfig(
+        vocab_size=OLD,
+        hidden_size=DIM,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
     model = transformers.LlamaForCausalLM(config)
     torch.random.set_rng_state(state)
     model.resize_token_embeddings(OLD + NEW, mean_resizing=False)
@@ -162,7 +171,9 @@ def test_load_rows_refusals_change_nothing(tmp_path):
     bigger = _llama()
     bigger.resize_token_embeddings(OLD + NEW + 1, mean_resizing=False)
     _refused(bigger, path, r"model\.embed_tokens\.weight has shape \(47, 16\) in the model, .*\(46, 16\)")
-    _refused(nn.Sequential(nn.Embedding(OLD + NEW, DIM)), path, "the model has no module 'model.embed_tokens'")
+    _refused(
+        nn.Sequential(nn.Embedding(OLD + NEW, DIM)), path, "the model has no module 'model.embed_tokens'"
+    )
     fewer = _llama()
     constrain_input_embeddings(fewer, OLD - 1)
     _refused(fewer, path, "constrained with 7 free rows in the model, other than the file's 6 free rows")
@@ -176,12 +187,23 @@ def test_load_rows_refuses_an_untied_head_entry_for_a_tied_model_and_missing_wei
     torch.manual_seed(0)
     holder = nn.ModuleDict({"lm_head": constrain(nn.Embedding(OLD + NEW, DIM), torch.zeros(OLD, DIM))})
     save_rows(holder, head_file)
-    _refused(_llama_constrained_copy(_llama()), head_file, "lm_head.weight is tied to a constrained embedding")
+    _refused(
+        _llama_constrained_copy(_llama()), head_file, "lm_head.weight is tied to a constrained embedding"
+    )
     # a constrained weight the file does not hold
-    two = nn.ModuleDict({"model": nn.ModuleDict({"embed_tokens": constrain(nn.Embedding(OLD + NEW, DIM),
-                                                                             _emb(emb)[:OLD])}),
-                         "extra": constrain(nn.Embedding(4, 2), torch.zeros(2, 2))})
-    _refused(two, tmp_path / "emb.safetensors", r"constrained weight\(s\) \['extra.weight'\] are not in the rows file")
+    two = nn.ModuleDict(
+        {
+            "model": nn.ModuleDict(
+                {"embed_tokens": constrain(nn.Embedding(OLD + NEW, DIM), _emb(emb)[:OLD])}
+            ),
+            "extra": constrain(nn.Embedding(4, 2), torch.zeros(2, 2)),
+        }
+    )
+    _refused(
+        two,
+        tmp_path / "emb.safetensors",
+        r"constrained weight\(s\) \['extra.weight'\] are not in the rows file",
+    )
 
 
 def test_bad_files(tmp_path):
@@ -191,11 +213,15 @@ def test_bad_files(tmp_path):
     with pytest.raises(ValueError, match="a rows file is a .safetensors file, got extension '.pt'"):
         load_rows(emb, tmp_path / "rows.pt")
     from safetensors.torch import save_file
+
     save_file({"weight": torch.zeros(2, 2)}, str(tmp_path / "plain.safetensors"))
     with pytest.raises(ValueError, match="has no 'embconstraint_rows' metadata: not written by save_rows"):
         load_rows(emb, tmp_path / "plain.safetensors")
-    save_file({"weight": torch.zeros(2, 2), "weight.free_rows": torch.tensor([3, 3])}, str(tmp_path / "bad.safetensors"),
-              metadata={METADATA_KEY: json.dumps({"weight": {"num_rows": 4, "sha256": "0"}})})
+    save_file(
+        {"weight": torch.zeros(2, 2), "weight.free_rows": torch.tensor([3, 3])},
+        str(tmp_path / "bad.safetensors"),
+        metadata={METADATA_KEY: json.dumps({"weight": {"num_rows": 4, "sha256": "0"}})},
+    )
     with pytest.raises(ValueError, match="entry 'weight' has inconsistent rows"):
         load_rows(emb, tmp_path / "bad.safetensors")
     with pytest.raises(TypeError, match="module must be an nn.Module, got Parameter"):
@@ -210,17 +236,42 @@ def test_extract_rows_matches_save_rows_and_the_cli(tmp_path):
     release(model)
     model.save_pretrained(tmp_path / "full")
     weights = tmp_path / "full" / "model.safetensors"
-    assert extract_rows(weights, tmp_path / "x.safetensors", num_pinned=OLD, keys=["model.embed_tokens.weight"]) \
-        == ["model.embed_tokens.weight"]
-    assert main(["rows", str(weights), str(tmp_path / "cli.safetensors"), "--pinned", str(OLD),
-                 "--key", "model.embed_tokens.weight"]) == 0
+    assert extract_rows(
+        weights, tmp_path / "x.safetensors", num_pinned=OLD, keys=["model.embed_tokens.weight"]
+    ) == ["model.embed_tokens.weight"]
+    assert (
+        main(
+            [
+                "rows",
+                str(weights),
+                str(tmp_path / "cli.safetensors"),
+                "--pinned",
+                str(OLD),
+                "--key",
+                "model.embed_tokens.weight",
+            ]
+        )
+        == 0
+    )
     with safe_open(str(tmp_path / "saved.safetensors"), "pt") as a:
         for other in ("x.safetensors", "cli.safetensors"):
             with safe_open(str(tmp_path / other), "pt") as b:
                 assert a.metadata()[METADATA_KEY] == b.metadata()[METADATA_KEY]
                 assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
-    assert main(["rows", str(weights), str(tmp_path / "e.safetensors"), "--pinned", "999",
-                 "--key", "model.embed_tokens.weight"]) == 2
+    assert (
+        main(
+            [
+                "rows",
+                str(weights),
+                str(tmp_path / "e.safetensors"),
+                "--pinned",
+                "999",
+                "--key",
+                "model.embed_tokens.weight",
+            ]
+        )
+        == 2
+    )
     with pytest.raises(ValueError, match=r"num_pinned must lie in \[0, 46\]"):
         extract_rows(weights, tmp_path / "e.safetensors", num_pinned=-1, keys=["model.embed_tokens.weight"])
 
@@ -254,7 +305,9 @@ def test_untied_new_tokens_with_peft_save_both_tables(tmp_path):
     from embconstraint.hf import constrain_new_tokens
 
     torch.manual_seed(1)
-    wrapped = peft.get_peft_model(_llama(tied=False), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    wrapped = peft.get_peft_model(
+        _llama(tied=False), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"])
+    )
     constrain_new_tokens(wrapped, OLD)
     _train(wrapped)
     path = tmp_path / "rows.safetensors"
@@ -263,6 +316,8 @@ def test_untied_new_tokens_with_peft_save_both_tables(tmp_path):
     torch.manual_seed(9)
     base = _llama(tied=False)
     load_rows(base, path)
-    for a, b in ((base.get_input_embeddings(), wrapped.get_input_embeddings()),
-                 (base.get_output_embeddings(), wrapped.get_output_embeddings())):
+    for a, b in (
+        (base.get_input_embeddings(), wrapped.get_input_embeddings()),
+        (base.get_output_embeddings(), wrapped.get_output_embeddings()),
+    ):
         assert torch.equal(a.weight, b.weight)

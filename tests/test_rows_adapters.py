@@ -76,8 +76,9 @@ def _same(a: dict, b: dict) -> bool:
 # -- precision -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model_dtype", [torch.bfloat16, torch.float16, torch.float64],
-                         ids=["bf16", "fp16", "fp64"])
+@pytest.mark.parametrize(
+    "model_dtype", [torch.bfloat16, torch.float16, torch.float64], ids=["bf16", "fp16", "fp64"]
+)
 def test_a_float32_file_loads_onto_the_same_base_in_another_precision(tmp_path, model_dtype):
     path, trained = _file(tmp_path, "a", A_ROWS, seed=1)
     model = _base().to(model_dtype)  # the same base, another precision
@@ -106,8 +107,12 @@ def test_the_fingerprint_still_holds_across_precisions(tmp_path):
 def test_float16_and_bfloat16_cannot_be_compared(tmp_path):
     path, _ = _file(tmp_path, "a", A_ROWS, seed=1, dtype=torch.float16)
     model = _base(torch.bfloat16)
-    _refused(model, path, r"emb\.weight is torch\.bfloat16 in the model, the file holds torch\.float16 "
-                          r"and no fingerprint of its pinned rows in torch\.bfloat16")
+    _refused(
+        model,
+        path,
+        r"emb\.weight is torch\.bfloat16 in the model, the file holds torch\.float16 "
+        r"and no fingerprint of its pinned rows in torch\.bfloat16",
+    )
 
 
 def test_a_float32_file_onto_a_constrained_bfloat16_model(tmp_path):
@@ -131,7 +136,7 @@ def test_files_with_disjoint_rows_stack_in_any_order(tmp_path, order):
     b, trained_b = _file(tmp_path, "b", B_ROWS, seed=2)
     model = _base()
     base = _state(model)
-    for path in ([a, b] if order == "ab" else [b, a]):
+    for path in [a, b] if order == "ab" else [b, a]:
         load_rows(model, path)
     assert _same(_state(model), _expected(base, (trained_a, A_ROWS), (trained_b, B_ROWS)))
     assert list(loaded_rows(model)) == [str(p.resolve()) for p in ([a, b] if order == "ab" else [b, a])]
@@ -173,8 +178,12 @@ def test_a_partial_overlap_is_refused(tmp_path):
     c, _ = _file(tmp_path, "c", [9, 10], seed=4)
     model = _base()
     load_rows(model, a)
-    _refused(model, c, r"rows of emb\.weight in .*c\.safetensors' overlap rows loaded from "
-                          r".*a\.safetensors' \(not the same rows\); unload_rows")
+    _refused(
+        model,
+        c,
+        r"rows of emb\.weight in .*c\.safetensors' overlap rows loaded from "
+        r".*a\.safetensors' \(not the same rows\); unload_rows",
+    )
 
 
 def test_stacking_still_checks_the_base(tmp_path):

@@ -125,7 +125,9 @@ def test_head_split_storage_matches_the_aliased_head(layout, tied):
             model = nn.ModuleDict({"emb": emb, "head": head})
             constrain(emb, torch.randn(N, D), root=model, indices=layout.indices)
         else:
-            model = nn.ModuleDict({"emb": emb, "head": constrain(head, torch.randn(N, D), indices=layout.indices)})
+            model = nn.ModuleDict(
+                {"emb": emb, "head": constrain(head, torch.randn(N, D), indices=layout.indices)}
+            )
         return model
 
     aliased, split = build(), build()
@@ -147,8 +149,9 @@ def test_head_split_storage_matches_the_aliased_head(layout, tied):
         with Shapes() as probe:
             out = model["head"](x)
             out.pow(2).sum().backward()
-        outs.append((out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None],
-                     probe.seen[:]))
+        outs.append(
+            (out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None], probe.seen[:])
+        )
         Shapes.seen = []
     (a, ga, _), (s, gs, seen) = outs
     assert torch.allclose(a, s, rtol=0, atol=1e-6)
@@ -158,6 +161,7 @@ def test_head_split_storage_matches_the_aliased_head(layout, tied):
 
 
 # -- FSDP2 on 2 CPU processes ---------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
@@ -184,8 +188,12 @@ def test_pinned_rows_exact_and_free_rows_match_one_process(ranks, sizes):
 @pytest.mark.distributed
 def test_only_free_rows_are_sharded_and_communicated(ranks, sizes):
     v, d, h = sizes["V"], sizes["D"], sizes["H"]
-    pinned = (sizes["N_TOK"] + sizes["N_BAG"]) * d  # pinned elements of the embeddings (each its own FSDP unit)
-    pinned_head = sizes["N_HEAD"] * h  # pinned elements of the head (in the root unit, not resharded after forward)
+    pinned = (
+        sizes["N_TOK"] + sizes["N_BAG"]
+    ) * d  # pinned elements of the embeddings (each its own FSDP unit)
+    pinned_head = (
+        sizes["N_HEAD"] * h
+    )  # pinned elements of the head (in the root unit, not resharded after forward)
     for r in ranks:
         params = dict(r["fsdp_params"])
         assert params["tok.parametrizations.weight.original"] == (v - sizes["N_TOK"], d)
@@ -193,7 +201,11 @@ def test_only_free_rows_are_sharded_and_communicated(ranks, sizes):
         assert params["head.parametrizations.weight.original"] == (v - sizes["N_HEAD"], h)
         # the free rows are sharded on rows (tok, the default) or on columns (bag, shard_placement_fn)
         assert r["placements"] == {"tok": "(Shard(dim=0),)", "bag": "(Shard(dim=1),)"}
-        assert r["storage"] == ["split", "split", "split"]  # the (V, D) tables were dropped: no unsharded copy
+        assert r["storage"] == [
+            "split",
+            "split",
+            "split",
+        ]  # the (V, D) tables were dropped: no unsharded copy
         # forward sees FSDP's all-gathered plain free rows, never the sharded DTensor
         assert r["free_in_forward"] == ["Parameter"] * (2 * sizes["STEPS"])
         for plain, con in zip(r["plain"], r["constrained"], strict=True):
@@ -217,7 +229,11 @@ def test_full_and_sharded_state_dicts(ranks, sizes):
         assert r["read_weights"] is True
         assert r["full_state_dict"]["keys"] == (keys if r["rank"] == 0 else [])  # cpu_offload: rank 0 only
         assert r["full_state_dict"]["plain_load_equal"] is True  # loads into the plain model, bitwise
-        assert r["sharded_state_dict"] == {"keys": keys, "types": ["DTensor"], "tok_shape": (sizes["V"], sizes["D"])}
+        assert r["sharded_state_dict"] == {
+            "keys": keys,
+            "types": ["DTensor"],
+            "tok_shape": (sizes["V"], sizes["D"]),
+        }
         assert r["set_full_state_dict"] is True
         assert r["set_sharded_state_dict"] is True
 
@@ -236,4 +252,3 @@ def test_constrain_after_fully_shard_is_refused(ranks):
     for r in ranks:
         msg = r["bad_input"]
         assert msg.startswith("ValueError") and "fully_shard" in msg and msg.endswith("unchanged=True"), msg
-

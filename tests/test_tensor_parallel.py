@@ -61,7 +61,9 @@ def test_1d_each_rank_holds_and_trains_its_rows(one_d):
         assert params["tok.parametrizations.weight.original"] == (free_tok[rank], d)
         assert params["head.parametrizations.weight.original"] == (free_head[rank], h)
         assert params["head.parametrizations.bias.original"] == (free_head[rank],)
-        assert all(kind == "Parameter" for _, _, kind in r["params"])  # plain: this rank's rows, not a DTensor
+        assert all(
+            kind == "Parameter" for _, _, kind in r["params"]
+        )  # plain: this rank's rows, not a DTensor
 
 
 def test_1d_only_activations_are_communicated(one_d):
@@ -96,7 +98,10 @@ def test_refusals(one_d):
         ref = r["refusals"]
         # torch's own styles on a constrained module: torch's KeyError (embconstraint.parallel's styles work)
         assert ref["torch_style_on_constrained"].startswith("KeyError"), ref
-        assert ref["colwise_embedding"].startswith("NotImplementedError") and "RowwiseParallel" in ref["colwise_embedding"]
+        assert (
+            ref["colwise_embedding"].startswith("NotImplementedError")
+            and "RowwiseParallel" in ref["colwise_embedding"]
+        )
         msg = ref["constrain_shard1"]
         assert msg.startswith("ValueError") and "Shard(dim=1)" in msg and msg.endswith("unchanged=True"), msg
         assert ref["release"].startswith("RuntimeError") and "tensor parallelism" in ref["release"]
@@ -124,7 +129,10 @@ def test_2d_fsdp_and_tensor_parallel(two_d):
                 assert s["reduce_scatter"] == tok + root
         # fully_shard shards this rank's free rows only: the pinned ones are neither gathered nor reduced
         free = {n: s for n, s in r["tp_local"].items() if "parametrizations" in n}
-        assert set(free) == {"tok.parametrizations.weight.original", "head.parametrizations.weight.original",
-                             "head.parametrizations.bias.original"}
+        assert set(free) == {
+            "tok.parametrizations.weight.original",
+            "head.parametrizations.weight.original",
+            "head.parametrizations.bias.original",
+        }
         for plain, con in zip(r["plain"], r["fsdp_tp"], strict=True):
             assert con["functional"] == plain["functional"]

@@ -26,8 +26,11 @@ def test_torch_func_per_sample_grads(layout, kind) -> None:
     from torch.func import functional_call, grad, vmap
 
     module = _FUNC_MODULES[kind](layout.indices)
-    inputs = torch.randn(len(IDS), D, generator=torch.Generator().manual_seed(2)) if kind == "Linear head" \
+    inputs = (
+        torch.randn(len(IDS), D, generator=torch.Generator().manual_seed(2))
+        if kind == "Linear head"
         else IDS.view(-1, 1)
+    )
     params = {k: v.detach() for k, v in module.named_parameters()}
 
     def loss(p: dict, x: torch.Tensor) -> torch.Tensor:

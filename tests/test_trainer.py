@@ -22,9 +22,18 @@ OLD, NEW, DIM, SEQ = 40, 6, 16, 8
 
 def _base(tied: bool) -> nn.Module:
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=OLD, hidden_size=DIM, intermediate_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tied,
-                                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    config = transformers.LlamaConfig(
+        vocab_size=OLD,
+        hidden_size=DIM,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
     model = transformers.LlamaForCausalLM(config)
     model.resize_token_embeddings(OLD + NEW, mean_resizing=False)
     return model
@@ -49,8 +58,17 @@ def _data() -> list[dict[str, torch.Tensor]]:
 
 def _trainer(model: nn.Module, out: Path, callbacks=None) -> transformers.Trainer:
     args = transformers.TrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=4, max_steps=6, save_steps=3, learning_rate=1e-2,
-        report_to="none", use_cpu=True, disable_tqdm=True, seed=0, logging_steps=100)
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        max_steps=6,
+        save_steps=3,
+        learning_rate=1e-2,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        logging_steps=100,
+    )
     return transformers.Trainer(model=model, args=args, train_dataset=_data(), callbacks=callbacks)
 
 
@@ -66,8 +84,10 @@ def transformers_log():
 
 
 def _tables(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    return (model.get_input_embeddings().weight.detach().clone(),
-            model.get_output_embeddings().weight.detach().clone())
+    return (
+        model.get_input_embeddings().weight.detach().clone(),
+        model.get_output_embeddings().weight.detach().clone(),
+    )
 
 
 TIED = [pytest.param(True, id="tied"), pytest.param(False, id="untied")]
@@ -83,7 +103,9 @@ def test_trainer_resume_is_bit_exact_and_reports_what_the_plain_model_does(tmp_p
     assert not torch.equal(trained[0], start[0]) and not torch.equal(trained[1], start[1])
     assert torch.equal(trained[0][:OLD], start[0][:OLD]) and torch.equal(trained[1][:OLD], start[1][:OLD])
     resumed = _constrained(tied)
-    _trainer(resumed, tmp_path / "resumed").train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    _trainer(resumed, tmp_path / "resumed").train(
+        resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3")
+    )
     for a, b in zip(_tables(resumed), trained, strict=True):
         assert torch.equal(a, b)
     log = transformers_log.getvalue()

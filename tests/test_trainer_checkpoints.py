@@ -23,9 +23,18 @@ OLD, NEW, DIM, SEQ = 40, 6, 16, 8
 
 def _model(lora: bool, tied: bool = False) -> nn.Module:
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=OLD, hidden_size=DIM, intermediate_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tied,
-                                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    config = transformers.LlamaConfig(
+        vocab_size=OLD,
+        hidden_size=DIM,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
     model = transformers.LlamaForCausalLM(config)
     model.resize_token_embeddings(OLD + NEW, mean_resizing=False)
     if lora:
@@ -53,21 +62,47 @@ class _Scores:
 
 
 def _trainer(model: nn.Module, out: Path, *, best: bool = False, steps: int = 6, callbacks=None):
-    extra = dict(eval_strategy="steps", eval_steps=3, load_best_model_at_end=True, metric_for_best_model="score",
-                 greater_is_better=True, save_total_limit=None) if best else {}
+    extra = (
+        dict(
+            eval_strategy="steps",
+            eval_steps=3,
+            load_best_model_at_end=True,
+            metric_for_best_model="score",
+            greater_is_better=True,
+            save_total_limit=None,
+        )
+        if best
+        else {}
+    )
     args = transformers.TrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=4, per_device_eval_batch_size=8, max_steps=steps,
-        save_steps=3, learning_rate=5e-2, report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
-        logging_steps=100, **extra)
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        max_steps=steps,
+        save_steps=3,
+        learning_rate=5e-2,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        logging_steps=100,
+        **extra,
+    )
     return transformers.Trainer(
-        model=model, args=args, train_dataset=_data(0), eval_dataset=_data(1, 8) if best else None,
+        model=model,
+        args=args,
+        train_dataset=_data(0),
+        eval_dataset=_data(1, 8) if best else None,
         compute_metrics=_Scores() if best else None,
-        callbacks=[SaveRowsCallback()] if callbacks is None else callbacks)
+        callbacks=[SaveRowsCallback()] if callbacks is None else callbacks,
+    )
 
 
 def _tables(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    return (model.get_input_embeddings().weight.detach().clone(),
-            model.get_output_embeddings().weight.detach().clone())
+    return (
+        model.get_input_embeddings().weight.detach().clone(),
+        model.get_output_embeddings().weight.detach().clone(),
+    )
 
 
 def _lora(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -96,7 +131,9 @@ def test_load_best_model_at_end_brings_back_the_best_checkpoints_rows_with_its_a
     assert torch.equal(emb[OLD:], best_emb) and torch.equal(head[OLD:], best_head)  # the best rows ...
     adapter = _adapter(best)
     lora = _lora(model)
-    assert all(torch.equal(lora[k.replace(".weight", ".default.weight")], v) for k, v in adapter.items())  # ... and adapter
+    assert all(
+        torch.equal(lora[k.replace(".weight", ".default.weight")], v) for k, v in adapter.items()
+    )  # ... and adapter
     start = _tables(_model(lora=True))
     assert torch.equal(emb[:OLD], start[0][:OLD]) and torch.equal(head[:OLD], start[1][:OLD])
 
@@ -121,8 +158,11 @@ def test_a_best_checkpoint_without_rows_is_refused(tmp_path):
         (tmp_path / "checkpoint-3" / ROWS_FILE).unlink(missing_ok=True)
 
     callback.on_save = drop_first
-    with pytest.raises(RuntimeError, match=r"load_best_model_at_end restored the adapter of .*checkpoint-3, but that "
-                                           "folder has no embconstraint_rows.safetensors"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"load_best_model_at_end restored the adapter of .*checkpoint-3, but that "
+        "folder has no embconstraint_rows.safetensors",
+    ):
         trainer.train()
 
 
@@ -154,7 +194,9 @@ def test_resume_restores_the_rows_without_a_manual_load(tmp_path, full_run):
     out, tables, lora = full_run
     resumed = _resume(tmp_path, out / "checkpoint-3")
     assert _same(resumed, tables)  # bit-exact against the uninterrupted run
-    assert _lora(resumed).keys() == lora.keys() and all(torch.equal(v, lora[k]) for k, v in _lora(resumed).items())
+    assert _lora(resumed).keys() == lora.keys() and all(
+        torch.equal(v, lora[k]) for k, v in _lora(resumed).items()
+    )
 
 
 def test_resume_of_a_tied_model(tmp_path):

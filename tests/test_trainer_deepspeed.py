@@ -37,8 +37,13 @@ import trainer_zero3 as script  # noqa: E402  (its sizes and model config, no pr
 def _launch(out, runs: list[str]) -> list[dict]:
     before = set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
     try:
-        return rank_records("trainer_zero3", out, *runs, timeout=420, launcher=["-m", "torch.distributed.run",
-                                                                              "--nproc_per_node", "2"])
+        return rank_records(
+            "trainer_zero3",
+            out,
+            *runs,
+            timeout=420,
+            launcher=["-m", "torch.distributed.run", "--nproc_per_node", "2"],
+        )
     finally:
         for path in set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")) - before:
             os.remove(path)
@@ -57,8 +62,11 @@ def _check_run(out, ranks: list[dict], run: str) -> None:
         assert all(s["pinned_exact"] is True for s in steps), steps
         assert all(s["names"] for s in steps)
         assert all(s["maxdiff"] <= 1e-5 for s in steps), [s["maxdiff"] for s in steps]
-        assert r[f"{run}_resume"] == {"bitwise": True, "steps": script.STEPS - script.SAVE_STEPS,
-                                      "pinned": [True] * (script.STEPS - script.SAVE_STEPS)}
+        assert r[f"{run}_resume"] == {
+            "bitwise": True,
+            "steps": script.STEPS - script.SAVE_STEPS,
+            "pinned": [True] * (script.STEPS - script.SAVE_STEPS),
+        }
     files = ranks[0][f"{run}_files"]
     for step in (script.SAVE_STEPS, script.STEPS):
         ckpt = files[f"checkpoint-{step}"]
@@ -74,6 +82,7 @@ def _check_run(out, ranks: list[dict], run: str) -> None:
 
 def _plain_model(tied: bool):
     from transformers import LlamaForCausalLM
+
     cfg = script.config(tied)
     cfg.vocab_size = script.NEW
     return LlamaForCausalLM(cfg)
@@ -81,10 +90,13 @@ def _plain_model(tied: bool):
 
 def _check_plain_folder(folder, merged: dict, tied: bool) -> None:
     from transformers import LlamaForCausalLM
+
     model = LlamaForCausalLM.from_pretrained(folder)  # a plain model: merged weights under plain keys
     sd = model.state_dict()
     assert model.get_input_embeddings().weight.shape[0] == script.NEW
-    assert all(torch.equal(sd[k], merged[k]) for k in merged), [k for k in merged if not torch.equal(sd[k], merged[k])]
+    assert all(torch.equal(sd[k], merged[k]) for k in merged), [
+        k for k in merged if not torch.equal(sd[k], merged[k])
+    ]
 
 
 def _check_zero_to_fp32(ckpt, merged: dict, tied: bool) -> None:
@@ -92,8 +104,11 @@ def _check_zero_to_fp32(ckpt, merged: dict, tied: bool) -> None:
 
     from embconstraint import merged_state_dict
     from embconstraint.hf import constrain_new_tokens
+
     sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
-    assert "model.embed_tokens.parametrizations.weight.original" in sd  # DeepSpeed names the free rows by Parameter
+    assert (
+        "model.embed_tokens.parametrizations.weight.original" in sd
+    )  # DeepSpeed names the free rows by Parameter
     model = _plain_model(tied)
     model.load_state_dict(merged)
     constrain_new_tokens(model, script.OLD)  # the pinned rows, which a DeepSpeed checkpoint does not hold
@@ -104,16 +119,17 @@ def _check_zero_to_fp32(ckpt, merged: dict, tied: bool) -> None:
 
 def _check_adapter_folder(folder, merged: dict, tied: bool) -> None:
     from embconstraint import load_rows
+
     names = sorted(os.listdir(folder))
     assert "adapter_model.safetensors" in names and "embconstraint_rows.safetensors" in names, names
     prefix = "base_model.model."
-    base = {k[len(prefix):].replace(".base_layer", ""): v for k, v in merged.items() if "lora_" not in k}
+    base = {k[len(prefix) :].replace(".base_layer", ""): v for k, v in merged.items() if "lora_" not in k}
     model = _plain_model(tied)
     model.load_state_dict(base)  # the final weights, then other new rows: the file must bring them back
     with torch.no_grad():
-        model.get_input_embeddings().weight[script.OLD:] = 0.0
+        model.get_input_embeddings().weight[script.OLD :] = 0.0
         if not tied:
-            model.get_output_embeddings().weight[script.OLD:] = 0.0
+            model.get_output_embeddings().weight[script.OLD :] = 0.0
     load_rows(model, folder / "embconstraint_rows.safetensors")
     sd = model.state_dict()
     for key in ("model.embed_tokens.weight", "lm_head.weight"):

@@ -18,9 +18,18 @@ pytestmark = [pytest.mark.distributed, pytest.mark.subprocess]
 
 def _run(tmp_path, nproc: int, *extra: str) -> dict:
     from helpers import TESTS
-    run = run_python("-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                     TESTS / "scripts" / "trainer_fsdp2_gpu.py", tmp_path, *extra, timeout=420,
-                     env={"PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
+
+    run = run_python(
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        TESTS / "scripts" / "trainer_fsdp2_gpu.py",
+        tmp_path,
+        *extra,
+        timeout=420,
+        env={"PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"},
+    )
     path = tmp_path / "result.json"
     assert path.exists(), run.stdout[-2000:] + run.stderr[-4000:]
     result = json.loads(path.read_text())
@@ -33,8 +42,10 @@ def test_trainer_fsdp2_on_cuda(tmp_path):
     result = _run(tmp_path, min(2, torch.cuda.device_count()))
     assert result["fsdp_engaged"] is True
     # FSDP2 shards the free rows only (the raw Parameters), the pinned rows stay exact every step
-    assert [n for n, _ in result["sharded"]] == ["lm_head.parametrizations.weight.original",
-                                                 "model.embed_tokens.parametrizations.weight.original"]
+    assert [n for n, _ in result["sharded"]] == [
+        "lm_head.parametrizations.weight.original",
+        "model.embed_tokens.parametrizations.weight.original",
+    ]
     assert all(shape[0] == 8 for _, shape in result["sharded"])  # NEW - OLD rows
     assert result["steps"] == [True] * 4 and result["trained"] is True and result["saved_plain"] is True
 

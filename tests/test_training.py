@@ -37,8 +37,11 @@ def test_pinned_rows_exact_after_steps(opt_name, layout):
 def test_no_full_size_tensor_in_a_training_step(module_cls, layout):
     """Neither a (V, D) copy of the weight nor a (V, D) gradient is ever built."""
     big_v, n = 1000, 900
-    emb = constrain(module_cls(big_v, 4), torch.randn(n, 4),
-                    indices=None if layout.name == "prefix" else torch.randperm(big_v)[:n])
+    emb = constrain(
+        module_cls(big_v, 4),
+        torch.randn(n, 4),
+        indices=None if layout.name == "prefix" else torch.randperm(big_v)[:n],
+    )
     opt = torch.optim.AdamW(emb.parameters(), lr=0.1, weight_decay=0.1)
     x = torch.randint(0, big_v, (8, 3))
     emb(x).sum().backward()  # warm up (the lazy per-device index cache)

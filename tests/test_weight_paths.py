@@ -41,8 +41,11 @@ def _step(model: nn.Module, opt: torch.optim.Optimizer, step: int) -> None:
 def _plain_copy(model: nn.Module) -> nn.Module:
     """An unconstrained model with the same values (and the same tie)."""
     emb, head = nn.Embedding(V, D), nn.Linear(D, V, bias=False)
-    if model[2].weight is model[0].weight or getattr(model[2], "parametrizations", None) is not None \
-            and "weight" in model[2].parametrizations:
+    if (
+        model[2].weight is model[0].weight
+        or getattr(model[2], "parametrizations", None) is not None
+        and "weight" in model[2].parametrizations
+    ):
         head.weight = emb.weight
     plain = nn.Sequential(emb, nn.Tanh(), head)
     plain.load_state_dict(model.state_dict())
@@ -63,7 +66,9 @@ def _trained(indices, tied: bool) -> nn.Module:
 
 
 def _same_state(a: nn.Module, b: nn.Module) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    return all(
+        torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
@@ -108,8 +113,11 @@ def test_averaged_model_averages_the_free_rows_and_keeps_the_pinned_ones(indices
     model = _model(indices)
     reference = _pinned(model, indices).clone()
     plain = _plain_copy(model)
-    make = (lambda m: AveragedModel(m)) if kind == "swa" else \
-        (lambda m: AveragedModel(m, multi_avg_fn=get_ema_multi_avg_fn(0.9)))
+    make = (
+        (lambda m: AveragedModel(m))
+        if kind == "swa"
+        else (lambda m: AveragedModel(m, multi_avg_fn=get_ema_multi_avg_fn(0.9)))
+    )
     averaged, plain_averaged = make(model), make(plain)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     for step in range(4):
@@ -118,10 +126,14 @@ def test_averaged_model_averages_the_free_rows_and_keeps_the_pinned_ones(indices
         averaged.update_parameters(model)
         plain_averaged.update_parameters(plain)
     assert torch.equal(_pinned(averaged.module, indices), reference)
-    assert torch.equal(averaged.module[0].weight, plain_averaged.module[0].weight)  # pinned rows: lerp(x, x) = x
+    assert torch.equal(
+        averaged.module[0].weight, plain_averaged.module[0].weight
+    )  # pinned rows: lerp(x, x) = x
     assert torch.equal(averaged.module[2].weight, plain_averaged.module[2].weight)
     assert not torch.equal(averaged.module[0].weight, model[0].weight)  # it did average
-    model.load_state_dict(averaged.module.state_dict())  # loading the average back passes the pinned-row check
+    model.load_state_dict(
+        averaged.module.state_dict()
+    )  # loading the average back passes the pinned-row check
 
 
 @pytest.mark.parametrize("indices", LAYOUTS)
@@ -139,8 +151,10 @@ def test_an_ema_that_writes_into_state_dict_tensors(indices):
                 for ema_v, model_v in zip(e.state_dict().values(), m.state_dict().values(), strict=True):
                     ema_v.lerp_(model_v, 0.1)
     assert torch.equal(_pinned(ema, indices), _pinned(model, indices))
-    assert all(torch.equal(a, b) for a, b in zip(ema.state_dict().values(), plain_ema.state_dict().values(),
-                                                 strict=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(ema.state_dict().values(), plain_ema.state_dict().values(), strict=True)
+    )
     assert not torch.equal(ema[0].weight, model[0].weight)
 
 

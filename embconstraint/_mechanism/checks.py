@@ -24,8 +24,15 @@ from .tensor_parallel import TP_REFUSED, row_shard
 from .weight import plain
 
 __all__ = [
-    "ON_MISMATCH", "check_on_mismatch", "as_reference", "check_reference", "checked_indices",
-    "check_embedding", "reference_bias", "check_bias", "check_constrain_args",
+    "ON_MISMATCH",
+    "check_on_mismatch",
+    "as_reference",
+    "check_reference",
+    "checked_indices",
+    "check_embedding",
+    "reference_bias",
+    "check_bias",
+    "check_constrain_args",
 ]
 
 ON_MISMATCH = ("error", "checkpoint")
@@ -123,7 +130,9 @@ def check_bias(module: nn.Module, reference: Any, num_pinned: int) -> None:
         if ref_bias.shape != (num_pinned,):
             raise ValueError(f"reference.bias must have shape ({num_pinned},), got {tuple(ref_bias.shape)}")
         if not bool(torch.isfinite(ref_bias).all()) or not casts_exactly(ref_bias, bias.dtype):
-            raise ValueError("reference.bias must be finite and exactly representable in the module's bias dtype")
+            raise ValueError(
+                "reference.bias must be finite and exactly representable in the module's bias dtype"
+            )
 
 
 def check_embedding(embedding: Any, parametrized: bool, constrained: bool, heads: bool = False) -> None:
@@ -131,15 +140,20 @@ def check_embedding(embedding: Any, parametrized: bool, constrained: bool, heads
     ``nn.Linear`` output head is accepted too)."""
     kinds = (nn.Embedding, nn.EmbeddingBag, nn.Linear) if heads else (nn.Embedding, nn.EmbeddingBag)
     if not isinstance(embedding, kinds):
-        expected = "an nn.Embedding, nn.EmbeddingBag or nn.Linear (an output head)" if heads else \
-            "an nn.Embedding or nn.EmbeddingBag"
+        expected = (
+            "an nn.Embedding, nn.EmbeddingBag or nn.Linear (an output head)"
+            if heads
+            else "an nn.Embedding or nn.EmbeddingBag"
+        )
         raise TypeError(f"embedding must be {expected}, got {type(embedding).__name__}")
     if constrained:
         raise ValueError("embedding is already constrained; call release() first")
     tie = next((t for name in ("weight", "bias") if (t := tie_of(embedding, name)) is not None), None)
     if tie is not None:
         cls = type(tie.embedding)
-        what = (cls.__bases__[0] if parametrize.is_parametrized(tie.embedding) else cls).__name__  # not Parametrized*
+        what = (
+            cls.__bases__[0] if parametrize.is_parametrized(tie.embedding) else cls
+        ).__name__  # not Parametrized*
         raise ValueError(
             f"embedding is tied to a constrained {what} (it shares that module's Parameter, as a tied output "
             f"head does), so it computes with the {what}'s merged weight and its pinned rows: a tied module cannot "
@@ -161,13 +175,15 @@ def check_embedding(embedding: Any, parametrized: bool, constrained: bool, heads
         )
 
 
-def check_constrain_args(embedding: Any, reference: Any, indices: Any, on_mismatch: str, *,
-                         heads: bool = False) -> tuple[Tensor, Tensor | None]:
+def check_constrain_args(
+    embedding: Any, reference: Any, indices: Any, on_mismatch: str, *, heads: bool = False
+) -> tuple[Tensor, Tensor | None]:
     """Everything :func:`embconstraint.constrain` refuses, checked without changing anything;
     returns the reference tensor and the validated indices (None for the first ``n`` rows).
     ``heads``: accept an ``nn.Linear`` output head (and an ``nn.Linear`` reference with a bias)."""
     parametrized = isinstance(embedding, nn.Module) and any(
-        parametrize.is_parametrized(embedding, name) for name in ("weight", "bias"))
+        parametrize.is_parametrized(embedding, name) for name in ("weight", "bias")
+    )
     constrained = isinstance(embedding, nn.Module) and pin_of(embedding) is not None
     check_embedding(embedding, parametrized, constrained, heads=heads)
     check_on_mismatch(on_mismatch)
@@ -177,8 +193,10 @@ def check_constrain_args(embedding: Any, reference: Any, indices: Any, on_mismat
                 f"embedding.weight is already sharded (a {type(embedding.weight).__name__}, e.g. by fully_shard); "
                 "call constrain() before fully_shard(), which then shards only the free rows"
             )
-        raise ValueError(f"embedding.weight is a DTensor with placements {tuple(embedding.weight.placements)} on a "
-                         f"{embedding.weight.device_mesh.ndim}-D mesh: {TP_REFUSED}")
+        raise ValueError(
+            f"embedding.weight is a DTensor with placements {tuple(embedding.weight.placements)} on a "
+            f"{embedding.weight.device_mesh.ndim}-D mesh: {TP_REFUSED}"
+        )
     if "ds_id" in embedding.__dict__ or "_hp_mapping" in getattr(embedding.weight, "__dict__", {}):
         raise ValueError(
             "embedding is already managed by a DeepSpeed engine (deepspeed.initialize ran): its optimizer holds "

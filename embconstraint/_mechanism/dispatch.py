@@ -17,9 +17,24 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-__all__ = ["DATA_GET", "DATA_SET", "RAW_ADDRESSES", "REQUIRES_GRAD_SET", "functional", "transformed",
-           "storage_ptr", "is_write", "standalone", "is_state_getter", "is_setter", "is_value_setter", "op_name",
-           "arg", "target_of", "through_torch_function"]
+__all__ = [
+    "DATA_GET",
+    "DATA_SET",
+    "RAW_ADDRESSES",
+    "REQUIRES_GRAD_SET",
+    "functional",
+    "transformed",
+    "storage_ptr",
+    "is_write",
+    "standalone",
+    "is_state_getter",
+    "is_setter",
+    "is_value_setter",
+    "op_name",
+    "arg",
+    "target_of",
+    "through_torch_function",
+]
 
 DATA_GET = Tensor.data.__get__
 DATA_SET = Tensor.data.__set__  # ``weight.data = value``: a write like ``weight.data.copy_(value)``
@@ -28,14 +43,23 @@ RAW_ADDRESSES = (Tensor.data_ptr, Tensor.untyped_storage, Tensor.__cuda_array_in
 REQUIRES_GRAD_SET = Tensor.requires_grad.__set__
 
 # Tensor methods whose name ends in "_" but that do not write values.
-_NOT_WRITES = frozenset(
-    {"requires_grad_", "retain_grad", "share_memory_", "record_stream", "set_"}
-)
+_NOT_WRITES = frozenset({"requires_grad_", "retain_grad", "share_memory_", "record_stream", "set_"})
 _INPLACE_DUNDERS = frozenset(
     {
-        "__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__",
-        "__ifloordiv__", "__imod__", "__ipow__", "__iand__", "__ior__",
-        "__ixor__", "__ilshift__", "__irshift__", "__imatmul__",
+        "__setitem__",
+        "__iadd__",
+        "__isub__",
+        "__imul__",
+        "__itruediv__",
+        "__ifloordiv__",
+        "__imod__",
+        "__ipow__",
+        "__iand__",
+        "__ior__",
+        "__ixor__",
+        "__ilshift__",
+        "__irshift__",
+        "__imatmul__",
     }
 )
 
@@ -74,8 +98,19 @@ def is_write(func: Any) -> bool:
 
 
 # Attributes of a tensor's own autograd state (not derived from its values): read on the object itself.
-_AUTOGRAD_STATE = frozenset({"grad", "_grad", "requires_grad", "is_leaf", "grad_fn", "_grad_fn", "retains_grad",
-                             "_backward_hooks", "_post_accumulate_grad_hooks"})
+_AUTOGRAD_STATE = frozenset(
+    {
+        "grad",
+        "_grad",
+        "requires_grad",
+        "is_leaf",
+        "grad_fn",
+        "_grad_fn",
+        "retains_grad",
+        "_backward_hooks",
+        "_post_accumulate_grad_hooks",
+    }
+)
 
 
 _BASE_GET = Tensor._base.__get__
@@ -95,7 +130,10 @@ def standalone(func: Any, args: tuple) -> tuple[bool, Any]:
 def is_state_getter(func: Any) -> bool:
     """Whether ``func`` reads a tensor's own autograd state (``t.grad``, ``t.requires_grad``...),
     as opposed to a view or value of it (``t.T``, ``t.data``)."""
-    return getattr(func, "__name__", "") == "__get__" and getattr(func.__self__, "__name__", "") in _AUTOGRAD_STATE
+    return (
+        getattr(func, "__name__", "") == "__get__"
+        and getattr(func.__self__, "__name__", "") in _AUTOGRAD_STATE
+    )
 
 
 def is_setter(func: Any) -> bool:
@@ -111,7 +149,9 @@ def is_value_setter(func: Any) -> bool:
 
 def op_name(func: Any) -> str:
     """How an error names ``func``: ``copy_``, ``.real assignment``..."""
-    return f".{func.__self__.__name__} assignment" if is_setter(func) else getattr(func, "__name__", str(func))
+    return (
+        f".{func.__self__.__name__} assignment" if is_setter(func) else getattr(func, "__name__", str(func))
+    )
 
 
 def arg(args: tuple, kwargs: dict, i: int, name: str, default: Any = None) -> Any:

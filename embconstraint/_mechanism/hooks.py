@@ -43,11 +43,15 @@ _PREFIXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> 
 
 def install_hooks(module: nn.Module) -> None:
     """Install the save/load hooks on a constrained (or tied) ``module``."""
-    setattr(module, _HOOKS, [
-        module.register_state_dict_post_hook(_merged_keys),
-        module.register_load_state_dict_pre_hook(_load_plain),
-        module.register_load_state_dict_post_hook(_tied_not_missing),
-    ])
+    setattr(
+        module,
+        _HOOKS,
+        [
+            module.register_state_dict_post_hook(_merged_keys),
+            module.register_load_state_dict_pre_hook(_load_plain),
+            module.register_load_state_dict_post_hook(_tied_not_missing),
+        ],
+    )
 
 
 def remove_hooks(module: nn.Module) -> None:
@@ -85,7 +89,9 @@ def _merged_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadat
             state_dict[prefix + name] = value
             continue
         free = pin.free_parameter
-        if zero_partitioned(free):  # DeepSpeed ZeRO-3's placeholder: its checkpoints keep every Parameter by name
+        if zero_partitioned(
+            free
+        ):  # DeepSpeed ZeRO-3's placeholder: its checkpoints keep every Parameter by name
             state_dict[key] = value
             continue
         keep_vars = value is free  # state_dict(keep_vars=True): the weight itself, autograd-connected
@@ -104,8 +110,16 @@ def _merged_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadat
         state_dict[prefix + name] = merged if keep_vars else merged.detach()
 
 
-def _load_plain(module: nn.Module, state_dict: dict, prefix: str, local_metadata, strict,
-                missing_keys, unexpected_keys, error_msgs) -> None:
+def _load_plain(
+    module: nn.Module,
+    state_dict: dict,
+    prefix: str,
+    local_metadata,
+    strict,
+    missing_keys,
+    unexpected_keys,
+    error_msgs,
+) -> None:
     """load_state_dict pre-hook: accept the plain ``weight`` key (what state_dict() writes and
     what an unconstrained model saves), loading its free rows and checking its pinned rows.
     A shape mismatch is reported the way torch reports one; pinned rows that differ raise
@@ -130,7 +144,7 @@ def _load_plain(module: nn.Module, state_dict: dict, prefix: str, local_metadata
             state_dict[okey] = free.detach()
             continue
         if shard is not None:  # tensor parallel: this rank's rows
-            value = value[shard.lo:shard.hi]
+            value = value[shard.lo : shard.hi]
         try:
             state_dict[okey] = like(pin.load_plain(plain(value), free, key), free)
         except PinnedRowsError as err:  # raised as it is (not collected): callers can catch it by type

@@ -23,8 +23,10 @@ __all__ = ["Merge", "merge", "embedding", "embedding_bag", "linear", "split_line
 EMBEDDING_BAG_MODES = {"sum": 0, "mean": 1, "max": 2}
 _EMBEDDING_DENSE_BACKWARD = torch.ops.aten.embedding_dense_backward.default  # the overload: no resolution
 _FUNCTION_APPLY = torch._C._FunctionBase.__dict__["apply"]
-MAX_NORM_REFUSED = ("max_norm renormalizes looked-up rows in place, which would change pinned rows; "
-                    "it is not supported on a constrained embedding (set max_norm=None)")
+MAX_NORM_REFUSED = (
+    "max_norm renormalizes looked-up rows in place, which would change pinned rows; "
+    "it is not supported on a constrained embedding (set max_norm=None)"
+)
 
 
 class Merge(torch.autograd.Function):
@@ -43,7 +45,7 @@ class Merge(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         if ctx.free_rows is not None:
             return grad.index_select(0, ctx.free_rows), None, None
-        return grad[ctx.num_pinned:], None, None
+        return grad[ctx.num_pinned :], None, None
 
 
 def _apply(fn: type[torch.autograd.Function], *args):
@@ -99,8 +101,11 @@ def _gather(free: Tensor, pinned: Tensor, lidx: Tensor) -> Tensor:
     n, k = pinned.shape[0], free.shape[0]
     if n == 0 or k == 0:
         return torch.embedding(free if n == 0 else pinned, lidx)
-    return torch.where((lidx >= n).unsqueeze(-1), torch.embedding(free, (lidx - n).clamp_min(0)),
-                       torch.embedding(pinned, lidx.clamp_max(n - 1)))
+    return torch.where(
+        (lidx >= n).unsqueeze(-1),
+        torch.embedding(free, (lidx - n).clamp_min(0)),
+        torch.embedding(pinned, lidx.clamp_max(n - 1)),
+    )
 
 
 class _SplitLookup(torch.autograd.Function):
@@ -117,7 +122,9 @@ class _SplitLookup(torch.autograd.Function):
     def backward(ctx, grad):
         (lidx,) = ctx.saved_tensors
         n, k, lpad, sgbf, sparse = ctx.args
-        if k == 0:  # no free rows (a tensor-parallel rank holding pinned rows only): no gradient, not an empty one,
+        if (
+            k == 0
+        ):  # no free rows (a tensor-parallel rank holding pinned rows only): no gradient, not an empty one,
             return None, None, None, None, None, None  # which fully_shard's reduce-scatter refuses
         ridx = _free_index(lidx, n, k, lpad)
         if sparse:
@@ -139,8 +146,15 @@ def _split_bag(free, pinned, per_sample_weights, lidx, offsets, lpad, sgbf, mode
         rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
         pad = lidx.numel()
         pos = torch.where(lidx == lpad, pad, pos)
-    return torch.nn.functional.embedding_bag(pos, rows, offsets, mode=mode, per_sample_weights=per_sample_weights,
-                                             include_last_offset=last, padding_idx=pad)
+    return torch.nn.functional.embedding_bag(
+        pos,
+        rows,
+        offsets,
+        mode=mode,
+        per_sample_weights=per_sample_weights,
+        include_last_offset=last,
+        padding_idx=pad,
+    )
 
 
 class _Bag(torch.autograd.Function):
@@ -170,8 +184,18 @@ class _Bag(torch.autograd.Function):
             # by the wrong count (pytorch/pytorch#190063); this is the documented semantics.
             scale = ctx.sgbf and not ctx.sparse
             g_free = torch.ops.aten._embedding_bag_backward(
-                grad, ridx, offsets, offset2bag, bag_size, rmax, rows,
-                ctx.sgbf and not scale, ctx.mode, ctx.sparse, psw, k,
+                grad,
+                ridx,
+                offsets,
+                offset2bag,
+                bag_size,
+                rmax,
+                rows,
+                ctx.sgbf and not scale,
+                ctx.mode,
+                ctx.sparse,
+                psw,
+                k,
             )
             if scale:
                 counts = torch.zeros(k + 1, dtype=g_free.dtype, device=g_free.device)
@@ -186,9 +210,17 @@ class _Bag(torch.autograd.Function):
         return g_free, None, g_psw, None, None, None, None, None, None, None
 
 
-def embedding(input: Tensor, free: Tensor, table: Tensor | None, layout: Layout, padding_idx: int | None = None,
-              max_norm: float | None = None, scale_grad_by_freq: bool = False, sparse: bool = False,
-              pinned: Tensor | None = None) -> Tensor:
+def embedding(
+    input: Tensor,
+    free: Tensor,
+    table: Tensor | None,
+    layout: Layout,
+    padding_idx: int | None = None,
+    max_norm: float | None = None,
+    scale_grad_by_freq: bool = False,
+    sparse: bool = False,
+    pinned: Tensor | None = None,
+) -> Tensor:
     """``F.embedding(input, weight, ...)`` for the weight that ``(free, table, layout)`` stand for
     (``(free, pinned, layout)`` when ``table`` is None: the split storage)."""
     if max_norm is not None:
@@ -200,11 +232,21 @@ def embedding(input: Tensor, free: Tensor, table: Tensor | None, layout: Layout,
     return _apply(_Lookup, free, table, lidx, lpad, scale_grad_by_freq, sparse, input, free_map)
 
 
-def embedding_bag(input: Tensor, free: Tensor, table: Tensor | None, layout: Layout, offsets: Tensor | None = None,
-                  max_norm: float | None = None, scale_grad_by_freq: bool = False, mode: str = "mean",
-                  sparse: bool = False, per_sample_weights: Tensor | None = None,
-                  include_last_offset: bool = False, padding_idx: int | None = None,
-                  pinned: Tensor | None = None) -> Tensor:
+def embedding_bag(
+    input: Tensor,
+    free: Tensor,
+    table: Tensor | None,
+    layout: Layout,
+    offsets: Tensor | None = None,
+    max_norm: float | None = None,
+    scale_grad_by_freq: bool = False,
+    mode: str = "mean",
+    sparse: bool = False,
+    per_sample_weights: Tensor | None = None,
+    include_last_offset: bool = False,
+    padding_idx: int | None = None,
+    pinned: Tensor | None = None,
+) -> Tensor:
     """``F.embedding_bag(input, weight, ...)`` for the weight that ``(free, table, layout)`` stand
     for (a non-nested ``input``; ``(free, pinned, layout)`` when ``table`` is None). Argument
     handling mirrors ``torch.nn.functional.embedding_bag``."""
@@ -238,16 +280,36 @@ def embedding_bag(input: Tensor, free: Tensor, table: Tensor | None, layout: Lay
         raise ValueError(MAX_NORM_REFUSED)
     if per_sample_weights is not None and mode != "sum":
         raise NotImplementedError(
-            "embedding_bag: per_sample_weights is only supported for mode='sum' "
-            f"(got mode='{mode}')"
+            f"embedding_bag: per_sample_weights is only supported for mode='sum' (got mode='{mode}')"
         )
     lidx, lpad = layout.index(input, padding_idx)
     offsets = offsets.to(lidx.dtype)
     if table is None:
-        return _split_bag(free, pinned, per_sample_weights, lidx, offsets, lpad, scale_grad_by_freq,
-                          mode, sparse, include_last_offset)
-    return _apply(_Bag, free, table, per_sample_weights, lidx, offsets, lpad,
-                      scale_grad_by_freq, EMBEDDING_BAG_MODES[mode], sparse, include_last_offset)
+        return _split_bag(
+            free,
+            pinned,
+            per_sample_weights,
+            lidx,
+            offsets,
+            lpad,
+            scale_grad_by_freq,
+            mode,
+            sparse,
+            include_last_offset,
+        )
+    return _apply(
+        _Bag,
+        free,
+        table,
+        per_sample_weights,
+        lidx,
+        offsets,
+        lpad,
+        scale_grad_by_freq,
+        EMBEDDING_BAG_MODES[mode],
+        sparse,
+        include_last_offset,
+    )
 
 
 class _Linear(torch.autograd.Function):
@@ -287,8 +349,14 @@ class _Linear(torch.autograd.Function):
         return g_in, g_free, g_bfree, None, g_bias, None, None
 
 
-def linear(input: Tensor, free: Tensor, table: Tensor, layout: Layout, bias: Tensor | None = None,
-           bias_free: Tensor | None = None) -> Tensor:
+def linear(
+    input: Tensor,
+    free: Tensor,
+    table: Tensor,
+    layout: Layout,
+    bias: Tensor | None = None,
+    bias_free: Tensor | None = None,
+) -> Tensor:
     """``F.linear(input, weight, bias)`` for the weight that ``(free, table, layout)`` stand for.
     ``bias`` is a plain bias, or (with ``bias_free``, its free entries) the merged bias of a
     constrained one, in user order. For the scattered layout the forward gathers the weight into
@@ -336,7 +404,9 @@ def _split_logits_backward(ctx, grad: Tensor):
 _split_logits.register_autograd(_split_logits_backward, setup_context=_split_logits_context)
 
 
-def split_linear(input: Tensor, free: Tensor, pinned: Tensor, layout: Layout, bias: Tensor | None = None) -> Tensor:
+def split_linear(
+    input: Tensor, free: Tensor, pinned: Tensor, layout: Layout, bias: Tensor | None = None
+) -> Tensor:
     """``F.linear(input, weight, bias)`` for the weight that ``(free, pinned, layout)`` stand for
     (the split storage; compiled code), without building it: the logits of the pinned rows and of
     the free rows written side by side into one output (a custom op), then, for the scattered
@@ -349,8 +419,11 @@ def split_linear(input: Tensor, free: Tensor, pinned: Tensor, layout: Layout, bi
     if pinned.dtype != input.dtype or free.dtype != input.dtype or pinned.shape[0] == 0 or free.shape[0] == 0:
         # (no free rows: their empty logits do not come from them, so that they get no gradient, not an empty
         # one, which fully_shard's reduce-scatter refuses; a tensor-parallel rank may hold pinned rows only)
-        logits_free = torch.nn.functional.linear(input, free) if free.shape[0] else input.new_zeros(
-            (*input.shape[:-1], 0))
+        logits_free = (
+            torch.nn.functional.linear(input, free)
+            if free.shape[0]
+            else input.new_zeros((*input.shape[:-1], 0))
+        )
         out = torch.cat([torch.nn.functional.linear(input, pinned), logits_free], dim=-1)
     else:
         out = _split_logits(input, pinned, free)

@@ -30,7 +30,9 @@ class Layout:
     def __init__(self, rows: Tensor | None, num_pinned: int, num_rows: int) -> None:
         self.num_rows, self.num_pinned = num_rows, num_pinned
         self.rows = rows
-        self.pos = None if rows is None else torch.empty_like(rows).index_copy_(0, rows, torch.arange(num_rows))
+        self.pos = (
+            None if rows is None else torch.empty_like(rows).index_copy_(0, rows, torch.arange(num_rows))
+        )
         self._device_pos: dict[torch.device, Tensor] = {}
         self._device_free: dict[torch.device, Tensor] = {}
         self._free_maps: dict[tuple[torch.device, torch.dtype, int], Tensor] = {}
@@ -62,7 +64,7 @@ class Layout:
         """User rows of the free rows, in increasing order (CPU, int64)."""
         if self.rows is None:
             return torch.arange(self.num_pinned, self.num_rows)
-        return self.rows[self.num_pinned:]
+        return self.rows[self.num_pinned :]
 
     @property
     def cached_devices(self) -> tuple[torch.device, ...]:
@@ -98,7 +100,7 @@ class Layout:
             with torch.inference_mode(False):  # cached: a normal tensor whatever the caller's mode
                 num_free = self.num_rows - self.num_pinned
                 by_table_row = torch.full((self.num_rows,), num_free, dtype=torch.int64)
-                by_table_row[self.num_pinned:] = torch.arange(num_free)
+                by_table_row[self.num_pinned :] = torch.arange(num_free)
                 if lpad >= 0:
                     by_table_row[lpad] = num_free
                 fmap = by_table_row if self.pos is None else by_table_row[self.pos]
@@ -134,7 +136,9 @@ class Layout:
         # An id outside [0, V) (negative ones included: no wrapping) maps to row V, which the lookup
         # refuses exactly as plain torch refuses the id itself.
         valid = (input >= 0) & (input < self.num_rows)
-        return torch.where(valid, self.pos_on(input.device)[input.clamp(0, self.num_rows - 1)], self.num_rows), lpad
+        return torch.where(
+            valid, self.pos_on(input.device)[input.clamp(0, self.num_rows - 1)], self.num_rows
+        ), lpad
 
     def to_user_order(self, table: Tensor) -> Tensor:
         """The table's rows in user order (the table itself for the prefix layout, a gather otherwise)."""

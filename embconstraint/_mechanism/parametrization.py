@@ -74,9 +74,16 @@ def tie_of(module: nn.Module, name: str) -> TiedTo | None:
 def _no_module_hooks(m: nn.Module) -> bool:
     """True when ``m(x)`` would run ``m.forward(x)`` directly (``Module.__call__``'s own test)."""
     g = nn.modules.module
-    return not (m._backward_hooks or m._backward_pre_hooks or m._forward_hooks or m._forward_pre_hooks
-                or g._global_backward_pre_hooks or g._global_backward_hooks
-                or g._global_forward_hooks or g._global_forward_pre_hooks)
+    return not (
+        m._backward_hooks
+        or m._backward_pre_hooks
+        or m._forward_hooks
+        or m._forward_pre_hooks
+        or g._global_backward_pre_hooks
+        or g._global_backward_hooks
+        or g._global_forward_hooks
+        or g._global_forward_pre_hooks
+    )
 
 
 def install_accessors(module: nn.Module, name: str = "weight") -> None:
@@ -120,7 +127,9 @@ def install_accessors(module: nn.Module, name: str = "weight") -> None:
                     if "ds_id" in orig.__dict__:  # DeepSpeed ZeRO-3 (see above)
                         return pin.eager_weight(plist._parameters[_ORIGINAL])
                 elif type(pin) is TiedTo and "ds_id" in orig.__dict__:  # a tied head under ZeRO-3: the
-                    return pin.forward(orig)  # embedding's getter, which reads the free rows through DeepSpeed
+                    return pin.forward(
+                        orig
+                    )  # embedding's getter, which reads the free rows through DeepSpeed
         return slow(self)
 
     setattr(cls, name, property(get, prop.fset, prop.fdel, prop.__doc__))
@@ -294,7 +303,11 @@ class PinnedRows(nn.Module):
         table, n = self._table, self.num_pinned
         self._pinned, self._table, self._cast, self._alias_key = table[:n].clone(), None, {}, None
         free = self.free_parameter if self._owner else None
-        if isinstance(free, nn.Parameter) and not is_sharded(free) and storage_ptr(free) == storage_ptr(table):
+        if (
+            isinstance(free, nn.Parameter)
+            and not is_sharded(free)
+            and storage_ptr(free) == storage_ptr(table)
+        ):
             free.set_(free.clone())  # its own storage, so that the table is freed
 
     def pinned_block(self, like: Tensor | None = None) -> Tensor:
@@ -332,15 +345,36 @@ class PinnedRows(nn.Module):
         # the same addresses and metadata. The key holds both tensors, so neither block of memory
         # can have been freed and reused meanwhile: free is still the table's free block.
         table, key = self._table, self._alias_key
-        if (key is not None and key[0] is free and key[1] is table and free.data_ptr() == key[2]
-                and table.data_ptr() == key[3] and free.stride() == key[4] and free.shape == key[5]
-                and free.dtype == key[6] and free.device == key[7]):
+        if (
+            key is not None
+            and key[0] is free
+            and key[1] is table
+            and free.data_ptr() == key[2]
+            and table.data_ptr() == key[3]
+            and free.stride() == key[4]
+            and free.shape == key[5]
+            and free.dtype == key[6]
+            and free.device == key[7]
+        ):
             return table
         if self._aliased(free):
             # (and, for the prefix layout, the view of free that spans the table: see eager_weight)
-            view = (tuple(table.shape), table.stride(), table.storage_offset()) if self._layout.rows is None else None
-            self._alias_key = (free, table, free.data_ptr(), table.data_ptr(), free.stride(), free.shape,
-                               free.dtype, free.device, view)
+            view = (
+                (tuple(table.shape), table.stride(), table.storage_offset())
+                if self._layout.rows is None
+                else None
+            )
+            self._alias_key = (
+                free,
+                table,
+                free.data_ptr(),
+                table.data_ptr(),
+                free.stride(),
+                free.shape,
+                free.dtype,
+                free.device,
+                view,
+            )
             return table
         self._alias_key = None
         with torch.no_grad():
@@ -349,7 +383,9 @@ class PinnedRows(nn.Module):
                 return torch.cat([self.pinned_block(free), free])
             return self._rebuild(free)
 
-    @torch.inference_mode(False)  # a normal tensor whatever the caller's mode (evaluating first, then training)
+    @torch.inference_mode(
+        False
+    )  # a normal tensor whatever the caller's mode (evaluating first, then training)
     @torch.no_grad()  # (inference_mode(False) turns grad mode on)
     def _rebuild(self, free: Tensor) -> Tensor:
         old, n = self._table, self.num_pinned
@@ -379,9 +415,18 @@ class PinnedRows(nn.Module):
         with the table as at the last access (``table()``'s own check, inlined): a view of the
         free rows that spans the table (grad mode), or an alias of the table."""
         table, key = self._table, self._alias_key
-        if (key is not None and key[0] is free and key[1] is table and key[8] is not None
-                and free.data_ptr() == key[2] and table.data_ptr() == key[3] and free.stride() == key[4]
-                and free.shape == key[5] and free.dtype == key[6] and free.device == key[7]):
+        if (
+            key is not None
+            and key[0] is free
+            and key[1] is table
+            and key[8] is not None
+            and free.data_ptr() == key[2]
+            and table.data_ptr() == key[3]
+            and free.stride() == key[4]
+            and free.shape == key[5]
+            and free.dtype == key[6]
+            and free.device == key[7]
+        ):
             if torch.is_grad_enabled():
                 return wrap(free.as_strided(*key[8]), self, free, table)
             return wrap(table.detach(), self, free, table)
@@ -406,7 +451,9 @@ class PinnedRows(nn.Module):
             # the table, so that autograd sees the free rows behind it (its gradient reaches
             # them) without an autograd node of ours. Lookups and heads never use it: their
             # kernels take the free rows and the table.
-            return wrap(free.as_strided(tuple(table.shape), table.stride(), table.storage_offset()), self, free, table)
+            return wrap(
+                free.as_strided(tuple(table.shape), table.stride(), table.storage_offset()), self, free, table
+            )
         # The table holds the rows in layout order (or a copy of the free rows): the weight's
         # autograd node takes a gradient in user order (what code outside hands it) to the free rows.
         return wrap(merge(free, table, self._user_free_rows(free)), self, free, table)
@@ -461,13 +508,17 @@ class PinnedRows(nn.Module):
                 # table, so constraining allocates no second (V, D) tensor.
                 table = weight.detach()
             else:
-                table = torch.empty((self.num_rows, *weight.shape[1:]), dtype=weight.dtype, device=weight.device)
-                torch.index_select(weight, 0, self.free_rows().to(weight.device), out=table[self.num_pinned:])
+                table = torch.empty(
+                    (self.num_rows, *weight.shape[1:]), dtype=weight.dtype, device=weight.device
+                )
+                torch.index_select(
+                    weight, 0, self.free_rows().to(weight.device), out=table[self.num_pinned :]
+                )
             table[: self.num_pinned] = ref  # copies, casting dtype and device
             self._table = table
             if table.is_meta:  # kept until the module is materialised (to_empty)
                 self._exact = ref.to(table.dtype).clone()
-            return table[self.num_pinned:]
+            return table[self.num_pinned :]
         # Assignment ``module.weight = value``: value must keep the pinned rows. The free rows get
         # new storage (a new table), as a plain parametrization's would: tensors taken from the
         # weight before (``functional_call`` restores the module from one) keep their values.
@@ -503,12 +554,12 @@ class PinnedRows(nn.Module):
     def write_free_rows(self, weight: Tensor, free: Tensor) -> None:
         """Write the free rows of ``weight`` (user order; pinned rows already checked)."""
         if self.is_split(free):
-            rows = self._layout.user_to_layout(weight)[self.num_pinned:]
+            rows = self._layout.user_to_layout(weight)[self.num_pinned :]
             free.copy_(like(rows.to(device=free.device, dtype=free.dtype), free))
             return
-        self.table(free)[self.num_pinned:] = self._layout.user_to_layout(weight)[self.num_pinned:]
+        self.table(free)[self.num_pinned :] = self._layout.user_to_layout(weight)[self.num_pinned :]
         if not self._aliased(free):  # the copy path: free rows live apart from the table
-            free.copy_(self._table[self.num_pinned:])
+            free.copy_(self._table[self.num_pinned :])
 
     @torch.no_grad()
     def load_plain(self, weight: Tensor, free: Tensor, what: str) -> Tensor:
@@ -522,7 +573,7 @@ class PinnedRows(nn.Module):
                 self._cast, self._exact = {}, None
         else:
             self.check_pinned(weight, what)
-        return self._layout.user_to_layout(weight.to(pinned))[self.num_pinned:]
+        return self._layout.user_to_layout(weight.to(pinned))[self.num_pinned :]
 
     def __prepare_scriptable__(self) -> nn.Module:  # torch.jit.script calls it on every submodule
         raise RuntimeError(SCRIPTING_REFUSED)
@@ -568,6 +619,12 @@ class TiedTo(nn.Module):
         original = self.pin.free_parameter
         # At registration ``value`` is the shared Parameter, which constrain() already turned
         # into the embedding's free rows (``original``): accept it as the tie itself.
-        if value is not original and value is not emb_weight and not torch.equal(plain(value), plain(emb_weight)):
-            raise RuntimeError("a weight tied to a constrained embedding can only be set through the embedding")
+        if (
+            value is not original
+            and value is not emb_weight
+            and not torch.equal(plain(value), plain(emb_weight))
+        ):
+            raise RuntimeError(
+                "a weight tied to a constrained embedding can only be set through the embedding"
+            )
         return original

@@ -20,9 +20,15 @@ __all__ = ["tied_modules", "pinned_values", "pinned_deviation"]
 
 def tied_modules(root: nn.Module, embedding: nn.Module) -> list[nn.Module]:
     """The modules of ``root`` (``embedding`` aside) with a weight tied to ``embedding``."""
-    return [m for m in root.modules() if m is not embedding
-            and any((t := tie_of(m, n)) is not None and t.embedding is embedding
-                    for n in getattr(m, "parametrizations", {}))]
+    return [
+        m
+        for m in root.modules()
+        if m is not embedding
+        and any(
+            (t := tie_of(m, n)) is not None and t.embedding is embedding
+            for n in getattr(m, "parametrizations", {})
+        )
+    ]
 
 
 def pinned_values(embedding: nn.Module) -> Tensor:

@@ -19,8 +19,16 @@ try:  # torch.distributed may be missing on some builds
 except ImportError:  # pragma: no cover
     DTensor = None
 
-__all__ = ["is_sharded", "full", "like", "as_shards", "fsdp_managed", "zero_managed", "zero_partitioned",
-           "ZERO_PARTITIONED"]
+__all__ = [
+    "is_sharded",
+    "full",
+    "like",
+    "as_shards",
+    "fsdp_managed",
+    "zero_managed",
+    "zero_partitioned",
+    "ZERO_PARTITIONED",
+]
 
 # FSDP2's fully_shard marks every module whose parameters it manages (torch >= 2.4; used by Dynamo).
 _FSDP_MANAGED = "_is_fsdp_managed_module"

@@ -36,8 +36,16 @@ except ImportError:  # pragma: no cover
 
 from .layout import Layout
 
-__all__ = ["RowShard", "row_shard", "rows_on", "local_layout", "install_tp_hooks", "as_global", "local_part",
-           "TP_REFUSED"]
+__all__ = [
+    "RowShard",
+    "row_shard",
+    "rows_on",
+    "local_layout",
+    "install_tp_hooks",
+    "as_global",
+    "local_part",
+    "TP_REFUSED",
+]
 
 TP_REFUSED = (
     "a constrained embedding supports tensor parallelism that shards its rows (the vocabulary): RowwiseParallel "
@@ -95,7 +103,9 @@ def as_global(local: Tensor, shard: RowShard) -> Tensor:
     """The ``(V, ...)`` DTensor, sharded on rows over the shard's mesh, whose local rows are ``local``."""
     shape = (shard.num_rows, *local.shape[1:])
     stride = torch.empty(shape, device="meta").stride()
-    return DTensor.from_local(local.contiguous(), shard.mesh, [Shard(0)], run_check=False, shape=shape, stride=stride)
+    return DTensor.from_local(
+        local.contiguous(), shard.mesh, [Shard(0)], run_check=False, shape=shape, stride=stride
+    )
 
 
 def local_part(t: Tensor, shard: RowShard) -> Tensor:
@@ -103,7 +113,7 @@ def local_part(t: Tensor, shard: RowShard) -> Tensor:
     tensor's rows ``[lo, hi)`` (a copy), detached."""
     if DTensor is not None and isinstance(t, DTensor):
         return t.to_local().detach()
-    return t.detach()[shard.lo:shard.hi].clone()
+    return t.detach()[shard.lo : shard.hi].clone()
 
 
 def _local(t: Any, grad_partial: bool = False) -> Any:
@@ -133,6 +143,7 @@ def install_tp_hooks(module: nn.Module, shard_of: Any) -> list:
             return DTensor.from_local(out, shard.mesh, [Partial()], run_check=False)
 
     elif isinstance(module, nn.Linear):
+
         def before(mod: nn.Module, args: tuple) -> tuple:
             return (_local(args[0], grad_partial=True), *args[1:])
 
@@ -140,8 +151,14 @@ def install_tp_hooks(module: nn.Module, shard_of: Any) -> list:
             shard = shard_of()
             shape = (*out.shape[:-1], shard.num_rows)
             stride = torch.empty(shape, device="meta").stride()
-            return DTensor.from_local(out.contiguous(), shard.mesh, [Shard(out.dim() - 1)], run_check=False,
-                                      shape=shape, stride=stride)
+            return DTensor.from_local(
+                out.contiguous(),
+                shard.mesh,
+                [Shard(out.dim() - 1)],
+                run_check=False,
+                shape=shape,
+                stride=stride,
+            )
     else:
         raise TypeError(f"{TP_REFUSED}; got {type(module).__name__}")
     return [module.register_forward_pre_hook(before), module.register_forward_hook(after, prepend=True)]

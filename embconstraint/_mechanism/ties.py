@@ -37,8 +37,11 @@ def holders(param: Tensor, skip: tuple[dict, ...] = ()) -> list[tuple[nn.Module,
     dicts holding ``param`` as a value (an optimizer's state, which holds it as a key, is no
     candidate), then the modules (or their ``__dict__``) holding those dicts."""
     skipped = {id(d) for d in skip}
-    dicts = {id(r): r for r in gc.get_referrers(param)
-             if isinstance(r, dict) and id(r) not in skipped and any(v is param for v in r.values())}
+    dicts = {
+        id(r): r
+        for r in gc.get_referrers(param)
+        if isinstance(r, dict) and id(r) not in skipped and any(v is param for v in r.values())
+    }
     if not dicts:
         return []
     owners, inner = [], []
@@ -53,7 +56,9 @@ def holders(param: Tensor, skip: tuple[dict, ...] = ()) -> list[tuple[nn.Module,
     return list(found.values())
 
 
-def shared(module: nn.Module, name: str, known: list[tuple[nn.Module, str]] = ()) -> list[tuple[nn.Module, str]]:
+def shared(
+    module: nn.Module, name: str, known: list[tuple[nn.Module, str]] = ()
+) -> list[tuple[nn.Module, str]]:
     """The (module, name) pairs other than ``module`` and ``known`` that hold ``module``'s own
     parameter ``name``."""
     params = module._parameters
@@ -64,8 +69,11 @@ def shared(module: nn.Module, name: str, known: list[tuple[nn.Module, str]] = ()
 
     def others() -> list[tuple[nn.Module, str]]:
         # (a ParametrizationList holds it only inside a parametrized module, refused elsewhere)
-        return [(m, n) for m, n in holders(params[name], own)
-                if (id(m), n) not in skip and not isinstance(m, ParametrizationList)]
+        return [
+            (m, n)
+            for m, n in holders(params[name], own)
+            if (id(m), n) not in skip and not isinstance(m, ParametrizationList)
+        ]
 
     found = others()
     if found:  # garbage not yet collected (a released parametrization, a dropped model) is no holder

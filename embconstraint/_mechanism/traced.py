@@ -23,8 +23,10 @@ from .layout import Layout
 
 __all__ = ["TracedWeight", "traced"]
 
-_WRITE_REFUSED = ("in-place {} on the weight of a constrained embedding inside torch.compile is not supported; "
-                  "write outside the compiled region (under torch.no_grad(): emb.weight[rows] = values)")
+_WRITE_REFUSED = (
+    "in-place {} on the weight of a constrained embedding inside torch.compile is not supported; "
+    "write outside the compiled region (under torch.no_grad(): emb.weight[rows] = values)"
+)
 
 
 class TracedWeight(Tensor):
@@ -67,20 +69,52 @@ def traced(merged: Tensor, free: Tensor, pinned: Tensor, layout: Layout) -> Trac
     return w
 
 
-def _embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False,
-               sparse=False):
-    return embedding(input, weight._free, None, weight._layout, padding_idx, max_norm, scale_grad_by_freq, sparse,
-                     pinned=weight._pinned)
+def _embedding(
+    input, weight, padding_idx=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False, sparse=False
+):
+    return embedding(
+        input,
+        weight._free,
+        None,
+        weight._layout,
+        padding_idx,
+        max_norm,
+        scale_grad_by_freq,
+        sparse,
+        pinned=weight._pinned,
+    )
 
 
-def _embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2, scale_grad_by_freq=False,
-                   mode="mean", sparse=False, per_sample_weights=None, include_last_offset=False, padding_idx=None):
-    return embedding_bag(input, weight._free, None, weight._layout, offsets, max_norm, scale_grad_by_freq, mode,
-                         sparse, per_sample_weights, include_last_offset, padding_idx, pinned=weight._pinned)
+def _embedding_bag(
+    input,
+    weight,
+    offsets=None,
+    max_norm=None,
+    norm_type=2,
+    scale_grad_by_freq=False,
+    mode="mean",
+    sparse=False,
+    per_sample_weights=None,
+    include_last_offset=False,
+    padding_idx=None,
+):
+    return embedding_bag(
+        input,
+        weight._free,
+        None,
+        weight._layout,
+        offsets,
+        max_norm,
+        scale_grad_by_freq,
+        mode,
+        sparse,
+        per_sample_weights,
+        include_last_offset,
+        padding_idx,
+        pinned=weight._pinned,
+    )
 
 
 def _linear(input, weight, bias=None):
     bias = bias._merged if isinstance(bias, TracedWeight) else bias
     return split_linear(input, weight._free, weight._pinned, weight._layout, bias)
-
-

@@ -49,6 +49,7 @@ from .layout import Layout
 
 __all__ = ["PinnedWeight", "PinnedView", "PinnedConstant", "HANDLED", "wrap", "constant", "plain"]
 
+
 class Pin(Protocol):
     """What a weight needs of its parametrization."""
 
@@ -158,8 +159,9 @@ class PinnedView(Tensor):
             handled, out = standalone(func, args)
             if handled:
                 return out
-        if ((isinstance(target_of(args, kwargs), cls) and (is_write(func) or is_value_setter(func)))
-                or isinstance(kwargs.get("out"), cls)):
+        if (
+            isinstance(target_of(args, kwargs), cls) and (is_write(func) or is_value_setter(func))
+        ) or isinstance(kwargs.get("out"), cls):
             raise RuntimeError(
                 f"in-place {op_name(func)} on a view of a constrained embedding's weight "
                 "is not supported; write through the weight itself under torch.no_grad() "
@@ -218,9 +220,11 @@ class PinnedWeight(Tensor):
     imag = through_torch_function(Tensor.imag)
 
 
-_SET_REFUSED = ("set_ on the weight of a constrained embedding is not supported (it would replace the "
-                "pinned rows); write the free rows under torch.no_grad() (emb.weight[rows] = values), "
-                "or release() the embedding first")
+_SET_REFUSED = (
+    "set_ on the weight of a constrained embedding is not supported (it would replace the "
+    "pinned rows); write the free rows under torch.no_grad() (emb.weight[rows] = values), "
+    "or release() the embedding first"
+)
 
 
 class PinnedConstant(Tensor):
@@ -267,7 +271,9 @@ class PinnedConstant(Tensor):
                 return None
             if is_write(func) or is_value_setter(func):
                 return _write(func, args, kwargs)
-            if is_setter(func) or is_state_getter(func):  # ``t.grad = ...``, ``t.grad``: on the constant itself
+            if is_setter(func) or is_state_getter(
+                func
+            ):  # ``t.grad = ...``, ``t.grad``: on the constant itself
                 with torch._C.DisableTorchFunctionSubclass():
                     return func(*args, **kwargs)
         return run_plain(func, args, kwargs)
@@ -325,8 +331,10 @@ def wrap(t: Tensor, pin: Pin, free: Tensor, table: Tensor | None) -> PinnedWeigh
     return t
 
 
-_AVERAGING_HINT = ("; to average models (EMA, SWA), average model.parameters() (the trainable rows) or write "
-                   "into the tensors of state_dict(), which keep pinned values within rounding")
+_AVERAGING_HINT = (
+    "; to average models (EMA, SWA), average model.parameters() (the trainable rows) or write "
+    "into the tensors of state_dict(), which keep pinned values within rounding"
+)
 
 
 def _write(func, args: tuple, kwargs: dict) -> Tensor:
@@ -347,7 +355,9 @@ def _write(func, args: tuple, kwargs: dict) -> Tensor:
         )
     # (grad mode is checked above, before no_grad: a decorator would hide the caller's mode)
     pin, free = target._pin, target._free
-    if isinstance(target, PinnedWeight) and target._table is None:  # split storage: write the registered free rows
+    if (
+        isinstance(target, PinnedWeight) and target._table is None
+    ):  # split storage: write the registered free rows
         free = pin.free_parameter
     with torch.no_grad():
         scratch = pin.layout.to_user_order(pin.table(free)).clone()
@@ -360,8 +370,12 @@ def _write(func, args: tuple, kwargs: dict) -> Tensor:
         # A state dict's tensor may be written with pinned rows within rounding of their values
         # (an EMA, ``ema * d + (1 - d) * model``): the free rows are written, the pinned ones kept.
         constant_target = isinstance(target, PinnedConstant)
-        pin.check_pinned(scratch, f"in-place {name}", rounding=constant_target,
-                         hint="" if constant_target else _AVERAGING_HINT)
+        pin.check_pinned(
+            scratch,
+            f"in-place {name}",
+            rounding=constant_target,
+            hint="" if constant_target else _AVERAGING_HINT,
+        )
         pin.write_free_rows(scratch, free)
         table = pin.table(free)
         if constant_target and storage_ptr(target) != storage_ptr(table):
@@ -388,27 +402,70 @@ def _split_pinned(weight: PinnedWeight) -> Tensor | None:
     return weight._pin.pinned_block(weight._free) if weight._table is None else None
 
 
-def _embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
-               scale_grad_by_freq=False, sparse=False):
+def _embedding(
+    input, weight, padding_idx=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False, sparse=False
+):
     if functional():
         if max_norm is not None:
             raise ValueError(MAX_NORM_REFUSED)
         return F.embedding(input, plain(weight), padding_idx, None, norm_type, scale_grad_by_freq, sparse)
-    return embedding(input, weight._free, weight._table, weight._pin.layout, padding_idx,
-                     max_norm, scale_grad_by_freq, sparse, pinned=_split_pinned(weight))
+    return embedding(
+        input,
+        weight._free,
+        weight._table,
+        weight._pin.layout,
+        padding_idx,
+        max_norm,
+        scale_grad_by_freq,
+        sparse,
+        pinned=_split_pinned(weight),
+    )
 
 
-def _embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2, scale_grad_by_freq=False,
-                   mode="mean", sparse=False, per_sample_weights=None, include_last_offset=False,
-                   padding_idx=None):
+def _embedding_bag(
+    input,
+    weight,
+    offsets=None,
+    max_norm=None,
+    norm_type=2,
+    scale_grad_by_freq=False,
+    mode="mean",
+    sparse=False,
+    per_sample_weights=None,
+    include_last_offset=False,
+    padding_idx=None,
+):
     if input.is_nested or functional():
         if max_norm is not None:
             raise ValueError(MAX_NORM_REFUSED)
-        return F.embedding_bag(input, plain(weight), offsets, None, norm_type, scale_grad_by_freq,
-                               mode, sparse, per_sample_weights, include_last_offset, padding_idx)
-    return embedding_bag(input, weight._free, weight._table, weight._pin.layout, offsets, max_norm,
-                         scale_grad_by_freq, mode, sparse, per_sample_weights,
-                         include_last_offset, padding_idx, pinned=_split_pinned(weight))
+        return F.embedding_bag(
+            input,
+            plain(weight),
+            offsets,
+            None,
+            norm_type,
+            scale_grad_by_freq,
+            mode,
+            sparse,
+            per_sample_weights,
+            include_last_offset,
+            padding_idx,
+        )
+    return embedding_bag(
+        input,
+        weight._free,
+        weight._table,
+        weight._pin.layout,
+        offsets,
+        max_norm,
+        scale_grad_by_freq,
+        mode,
+        sparse,
+        per_sample_weights,
+        include_last_offset,
+        padding_idx,
+        pinned=_split_pinned(weight),
+    )
 
 
 def _linear(input, weight, bias=None):
@@ -417,8 +474,13 @@ def _linear(input, weight, bias=None):
     autocast = torch.is_autocast_enabled(input.device.type)
     if weight._table is None and weight._free.dim() == 2 and not autocast:
         pin = weight._pin
-        return split_linear(input, weight._free, pin.pinned_block(weight._free), pin.layout,
-                            None if bias is None else plain(bias))
+        return split_linear(
+            input,
+            weight._free,
+            pin.pinned_block(weight._free),
+            pin.layout,
+            None if bias is None else plain(bias),
+        )
     if weight._table is None or (isinstance(bias, PinnedWeight) and bias._table is None) or autocast:
         # the generic path: autocast casts the merged weight; the split storage has no table
         return run_plain(F.linear, (input, weight, bias), {})

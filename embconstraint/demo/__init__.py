@@ -17,5 +17,16 @@ from .data import DemoData, make_data
 from .report import DemoResult, RunResult, format_table, plot_embeddings
 from .run import ProduceModel, accuracy, grow, run_demo, train
 
-__all__ = ["DemoData", "DemoResult", "ProduceModel", "RunResult", "accuracy", "format_table", "grow",
-           "make_data", "plot_embeddings", "run_demo", "train"]
+__all__ = [
+    "DemoData",
+    "DemoResult",
+    "ProduceModel",
+    "RunResult",
+    "accuracy",
+    "format_table",
+    "grow",
+    "make_data",
+    "plot_embeddings",
+    "run_demo",
+    "train",
+]

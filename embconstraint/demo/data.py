@@ -127,5 +127,6 @@ def make_data(seed: int = 0) -> DemoData:
 
     train_x, train_y = sentences(_TRAIN_PER_ITEM, _VAGUE)
     test_x, test_y = sentences(_TEST_PER_ITEM, 0.0)
-    return DemoData([n for n, _, _ in catalog], [c for _, c, _ in catalog], words,
-                    train_x, train_y, test_x, test_y)
+    return DemoData(
+        [n for n, _, _ in catalog], [c for _, c, _ in catalog], words, train_x, train_y, test_x, test_y
+    )

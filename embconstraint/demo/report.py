@@ -58,13 +58,23 @@ def format_table(runs: list[RunResult]) -> str:
     """
     header = ("model", "items", "max |Δ| old rows", "acc. old items", "acc. new items", "train time")
     rows = [header] + [
-        (r.name, str(r.num_items), "—" if r.max_dev is None else f"{r.max_dev:.3g}",
-         _percent(r.acc_old), _percent(r.acc_new), f"{r.seconds:.1f} s")
+        (
+            r.name,
+            str(r.num_items),
+            "—" if r.max_dev is None else f"{r.max_dev:.3g}",
+            _percent(r.acc_old),
+            _percent(r.acc_new),
+            f"{r.seconds:.1f} s",
+        )
         for r in runs
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
-             for row in rows]
+    lines = [
+        "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -104,8 +114,9 @@ def plot_embeddings(runs: list[RunResult], data: DemoData, path: str | Path) -> 
     lo, hi = all_xy.min(dim=0).values, all_xy.max(dim=0).values
     pad = 0.12 * (hi - lo)
     colors = {"fruit": "#e07b00", "vegetable": "#2a8a2a"}
-    fig, axs = plt.subplots(1, len(runs), figsize=(5.2 * len(runs), 5.0), sharex=True, sharey=True,
-                            squeeze=False)
+    fig, axs = plt.subplots(
+        1, len(runs), figsize=(5.2 * len(runs), 5.0), sharex=True, sharey=True, squeeze=False
+    )
     axs = axs[0]
     for ax, run in zip(axs, runs, strict=True):
         xy = project(run.weights)
@@ -116,10 +127,24 @@ def plot_embeddings(runs: list[RunResult], data: DemoData, path: str | Path) -> 
                 x0, y0 = ref_xy[i].tolist()
                 ax.plot([x0, x], [y0, y], color="#999999", lw=0.8, zorder=1)
                 ax.scatter([x0], [y0], s=30, facecolors="none", edgecolors="#999999", zorder=1)
-            ax.scatter([x], [y], s=70 if old else 150, marker="o" if old else "*",
-                       color=colors[data.categories[i]], edgecolors="black", linewidths=0.5, zorder=2)
-            ax.annotate(data.items[i] + ("" if old else " (new)"), (x, y), textcoords="offset points",
-                        xytext=(5, 4), fontsize=8, fontweight="normal" if old else "bold")
+            ax.scatter(
+                [x],
+                [y],
+                s=70 if old else 150,
+                marker="o" if old else "*",
+                color=colors[data.categories[i]],
+                edgecolors="black",
+                linewidths=0.5,
+                zorder=2,
+            )
+            ax.annotate(
+                data.items[i] + ("" if old else " (new)"),
+                (x, y),
+                textcoords="offset points",
+                xytext=(5, 4),
+                fontsize=8,
+                fontweight="normal" if old else "bold",
+            )
         dev = "" if run.max_dev is None else f"\nmax |Δ| old rows = {run.max_dev:.3g}"
         ax.set_title(f"{run.name} ({run.num_items} items){dev}", fontsize=10)
         ax.set_xlim(lo[0] - pad[0], hi[0] + pad[0])
@@ -131,10 +156,12 @@ def plot_embeddings(runs: list[RunResult], data: DemoData, path: str | Path) -> 
         plt.Line2D([], [], marker="o", ls="", color=colors["fruit"], label="fruit"),
         plt.Line2D([], [], marker="o", ls="", color=colors["vegetable"], label="vegetable"),
         plt.Line2D([], [], marker="o", ls="", color="white", markeredgecolor="black", label="old item"),
-        plt.Line2D([], [], marker="*", ls="", color="white", markeredgecolor="black", markersize=12,
-                   label="new item"),
-        plt.Line2D([], [], marker="o", ls="-", color="#999999", markerfacecolor="none",
-                   label="old item in model 1"),
+        plt.Line2D(
+            [], [], marker="*", ls="", color="white", markeredgecolor="black", markersize=12, label="new item"
+        ),
+        plt.Line2D(
+            [], [], marker="o", ls="-", color="#999999", markerfacecolor="none", label="old item in model 1"
+        ),
     ]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
     fig.suptitle("Item embeddings before and after the vocabulary grew (same 2-D projection in every panel)")

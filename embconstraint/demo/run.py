@@ -73,8 +73,11 @@ def _quiet_lightning() -> Iterator[None]:
     """Silence Lightning's info lines (GPU available..., tips) and the num_workers hint."""
     # Both packages may be loaded (the callback subclasses both); each routes its info lines
     # through its own loggers.
-    loggers = [logging.getLogger(name) for pkg in ("pytorch_lightning", "lightning.pytorch")
-               for name in (pkg, f"{pkg}.utilities.rank_zero")]
+    loggers = [
+        logging.getLogger(name)
+        for pkg in ("pytorch_lightning", "lightning.pytorch")
+        for name in (pkg, f"{pkg}.utilities.rank_zero")
+    ]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.WARNING)
@@ -88,9 +91,18 @@ def _quiet_lightning() -> Iterator[None]:
             logger.setLevel(level)
 
 
-def train(model: ProduceModel, contexts: Tensor, targets: Tensor, *, epochs: int = DEFAULT_EPOCHS,
-          seed: int = 0, accelerator: str = "cpu", callbacks: list | None = None,
-          progress_bar: bool = True, checkpoint: str | Path | None = None) -> float:
+def train(
+    model: ProduceModel,
+    contexts: Tensor,
+    targets: Tensor,
+    *,
+    epochs: int = DEFAULT_EPOCHS,
+    seed: int = 0,
+    accelerator: str = "cpu",
+    callbacks: list | None = None,
+    progress_bar: bool = True,
+    checkpoint: str | Path | None = None,
+) -> float:
     """Fit ``model`` with a Lightning ``Trainer``; returns the wall time of ``fit`` in seconds.
 
     ``checkpoint``: if given, the trained model is saved there (``Trainer.save_checkpoint``).
@@ -102,12 +114,20 @@ def train(model: ProduceModel, contexts: Tensor, targets: Tensor, *, epochs: int
     True
     """
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(contexts, targets), batch_size=64, shuffle=True,
-        generator=torch.Generator().manual_seed(seed))
+        torch.utils.data.TensorDataset(contexts, targets),
+        batch_size=64,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
     with _quiet_lightning():
         trainer = pl.Trainer(
-            max_epochs=epochs, accelerator=accelerator, devices=1, logger=False,
-            enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress_bar,
+            max_epochs=epochs,
+            accelerator=accelerator,
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=progress_bar,
             callbacks=callbacks or [],
         )
         start = time.perf_counter()
@@ -134,7 +154,6 @@ def accuracy(model: ProduceModel, contexts: Tensor, targets: Tensor) -> float:
     return float(hits.float().mean())
 
 
-
 def _default_out() -> Path:
     base = Path.cwd() / f"embconstraint-demo-{datetime.now():%Y%m%d-%H%M%S}"
     out, n = base, 1
@@ -156,12 +175,20 @@ def _check_accelerator(accelerator: str) -> None:
     if accelerator not in ("cpu", "gpu", "auto"):
         raise ValueError(f"accelerator must be 'cpu', 'gpu' or 'auto', got {accelerator!r}")
     if accelerator == "gpu" and not (torch.cuda.is_available() or torch.backends.mps.is_available()):
-        raise ValueError("accelerator 'gpu' was requested but no GPU is available "
-                         "(torch.cuda.is_available() is False); use --accelerator cpu")
+        raise ValueError(
+            "accelerator 'gpu' was requested but no GPU is available "
+            "(torch.cuda.is_available() is False); use --accelerator cpu"
+        )
 
 
-def run_demo(epochs: int | None = None, seed: int = 0, out: str | Path | None = None,
-             accelerator: str = "cpu", progress_bar: bool = True, verbose: bool = True) -> DemoResult:
+def run_demo(
+    epochs: int | None = None,
+    seed: int = 0,
+    out: str | Path | None = None,
+    accelerator: str = "cpu",
+    progress_bar: bool = True,
+    verbose: bool = True,
+) -> DemoResult:
     """Run the whole demo; prints the table and writes ``embeddings.png`` and the three models'
     checkpoints (``model1.ckpt``, ``model2_unconstrained.ckpt``, ``model2_constrained.ckpt``)
     into ``out`` (default: a new ``./embconstraint-demo-YYYYmmdd-HHMMSS`` folder).
@@ -185,8 +212,10 @@ def run_demo(epochs: int | None = None, seed: int = 0, out: str | Path | None = 
 
     data = make_data(seed)
     n_old, n_all = data.num_old, len(data.items)
-    say(f"embconstraint demo: predict a produce item from its context ({n_old} items, then "
-        f"{n_all - n_old} new ones join)")
+    say(
+        f"embconstraint demo: predict a produce item from its context ({n_old} items, then "
+        f"{n_all - n_old} new ones join)"
+    )
     for i in (0, len(data.train_targets) - 1):
         say(f"  e.g. '{data.describe(i)}'")
     test_old = data.subset("test", n_old)
@@ -197,8 +226,15 @@ def run_demo(epochs: int | None = None, seed: int = 0, out: str | Path | None = 
     say(f"\n[1/3] model 1: {n_old} items")
     torch.manual_seed(seed)
     model1 = ProduceModel(n_old, len(data.words))
-    t1 = train(model1, *data.subset("train", n_old), epochs=epochs, seed=seed, accelerator=accelerator,
-               progress_bar=progress_bar, checkpoint=ckpts["model1"])
+    t1 = train(
+        model1,
+        *data.subset("train", n_old),
+        epochs=epochs,
+        seed=seed,
+        accelerator=accelerator,
+        progress_bar=progress_bar,
+        checkpoint=ckpts["model1"],
+    )
     ref = model1.items.weight.detach().clone()
     runs = [RunResult("model 1", n_old, t1, accuracy(model1, *test_old), weights=ref)]
 
@@ -209,20 +245,40 @@ def run_demo(epochs: int | None = None, seed: int = 0, out: str | Path | None = 
         model2 = grow(model1, n_all, seed=seed + 1)
         callbacks = [EmbeddingConstraint(model2.items, ref)] if constrained else []
         key = "model2_constrained" if constrained else "model2_unconstrained"
-        seconds = train(model2, *grown_train, epochs=epochs, seed=seed, accelerator=accelerator,
-                        callbacks=callbacks, progress_bar=progress_bar, checkpoint=ckpts[key])
+        seconds = train(
+            model2,
+            *grown_train,
+            epochs=epochs,
+            seed=seed,
+            accelerator=accelerator,
+            callbacks=callbacks,
+            progress_bar=progress_bar,
+            checkpoint=ckpts[key],
+        )
         weights = model2.items.weight.detach().clone()
         check = verify({"items.weight": weights}, ref)
-        runs.append(RunResult(name, n_all, seconds, accuracy(model2, *test_old), accuracy(model2, *test_new),
-                              max_dev=check.max_deviation, weights=weights))
+        runs.append(
+            RunResult(
+                name,
+                n_all,
+                seconds,
+                accuracy(model2, *test_old),
+                accuracy(model2, *test_new),
+                max_dev=check.max_deviation,
+                weights=weights,
+            )
+        )
 
     png = plot_embeddings(runs, data, out / "embeddings.png")
     say("\n" + format_table(runs))
     shown = {k: _shown(p) for k, p in ckpts.items()}
-    say(f"\nwrote {_shown(out)}: {'embeddings.png, ' if png else ''}"
-        f"{', '.join(p.name for p in ckpts.values())}")
-    say("check the old rows with:\n"
+    say(
+        f"\nwrote {_shown(out)}: {'embeddings.png, ' if png else ''}"
+        f"{', '.join(p.name for p in ckpts.values())}"
+    )
+    say(
+        "check the old rows with:\n"
         f"  embconstraint verify {shown['model2_constrained']} --reference {shown['model1']} --key items.weight\n"
-        f"  embconstraint verify {shown['model2_unconstrained']} --reference {shown['model1']} --key items.weight")
+        f"  embconstraint verify {shown['model2_unconstrained']} --reference {shown['model1']} --key items.weight"
+    )
     return DemoResult(runs, out, png, ckpts, data)
-

@@ -26,7 +26,16 @@ from .rows import extract_rows, load_rows, loaded_rows, save_rows, unload_rows
 from .verify import Verification, verify
 
 __all__ = [
-    "export_checkpoint", "export_state_dict", "verify", "Verification", "save_rows", "load_rows", "unload_rows",
-    "loaded_rows", "extract_rows",
-    "load_tensors", "read_indices", "checkpoint_problem",
+    "export_checkpoint",
+    "export_state_dict",
+    "verify",
+    "Verification",
+    "save_rows",
+    "load_rows",
+    "unload_rows",
+    "loaded_rows",
+    "extract_rows",
+    "load_tensors",
+    "read_indices",
+    "checkpoint_problem",
 ]

@@ -52,8 +52,9 @@ def _foreign(state_dict: Mapping[str, Any], key: str) -> bool:
     return any(k != key and k.startswith(siblings) for k in state_dict)
 
 
-def _merge_raw(state_dict: dict[str, Any], reference: Tensor | None, indices: Tensor | None,
-               where: str) -> dict[str, Any]:
+def _merge_raw(
+    state_dict: dict[str, Any], reference: Tensor | None, indices: Tensor | None, where: str
+) -> dict[str, Any]:
     """Replace ``*.parametrizations.<name>.original`` entries (the free rows of a constrained
     embedding) by the merged ``*.<name>`` weight, built with ``reference`` as pinned rows."""
     raw = [k for k in state_dict if RAW_KEY.match(k) and not _foreign(state_dict, k)]
@@ -77,8 +78,10 @@ def _merge_raw(state_dict: dict[str, Any], reference: Tensor | None, indices: Te
         if not isinstance(free, Tensor) or free.dim() != 2:
             raise ValueError(f"{where}: entry {k!r} is not a 2-D tensor")
         if reference.dim() != 2 or reference.shape[1] != free.shape[1]:
-            raise ValueError(f"shape mismatch: reference has shape {tuple(reference.shape)} but {k!r} has "
-                             f"shape {tuple(free.shape)} (free rows); their embedding dimensions must match")
+            raise ValueError(
+                f"shape mismatch: reference has shape {tuple(reference.shape)} but {k!r} has "
+                f"shape {tuple(free.shape)} (free rows); their embedding dimensions must match"
+            )
         n, num_rows = reference.shape[0], reference.shape[0] + free.shape[0]
         idx = torch.arange(n) if indices is None else indices
         check_rows(idx, n, num_rows)
@@ -118,8 +121,9 @@ def export_state_dict(
     return _export(state_dict, Path(out), reference, as_indices(indices), "state dict")
 
 
-def _export(state_dict: Mapping[str, Any], out: Path, reference: Tensor | None, idx: Tensor | None,
-            where: str) -> dict[str, Any]:
+def _export(
+    state_dict: Mapping[str, Any], out: Path, reference: Tensor | None, idx: Tensor | None, where: str
+) -> dict[str, Any]:
     kind = writer_kind(out)
     if out.is_dir():
         raise ValueError(f"output {path_str(out)!r} is a directory, expected a file name")
@@ -128,18 +132,25 @@ def _export(state_dict: Mapping[str, Any], out: Path, reference: Tensor | None, 
     for k, v in state_dict.items():  # before merging: a raw entry must be dense too
         problem = tensor_problem(v)
         if problem is not None and (kind == "safetensors" or v.is_meta or RAW_KEY.match(k)):
-            fix = "it cannot be exported" if v.is_meta or RAW_KEY.match(k) else \
-                "safetensors holds dense tensors only (export to .pt, or save it with .to_dense())"
+            fix = (
+                "it cannot be exported"
+                if v.is_meta or RAW_KEY.match(k)
+                else "safetensors holds dense tensors only (export to .pt, or save it with .to_dense())"
+            )
             raise ValueError(f"{where}: tensor {k!r} is {problem}; {fix}")
     sd = _merge_raw(dict(state_dict), reference, idx, where)
     if reference is not None and sd.keys() == state_dict.keys():
-        raise ValueError(f"a reference was given, but {where} holds no raw "
-                         "'*.parametrizations.<name>.original' entry to merge it into")
+        raise ValueError(
+            f"a reference was given, but {where} holds no raw "
+            "'*.parametrizations.<name>.original' entry to merge it into"
+        )
     if kind == "safetensors":
         bad = [k for k, v in sd.items() if not isinstance(v, Tensor)]
         if bad:
-            raise ValueError(f"{where}: entries {listing(bad)} are not tensors; safetensors holds tensors "
-                             "only (export to .pt instead)")
+            raise ValueError(
+                f"{where}: entries {listing(bad)} are not tensors; safetensors holds tensors "
+                "only (export to .pt instead)"
+            )
         sd = {k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}
     else:
         sd = {k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in sd.items()}
@@ -176,8 +187,10 @@ def export_checkpoint(
     if isinstance(sd, Tensor):
         raise ValueError(f"{where} holds a bare tensor, expected a Lightning checkpoint or a state dict")
     if sd is obj and not all(isinstance(v, Tensor) for v in sd.values()):
-        raise ValueError(f"{where} is neither a Lightning checkpoint (no 'state_dict' entry) nor a state dict "
-                         f"of tensors; its entries: {listing(list(sd))}")
+        raise ValueError(
+            f"{where} is neither a Lightning checkpoint (no 'state_dict' entry) nor a state dict "
+            f"of tensors; its entries: {listing(list(sd))}"
+        )
     ref = None
     if reference is not None:
         src, r_where = tensor_source(reference, "reference")

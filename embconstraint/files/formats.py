@@ -23,9 +23,22 @@ from torch import Tensor
 from .._common import index_tensor
 
 __all__ = [
-    "PathLike", "SafetensorsFile", "load_tensors", "checkpoint_problem", "read_indices", "state_dict_of",
-    "pick", "tensor_problem", "listing", "path_str", "tensor_source", "as_indices", "writer_kind", "write_atomic",
-    "same_file", "refuse_same_file",
+    "PathLike",
+    "SafetensorsFile",
+    "load_tensors",
+    "checkpoint_problem",
+    "read_indices",
+    "state_dict_of",
+    "pick",
+    "tensor_problem",
+    "listing",
+    "path_str",
+    "tensor_source",
+    "as_indices",
+    "writer_kind",
+    "write_atomic",
+    "same_file",
+    "refuse_same_file",
 ]
 
 PathLike = str | os.PathLike
@@ -44,8 +57,7 @@ def _safetensors_module(path: Path) -> Any:
         import safetensors.torch
     except ImportError:
         raise ValueError(
-            f"{path}: .safetensors files need the safetensors package "
-            "(pip install 'embconstraint[export]')"
+            f"{path}: .safetensors files need the safetensors package (pip install 'embconstraint[export]')"
         ) from None
     return safetensors
 
@@ -157,7 +169,11 @@ def _sniff(path: Path) -> str | None:
         return None
     if head[:4] == b"PK\x03\x04":
         return "torch"
-    if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= path.stat().st_size - 8:
+    if (
+        len(head) == 9
+        and head[8:9] == b"{"
+        and 0 < int.from_bytes(head[:8], "little") <= path.stat().st_size - 8
+    ):
         return "safetensors"
     return None
 
@@ -207,8 +223,10 @@ def state_dict_of(obj: Mapping[str, Any] | Tensor, where: str) -> Mapping[str, A
     if isinstance(obj, Mapping) and not isinstance(obj, SafetensorsFile):
         bad = next((k for k in obj if not isinstance(k, str)), None)
         if bad is not None:
-            raise ValueError(f"{where} has the key {bad!r} ({type(bad).__name__}); the keys of a state dict "
-                             "must be strings (parameter names such as 'emb.weight')")
+            raise ValueError(
+                f"{where} has the key {bad!r} ({type(bad).__name__}); the keys of a state dict "
+                "must be strings (parameter names such as 'emb.weight')"
+            )
     return obj
 
 
@@ -223,8 +241,10 @@ def same_file(a: PathLike, b: PathLike) -> bool:
 def refuse_same_file(out: PathLike, source: PathLike, what: str, product: str) -> None:
     """``ValueError`` when writing ``out`` would replace the input file ``source`` (a link to it included)."""
     if same_file(out, source):
-        raise ValueError(f"output {path_str(out)!r} is the {what} itself: writing onto it would replace the {what} "
-                         f"by {product} only; write to another file")
+        raise ValueError(
+            f"output {path_str(out)!r} is the {what} itself: writing onto it would replace the {what} "
+            f"by {product} only; write to another file"
+        )
 
 
 def read_indices(path: PathLike) -> Tensor:
@@ -241,16 +261,22 @@ def read_indices(path: PathLike) -> Tensor:
     if _suffix(p) in _TORCH_READ:
         obj = load_tensors(p, what="indices file")
         if not isinstance(obj, Tensor):
-            raise ValueError(f"indices file {path_str(path)!r} must hold a tensor, got a {type(obj).__name__}")
+            raise ValueError(
+                f"indices file {path_str(path)!r} must hold a tensor, got a {type(obj).__name__}"
+            )
         if obj.is_floating_point() or obj.is_complex() or obj.dtype == torch.bool:
             raise ValueError(f"indices file {path_str(path)!r} must hold integers, got dtype {obj.dtype}")
         if obj.dim() != 1:
-            raise ValueError(f"indices file {path_str(path)!r} must hold a 1-D tensor, got shape {tuple(obj.shape)}")
+            raise ValueError(
+                f"indices file {path_str(path)!r} must hold a 1-D tensor, got shape {tuple(obj.shape)}"
+            )
         return obj.long()
     try:
         text = p.read_text()
     except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"indices file {path_str(path)!r}: cannot read it as text ({_one_line(err)})") from None
+        raise ValueError(
+            f"indices file {path_str(path)!r}: cannot read it as text ({_one_line(err)})"
+        ) from None
     values = []
     for lineno, line in enumerate(text.splitlines(), 1):
         for token in re.split(r"[\s,]+", line.split("#", 1)[0].strip()):
@@ -291,7 +317,9 @@ def _usable(where: str, key: str | None, value: Any) -> tuple[str | None, Any]:
     problem = tensor_problem(value)
     if problem is not None:
         name = f"{where}: tensor {key!r}" if key is not None else where
-        raise ValueError(f"{name} is {problem}; expected a dense tensor (save it with .to_dense() / on a real device)")
+        raise ValueError(
+            f"{name} is {problem}; expected a dense tensor (save it with .to_dense() / on a real device)"
+        )
     return key, value
 
 
@@ -309,8 +337,9 @@ def _candidates(container: Mapping[str, Any]) -> list[str]:
     return out
 
 
-def pick(container: Mapping[str, Any] | Tensor, key: str | None, where: str,
-          prefer_single: bool) -> tuple[str | None, Tensor]:
+def pick(
+    container: Mapping[str, Any] | Tensor, key: str | None, where: str, prefer_single: bool
+) -> tuple[str | None, Tensor]:
     """Choose one tensor: ``key`` if given (and present), else the only 2-D tensor. A chosen
     tensor that is sparse, nested, meta or quantized is a ``ValueError``."""
     if isinstance(container, Tensor):
@@ -349,8 +378,9 @@ def tensor_source(value: PathLike | Mapping[str, Any] | Tensor, what: str):
     if isinstance(value, Mapping):
         return state_dict_of(value, what) if not isinstance(value, SafetensorsFile) else value, what
     if isinstance(value, (str, os.PathLike)):
-        return state_dict_of(load_tensors(value, what=what), f"{what} {path_str(value)!r}"), \
-            f"{what} {path_str(value)!r}"
+        return state_dict_of(
+            load_tensors(value, what=what), f"{what} {path_str(value)!r}"
+        ), f"{what} {path_str(value)!r}"
     raise TypeError(f"{what} must be a path, a tensor or a dict of tensors, got {type(value).__name__}")
 
 
@@ -362,7 +392,9 @@ def as_indices(indices: PathLike | Tensor | list[int] | None) -> Tensor | None:
         return read_indices(indices)
     if isinstance(indices, (Tensor, list, tuple)):
         return index_tensor(indices)
-    raise TypeError(f"indices must be a path, a 1-D integer tensor or a list of ints, got {type(indices).__name__}")
+    raise TypeError(
+        f"indices must be a path, a 1-D integer tensor or a list of ints, got {type(indices).__name__}"
+    )
 
 
 def writer_kind(out: Path) -> str:
@@ -373,8 +405,10 @@ def writer_kind(out: Path) -> str:
         return "safetensors"
     if suffix in _TORCH_WRITE:
         return "torch"
-    raise ValueError(f"output {path_str(out)!r}: unknown extension {out.suffix!r}; "
-                     f"use {_SAFETENSORS} (safetensors) or {' / '.join(_TORCH_WRITE)} (torch)")
+    raise ValueError(
+        f"output {path_str(out)!r}: unknown extension {out.suffix!r}; "
+        f"use {_SAFETENSORS} (safetensors) or {' / '.join(_TORCH_WRITE)} (torch)"
+    )
 
 
 def _umask() -> int:
@@ -383,7 +417,9 @@ def _umask() -> int:
     return mask
 
 
-def write_atomic(tensors: dict[str, Any], out: Path, kind: str, metadata: dict[str, str] | None = None) -> None:
+def write_atomic(
+    tensors: dict[str, Any], out: Path, kind: str, metadata: dict[str, str] | None = None
+) -> None:
     """Write ``tensors`` to ``out`` through a temporary file in the same folder, renamed when
     complete: a failed write leaves no partial file. ``metadata``: extra safetensors metadata."""
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
@@ -392,8 +428,11 @@ def write_atomic(tensors: dict[str, Any], out: Path, kind: str, metadata: dict[s
         if kind == "safetensors":
             import safetensors.torch
 
-            safetensors.torch.save_file(tensors, tmp, metadata={"format": "pt", "producer": "embconstraint export",
-                                                                 **(metadata or {})})
+            safetensors.torch.save_file(
+                tensors,
+                tmp,
+                metadata={"format": "pt", "producer": "embconstraint export", **(metadata or {})},
+            )
         else:
             torch.save(tensors, tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600: give the file the mode open() would

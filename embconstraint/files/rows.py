@@ -64,7 +64,15 @@ from .formats import (
     write_atomic,
 )
 
-__all__ = ["save_rows", "load_rows", "unload_rows", "loaded_rows", "extract_rows", "METADATA_KEY", "PEFT_PREFIX"]
+__all__ = [
+    "save_rows",
+    "load_rows",
+    "unload_rows",
+    "loaded_rows",
+    "extract_rows",
+    "METADATA_KEY",
+    "PEFT_PREFIX",
+]
 
 METADATA_KEY = "embconstraint_rows"
 PEFT_PREFIX = "base_model.model."
@@ -73,7 +81,7 @@ _ROWS_SUFFIX = ".free_rows"
 
 def _canonical(name: str) -> str:
     """``name`` without PEFT's ``base_model.model.`` prefix."""
-    return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+    return name[len(PEFT_PREFIX) :] if name.startswith(PEFT_PREFIX) else name
 
 
 def _pinned_part(weight: Tensor, free_rows: Tensor) -> Tensor:
@@ -87,7 +95,10 @@ def _pinned_part(weight: Tensor, free_rows: Tensor) -> Tensor:
 
 
 # Lower precisions a file's pinned rows are also fingerprinted in: a dtype -> the dtypes it holds exactly.
-_LOWER = {torch.float64: (torch.float32, torch.bfloat16, torch.float16), torch.float32: (torch.bfloat16, torch.float16)}
+_LOWER = {
+    torch.float64: (torch.float32, torch.bfloat16, torch.float16),
+    torch.float32: (torch.bfloat16, torch.float16),
+}
 
 
 def _fingerprint(weight: Tensor, free_rows: Tensor, dtype: torch.dtype | None = None) -> str:
@@ -139,7 +150,8 @@ def _constrained_weights(module: nn.Module, with_path: bool = False) -> Iterator
                 raise ValueError(
                     f"{mname or type(m).__name__} is sharded by tensor parallelism (each rank holds its rows of the "
                     "vocabulary): a rows file needs the whole table; write one from merged_state_dict(model) "
-                    "(embconstraint.files.extract_rows, or the rows CLI)")
+                    "(embconstraint.files.extract_rows, or the rows CLI)"
+                )
             if pin is not None:
                 full = f"{mname}.{attr}" if mname else attr
                 yield (_canonical(full), pin, full) if with_path else (_canonical(full), pin)
@@ -157,8 +169,10 @@ def _merged_from(pin: PinnedRows, full: str, state_dict: Mapping[str, Tensor]) -
     free = state_dict[raw].detach()
     pinned = pin.pinned_block()
     if free.shape[1:] != pinned.shape[1:] or free.shape[0] != pin.num_rows - pin.num_pinned:
-        raise ValueError(f"save_rows: state_dict[{raw!r}] has shape {tuple(free.shape)}, expected the "
-                         f"{pin.num_rows - pin.num_pinned} free rows of shape {(pin.num_rows - pin.num_pinned, *pinned.shape[1:])}")
+        raise ValueError(
+            f"save_rows: state_dict[{raw!r}] has shape {tuple(free.shape)}, expected the "
+            f"{pin.num_rows - pin.num_pinned} free rows of shape {(pin.num_rows - pin.num_pinned, *pinned.shape[1:])}"
+        )
     free = free.to(pinned.device)
     return pin.layout.to_user_order(torch.cat([pinned.to(free.dtype), free]))
 
@@ -178,11 +192,15 @@ def _rows_path(path: PathLike) -> Path:
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     out = Path(path)
     if out.suffix.lower() != ".safetensors":
-        raise ValueError(f"path {path_str(path)!r}: a rows file is a .safetensors file, got extension {out.suffix!r}")
+        raise ValueError(
+            f"path {path_str(path)!r}: a rows file is a .safetensors file, got extension {out.suffix!r}"
+        )
     return out
 
 
-def save_rows(module: nn.Module, path: PathLike, *, state_dict: Mapping[str, Tensor] | None = None) -> list[str]:
+def save_rows(
+    module: nn.Module, path: PathLike, *, state_dict: Mapping[str, Tensor] | None = None
+) -> list[str]:
     """Write the free rows of every constrained weight in ``module`` to ``path`` (``.safetensors``).
 
     Each weight is stored under its name without PEFT's ``base_model.model.`` prefix, with its free
@@ -210,8 +228,12 @@ def save_rows(module: nn.Module, path: PathLike, *, state_dict: Mapping[str, Ten
     _rows_path(path)
     if state_dict is not None and not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a dict of tensors or None, got {type(state_dict).__name__}")
-    entries = [_entry(name, pin.merged() if state_dict is None else _merged_from(pin, full, state_dict), pin.free_rows())
-               for name, pin, full in _constrained_weights(module, with_path=True)]
+    entries = [
+        _entry(
+            name, pin.merged() if state_dict is None else _merged_from(pin, full, state_dict), pin.free_rows()
+        )
+        for name, pin, full in _constrained_weights(module, with_path=True)
+    ]
     if not entries:
         raise ValueError(f"save_rows: {type(module).__name__} holds no constrained weight")
     return _write(entries, path)
@@ -225,24 +247,41 @@ def _read(path: PathLike) -> list[_Entry]:
     assert isinstance(file, SafetensorsFile)
     raw = file.metadata().get(METADATA_KEY)
     if raw is None:
-        raise ValueError(f"rows file {path_str(path)!r} has no {METADATA_KEY!r} metadata: not written by save_rows")
+        raise ValueError(
+            f"rows file {path_str(path)!r} has no {METADATA_KEY!r} metadata: not written by save_rows"
+        )
     try:
         meta = json.loads(raw)
-        entries = [_Entry(name, file[name], file[name + _ROWS_SUFFIX].long(), int(m["num_rows"]), str(m["sha256"]),
-                          {str(k): str(v) for k, v in m.get("sha256_as", {}).items()})
-                   for name, m in meta.items()]
+        entries = [
+            _Entry(
+                name,
+                file[name],
+                file[name + _ROWS_SUFFIX].long(),
+                int(m["num_rows"]),
+                str(m["sha256"]),
+                {str(k): str(v) for k, v in m.get("sha256_as", {}).items()},
+            )
+            for name, m in meta.items()
+        ]
     except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as err:
         raise ValueError(f"rows file {path_str(path)!r}: damaged {METADATA_KEY!r} entry ({err!r})") from None
     for e in entries:
         rows = e.free_rows
-        if (rows.dim() != 1 or e.values.dim() < 1 or e.values.shape[0] != rows.numel()
-                or (rows.numel() and (rows.min() < 0 or rows.max() >= e.num_rows or (rows.diff() <= 0).any()))):
-            raise ValueError(f"rows file {path_str(path)!r}: entry {e.name!r} has inconsistent rows "
-                             f"(values {tuple(e.values.shape)}, {rows.numel()} row indices, num_rows {e.num_rows})")
+        if (
+            rows.dim() != 1
+            or e.values.dim() < 1
+            or e.values.shape[0] != rows.numel()
+            or (rows.numel() and (rows.min() < 0 or rows.max() >= e.num_rows or (rows.diff() <= 0).any()))
+        ):
+            raise ValueError(
+                f"rows file {path_str(path)!r}: entry {e.name!r} has inconsistent rows "
+                f"(values {tuple(e.values.shape)}, {rows.numel()} row indices, num_rows {e.num_rows})"
+            )
     return entries
 
 
 # -- what was loaded where ----------------------------------------------------------------------
+
 
 @dataclass
 class _Loaded:
@@ -300,8 +339,10 @@ def _rows_loaded_from_others(records: list[_Loaded], e: _Entry, source: str, pat
         if r.source == source or torch.equal(r.free_rows, e.free_rows):
             replaced.append(r)
         elif bool(torch.isin(e.free_rows, r.free_rows).any()):
-            raise ValueError(f"load_rows: rows of {e.name} in {path_str(path)!r} overlap rows loaded from "
-                             f"{r.source!r} (not the same rows); unload_rows(model, {r.source!r}) first")
+            raise ValueError(
+                f"load_rows: rows of {e.name} in {path_str(path)!r} overlap rows loaded from "
+                f"{r.source!r} (not the same rows); unload_rows(model, {r.source!r}) first"
+            )
     return replaced
 
 
@@ -320,33 +361,45 @@ def _check_entry(targets: Mapping[str, nn.Module], e: _Entry, path: PathLike) ->
     mpath, _, attr = e.name.rpartition(".")
     m = targets.get(mpath)
     if m is None:
-        raise ValueError(f"load_rows: the model has no module {mpath!r} (entry {e.name!r}); "
-                         f"names are matched without PEFT's {PEFT_PREFIX!r} prefix")
+        raise ValueError(
+            f"load_rows: the model has no module {mpath!r} (entry {e.name!r}); "
+            f"names are matched without PEFT's {PEFT_PREFIX!r} prefix"
+        )
     if tie_of(m, attr) is not None:
-        raise ValueError(f"load_rows: {e.name} is tied to a constrained embedding in the model, but the file "
-                         "holds its own rows (saved from an untied model)")
+        raise ValueError(
+            f"load_rows: {e.name} is tied to a constrained embedding in the model, but the file "
+            "holds its own rows (saved from an untied model)"
+        )
     pin = pin_of(m, attr)
     weight = pin.merged() if pin is not None else getattr(m, attr, None)
     if not isinstance(weight, Tensor):
         raise ValueError(f"load_rows: module {mpath!r} has no tensor {attr!r} (entry {e.name!r})")
     expected = (e.num_rows, *e.values.shape[1:])
     if tuple(weight.shape) != expected:
-        raise ValueError(f"load_rows: {e.name} has shape {tuple(weight.shape)} in the model, "
-                         f"the file's rows are for shape {expected}")
+        raise ValueError(
+            f"load_rows: {e.name} has shape {tuple(weight.shape)} in the model, "
+            f"the file's rows are for shape {expected}"
+        )
     if pin is not None and not torch.equal(pin.free_rows(), e.free_rows):
-        raise ValueError(f"load_rows: {e.name} is constrained with {pin.num_rows - pin.num_pinned} free rows "
-                         f"in the model, other than the file's {e.free_rows.numel()} free rows")
+        raise ValueError(
+            f"load_rows: {e.name} is constrained with {pin.num_rows - pin.num_pinned} free rows "
+            f"in the model, other than the file's {e.free_rows.numel()} free rows"
+        )
     expected_sha, dtype = e.fingerprint_for(weight.dtype)
     if expected_sha is None:
-        raise ValueError(f"load_rows: {e.name} is {weight.dtype} in the model, the file holds {e.values.dtype} "
-                         f"and no fingerprint of its pinned rows in {weight.dtype}; cast the model to "
-                         f"{e.values.dtype} to load it")
+        raise ValueError(
+            f"load_rows: {e.name} is {weight.dtype} in the model, the file holds {e.values.dtype} "
+            f"and no fingerprint of its pinned rows in {weight.dtype}; cast the model to "
+            f"{e.values.dtype} to load it"
+        )
     records = _LOADED.get(m, {}).get(attr, [])
     replaces = _rows_loaded_from_others(records, e, _source(path), path)
     others = [r for r in records if not any(r is x for x in replaces)]
     if _fingerprint(_base_weight(weight, others), e.free_rows, dtype) != expected_sha:
-        raise ValueError(f"load_rows: the pinned rows of {e.name} differ from those the file's rows were "
-                         "trained against (SHA-256 fingerprint mismatch): a rows file for another model")
+        raise ValueError(
+            f"load_rows: the pinned rows of {e.name} differ from those the file's rows were "
+            "trained against (SHA-256 fingerprint mismatch): a rows file for another model"
+        )
     return _Step(e, m, attr, weight, replaces)
 
 
@@ -360,8 +413,10 @@ def check_rows_file(module: nn.Module, path: PathLike) -> list[_Step]:
     names = {e.name for e in entries}
     left = [name for name, _ in _constrained_weights(module) if name not in names]
     if left:
-        raise ValueError(f"load_rows: the model's constrained weight(s) {left} are not in the rows file "
-                         f"{path_str(path)!r} (it holds {sorted(names)})")
+        raise ValueError(
+            f"load_rows: the model's constrained weight(s) {left} are not in the rows file "
+            f"{path_str(path)!r} (it holds {sorted(names)})"
+        )
     return steps
 
 
@@ -443,8 +498,11 @@ def unload_rows(module: nn.Module, path: PathLike | None = None) -> list[str]:
     plan = []
     for name, m in _targets(module).items():
         for attr, records in _LOADED.get(m, {}).items():
-            plan += [(f"{name}.{attr}" if name else attr, m, attr, r) for r in records
-                     if source is None or r.source == source]
+            plan += [
+                (f"{name}.{attr}" if name else attr, m, attr, r)
+                for r in records
+                if source is None or r.source == source
+            ]
     if not plan:
         what = "no rows file" if path is None else f"no rows from {path_str(path)!r}"
         raise ValueError(f"unload_rows: {what} loaded into {type(module).__name__}")
@@ -460,7 +518,9 @@ def unload_rows(module: nn.Module, path: PathLike | None = None) -> list[str]:
     return list(dict.fromkeys(name for name, *_ in plan))
 
 
-def extract_rows(weights: PathLike, out: PathLike, *, num_pinned: int, keys: Iterable[str] | None = None) -> list[str]:
+def extract_rows(
+    weights: PathLike, out: PathLike, *, num_pinned: int, keys: Iterable[str] | None = None
+) -> list[str]:
     """Write a rows file from a plain weights file: rows ``num_pinned..V-1`` of each weight in
     ``keys`` (default: the only 2-D tensor) are the free rows, the first ``num_pinned`` the pinned
     ones. Returns the names written (the file's keys, without PEFT's prefix).
@@ -477,12 +537,19 @@ def extract_rows(weights: PathLike, out: PathLike, *, num_pinned: int, keys: Ite
     refuse_same_file(out, weights, "weights file", "the rows")
     container = state_dict_of(load_tensors(weights, what="weights"), f"weights {path_str(weights)!r}")
     if isinstance(container, Tensor):
-        raise ValueError(f"weights {path_str(weights)!r} holds a bare tensor; a rows file needs named weights")
-    picked = [pick(container, key, f"weights {path_str(weights)!r}", False) for key in (list(keys) if keys else [None])]
+        raise ValueError(
+            f"weights {path_str(weights)!r} holds a bare tensor; a rows file needs named weights"
+        )
+    picked = [
+        pick(container, key, f"weights {path_str(weights)!r}", False)
+        for key in (list(keys) if keys else [None])
+    ]
     entries = []
     for key, weight in picked:
         if weight.dim() < 1 or not 0 <= num_pinned <= weight.shape[0]:
-            raise ValueError(f"num_pinned must lie in [0, {weight.shape[0] if weight.dim() else 0}] "
-                             f"for {key!r} of shape {tuple(weight.shape)}, got {num_pinned}")
+            raise ValueError(
+                f"num_pinned must lie in [0, {weight.shape[0] if weight.dim() else 0}] "
+                f"for {key!r} of shape {tuple(weight.shape)}, got {num_pinned}"
+            )
         entries.append(_entry(_canonical(key), weight, torch.arange(num_pinned, weight.shape[0])))
     return _write(entries, out)

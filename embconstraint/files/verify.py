@@ -46,10 +46,15 @@ class Verification:
     def summary(self) -> str:
         """One line for humans, e.g. ``emb.weight: 12 of 16 rows checked, max |Δ| = 0.0, ...``."""
         name = self.key or "weights"
-        verdict = ("all bitwise equal to the reference" if self.ok
-                   else f"{self.rows_differing} row(s) differ from the reference")
-        return (f"{name}: {self.rows_checked} pinned rows checked (of {self.shape[0]}), "
-                f"max |Δ| = {self.max_deviation!r}, {verdict}")
+        verdict = (
+            "all bitwise equal to the reference"
+            if self.ok
+            else f"{self.rows_differing} row(s) differ from the reference"
+        )
+        return (
+            f"{name}: {self.rows_checked} pinned rows checked (of {self.shape[0]}), "
+            f"max |Δ| = {self.max_deviation!r}, {verdict}"
+        )
 
 
 def exact_cast(reference: Tensor, dtype: torch.dtype) -> Tensor:
@@ -118,13 +123,17 @@ def verify(
             raise ValueError(f"{name} must be floating point, got dtype {t.dtype}")
     (num_rows, dim), (num_pinned, rdim) = w.shape, ref.shape
     if rdim != dim:
-        raise ValueError(f"shape mismatch: {w_name} has shape {tuple(w.shape)} but {r_name} has "
-                         f"shape {tuple(ref.shape)} (embedding dimensions {dim} != {rdim})")
+        raise ValueError(
+            f"shape mismatch: {w_name} has shape {tuple(w.shape)} but {r_name} has "
+            f"shape {tuple(ref.shape)} (embedding dimensions {dim} != {rdim})"
+        )
     idx = as_indices(indices)
     if idx is None:
         if num_pinned > num_rows:
-            raise ValueError(f"shape mismatch: {r_name} has {num_pinned} rows but {w_name} only {num_rows} "
-                             f"(shapes {tuple(ref.shape)} and {tuple(w.shape)})")
+            raise ValueError(
+                f"shape mismatch: {r_name} has {num_pinned} rows but {w_name} only {num_rows} "
+                f"(shapes {tuple(ref.shape)} and {tuple(w.shape)})"
+            )
         idx = torch.arange(num_pinned)
     check_rows(idx, num_pinned, num_rows)
     ref = exact_cast(ref.detach().cpu(), w.dtype)

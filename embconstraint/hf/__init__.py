@@ -40,8 +40,14 @@ from .init import InitializedToken, init_new_tokens
 if TYPE_CHECKING:  # pragma: no cover - typing only; transformers is an optional extra
     from transformers import PreTrainedModel
 
-__all__ = ["constrain_input_embeddings", "constrain_new_tokens", "SaveRowsCallback", "ROWS_FILE",
-           "init_new_tokens", "InitializedToken"]  # noqa: F822 (lazy)
+__all__ = [
+    "constrain_input_embeddings",
+    "constrain_new_tokens",
+    "SaveRowsCallback",
+    "ROWS_FILE",
+    "init_new_tokens",
+    "InitializedToken",
+]  # noqa: F822 (lazy)
 
 
 def constrain_input_embeddings(
@@ -85,10 +91,14 @@ def constrain_input_embeddings(
         return _constrain_input_embeddings(model, reference, indices)
 
 
-def _constrain_input_embeddings(model: nn.Module, reference: Reference | int, indices: Indices) -> nn.Embedding:
+def _constrain_input_embeddings(
+    model: nn.Module, reference: Reference | int, indices: Indices
+) -> nn.Embedding:
     embedding = _input_embeddings(model)
     head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
-    if getattr(getattr(head, "base_layer", None), "weight", None) is embedding.weight:  # a tied head PEFT wraps
+    if (
+        getattr(getattr(head, "base_layer", None), "weight", None) is embedding.weight
+    ):  # a tied head PEFT wraps
         raise ValueError(peft_wrapper_problem(head, "model.get_output_embeddings()"))
     if isinstance(reference, bool) or not isinstance(reference, (int, Tensor, nn.Embedding, nn.EmbeddingBag)):
         raise TypeError(
@@ -103,7 +113,9 @@ def _constrain_input_embeddings(model: nn.Module, reference: Reference | int, in
                 "e.g. reference=embedding.weight[indices].detach(), with indices=indices"
             )
         if not 0 <= reference <= num_rows:
-            raise ValueError(f"reference (number of pinned rows) must lie in [0, {num_rows}], got {reference}")
+            raise ValueError(
+                f"reference (number of pinned rows) must lie in [0, {num_rows}], got {reference}"
+            )
         reference = embedding.weight.detach()[:reference]
     check_constrain(embedding, reference, root=model, indices=indices).apply()
     _after_constraining(model)
@@ -147,8 +159,7 @@ def _input_embeddings(model: Any) -> nn.Embedding:
         raise ValueError(problem)
     if not isinstance(embedding, nn.Embedding):
         raise TypeError(
-            "model.get_input_embeddings() must return an nn.Embedding, "
-            f"got {type(embedding).__name__}"
+            f"model.get_input_embeddings() must return an nn.Embedding, got {type(embedding).__name__}"
         )
     return embedding
 
@@ -225,8 +236,12 @@ def _constrain_new_tokens(model: nn.Module, old_vocab_size: int, indices: Indice
         plans.append(check_constrain(head, _reference(head.weight), indices=rows, root=model))
     modules = [plan.apply() for plan in plans]
     _after_constraining(model)
-    params = [pin.free_parameter for m in modules for name in list(m.parametrizations.keys())
-              if (pin := pin_of(m, name)) is not None]
+    params = [
+        pin.free_parameter
+        for m in modules
+        for name in list(m.parametrizations.keys())
+        if (pin := pin_of(m, name)) is not None
+    ]
     for p in params:
         p.requires_grad_(True)
     return params

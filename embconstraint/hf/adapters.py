@@ -45,9 +45,19 @@ from torch import Tensor, nn
 from .._mechanism import PinnedRows, pin_of
 from ..files.rows import check_rows_file, save_rows, write_rows
 
-__all__ = ["ROWS_FILE", "is_peft_model", "base_model_of", "peft_wrapper_problem", "record_base_rows", "base_rows",
-           "save_pretrained_with_rows", "load_adapter_with_rows", "disable_adapter_with_rows", "restored_rows",
-           "constrained_pins"]
+__all__ = [
+    "ROWS_FILE",
+    "is_peft_model",
+    "base_model_of",
+    "peft_wrapper_problem",
+    "record_base_rows",
+    "base_rows",
+    "save_pretrained_with_rows",
+    "load_adapter_with_rows",
+    "disable_adapter_with_rows",
+    "restored_rows",
+    "constrained_pins",
+]
 
 ROWS_FILE = "embconstraint_rows.safetensors"
 
@@ -59,8 +69,11 @@ _RESTORED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def is_peft_model(model: Any) -> bool:
     """Whether ``model`` is a ``peft.PeftModel`` (duck-typed: ``peft_config`` and ``get_base_model``)."""
-    return isinstance(model, nn.Module) and hasattr(model, "peft_config") and callable(
-        getattr(type(model), "get_base_model", None))
+    return (
+        isinstance(model, nn.Module)
+        and hasattr(model, "peft_config")
+        and callable(getattr(type(model), "get_base_model", None))
+    )
 
 
 def base_model_of(model: nn.Module) -> nn.Module:
@@ -74,20 +87,26 @@ def peft_wrapper_problem(module: Any, what: str) -> str | None:
         return None
     name = type(module).__name__
     if isinstance(getattr(module, "base_layer", None), nn.Module):  # a tuner layer: LoRA, LoHa, IA3, ...
-        return (f"{what} is a PEFT adapter layer ({type(module).__module__}.{name}) around the "
-                f"{type(module.base_layer).__name__} (the module is in the "
-                "adapter's target_modules): an adapter there adds its own update (LoRA's B @ A) to every row, "
-                "pinned rows included, so they cannot stay exact. Leave the embedding and the output head out of "
-                "target_modules (e.g. LoraConfig(target_modules=['q_proj', 'v_proj'])); constrain_new_tokens "
-                "trains their new rows itself")
+        return (
+            f"{what} is a PEFT adapter layer ({type(module).__module__}.{name}) around the "
+            f"{type(module.base_layer).__name__} (the module is in the "
+            "adapter's target_modules): an adapter there adds its own update (LoRA's B @ A) to every row, "
+            "pinned rows included, so they cannot stay exact. Leave the embedding and the output head out of "
+            "target_modules (e.g. LoraConfig(target_modules=['q_proj', 'v_proj'])); constrain_new_tokens "
+            "trains their new rows itself"
+        )
     if hasattr(module, "token_adapter") and hasattr(module, "original_module"):  # TrainableTokensWrapper
-        return (f"{what} is PEFT's {name} (trainable_token_indices): PEFT already trains those rows and keeps the "
-                "others. Use one of the two: drop trainable_token_indices from the PEFT config, or do not call "
-                "constrain_new_tokens")
+        return (
+            f"{what} is PEFT's {name} (trainable_token_indices): PEFT already trains those rows and keeps the "
+            "others. Use one of the two: drop trainable_token_indices from the PEFT config, or do not call "
+            "constrain_new_tokens"
+        )
     if hasattr(module, "modules_to_save") and hasattr(module, "original_module"):  # ModulesToSaveWrapper
-        return (f"{what} is PEFT's {name} (the module is in modules_to_save): PEFT trains a full copy of the "
-                "table, pinned rows included. Leave it out of modules_to_save; constrain_new_tokens trains the "
-                "new rows in the table itself")
+        return (
+            f"{what} is PEFT's {name} (the module is in modules_to_save): PEFT trains a full copy of the "
+            "table, pinned rows included. Leave it out of modules_to_save; constrain_new_tokens trains the "
+            "new rows in the table itself"
+        )
     return None
 
 
@@ -130,8 +149,10 @@ def base_rows(model: nn.Module) -> Iterator[None]:
                     continue
                 free = pin.free_parameter
                 if pin.storage == "split" or free.shape != base.shape:
-                    raise RuntimeError("the new rows cannot be switched off here: a sharded (fully_shard) or "
-                                       "re-shaped constrained weight; compute the reference with a separate model")
+                    raise RuntimeError(
+                        "the new rows cannot be switched off here: a sharded (fully_shard) or "
+                        "re-shaped constrained weight; compute the reference with a separate model"
+                    )
                 target = free if versioned else free.data
                 swapped.append((target, target.clone()))
                 target.copy_(base.to(free))

@@ -88,7 +88,9 @@ def is_guarded(model: nn.Module, name: str) -> bool:
 
 
 def _guard(model: nn.Module, name: str, action: Callable[..., Any]) -> None:
-    if callable(getattr(type(model), name, None)) and not isinstance(model.__dict__.get(name), _WhileConstrained):
+    if callable(getattr(type(model), name, None)) and not isinstance(
+        model.__dict__.get(name), _WhileConstrained
+    ):
         model.__dict__[name] = _WhileConstrained(model, name, action)
 
 
@@ -101,8 +103,9 @@ def _tie_weights_while_constrained(model: nn.Module, *args: Any, **kwargs: Any) 
     """``model.tie_weights()`` while constrained: a check that every tie holds, since a tie to a
     constrained embedding is a parametrization and cannot be re-made by assignment."""
     expand = getattr(model, "get_expanded_tied_weights_keys", None)
-    hint = ("call embconstraint.release(model) first, tie (or resize), then constrain the input "
-            "embeddings again")
+    hint = (
+        "call embconstraint.release(model) first, tie (or resize), then constrain the input embeddings again"
+    )
     if not callable(expand):
         raise RuntimeError(f"model.tie_weights() is not supported while an embedding is constrained; {hint}")
     for target, source in _tied_keys(model, expand, hint).items():
@@ -110,7 +113,9 @@ def _tie_weights_while_constrained(model: nn.Module, *args: Any, **kwargs: Any) 
         try:
             tmod, smod = model.get_submodule(tpath), model.get_submodule(spath)
         except AttributeError as err:
-            raise RuntimeError(f"model.tie_weights(): cannot resolve {target} -> {source} ({err}); {hint}") from err
+            raise RuntimeError(
+                f"model.tie_weights(): cannot resolve {target} -> {source} ({err}); {hint}"
+            ) from err
         if _tied(tmod, tattr, smod, sattr) or _tied(smod, sattr, tmod, tattr):
             continue  # one side already computes with the other's constrained tensor
         if pin_of(smod, sattr) is not None:
@@ -137,11 +142,15 @@ def _tied_keys(model: nn.Module, expand: Callable[..., dict], hint: str) -> dict
     out: dict[str, str] = {}
     for prefix, sub in model.named_modules():
         mapping = getattr(sub, "_tied_weights_keys", None)
-        if not isinstance(mapping, dict) or not getattr(getattr(sub, "config", None), "tie_word_embeddings", False):
+        if not isinstance(mapping, dict) or not getattr(
+            getattr(sub, "config", None), "tie_word_embeddings", False
+        ):
             continue
         if not all(literal.fullmatch(k) for k in (*mapping, *mapping.values())):
-            raise RuntimeError(f"model.tie_weights(): cannot read the tied weights of {type(sub).__name__} while an "
-                               f"embedding is constrained; {hint}")
+            raise RuntimeError(
+                f"model.tie_weights(): cannot read the tied weights of {type(sub).__name__} while an "
+                f"embedding is constrained; {hint}"
+            )
         dot = f"{prefix}." if prefix else ""
         out.update({dot + k: dot + v for k, v in mapping.items()})
     return out

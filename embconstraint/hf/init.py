@@ -177,8 +177,12 @@ def init_new_tokens(
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     descriptions = _descriptions(descriptions, tokens, method)
-    if isinstance(covariance_scale, bool) or not isinstance(covariance_scale, (int, float)) \
-            or not math.isfinite(covariance_scale) or covariance_scale < 0:
+    if (
+        isinstance(covariance_scale, bool)
+        or not isinstance(covariance_scale, (int, float))
+        or not math.isfinite(covariance_scale)
+        or covariance_scale < 0
+    ):
         raise ValueError(f"covariance_scale must be a finite number >= 0, got {covariance_scale!r}")
     if covariance_scale and method != "mean":
         raise ValueError(f"covariance_scale applies to method='mean' only, got method={method!r}")
@@ -192,10 +196,19 @@ def init_new_tokens(
     plan: list[InitializedToken] = []
     for token, row in zip(tokens, rows, strict=True):
         if token in descriptions or method != "mean":
-            how = method if token not in descriptions else "description-ends" if method == "ends" else "description"
+            how = (
+                method
+                if token not in descriptions
+                else "description-ends"
+                if method == "ends"
+                else "description"
+            )
             text = descriptions.get(token, token)
-            plan.append(InitializedToken(token, row, how, text, _pieces(old, token, text, how, new_rows,
-                                                                         embedding.num_embeddings)))
+            plan.append(
+                InitializedToken(
+                    token, row, how, text, _pieces(old, token, text, how, new_rows, embedding.num_embeddings)
+                )
+            )
         else:
             plan.append(InitializedToken(token, row, "mean", "", ()))
     old_rows = sorted(i for i in old.ids if i < embedding.num_embeddings and i not in new_rows)
@@ -204,14 +217,21 @@ def init_new_tokens(
 
     generator = torch.Generator().manual_seed(seed)
     writes = [(embedding, "weight")]
-    (values,) = _values([embedding.weight.detach()], "tied" if tied else "input", plan, old_rows,
-                        covariance_scale, generator)
+    (values,) = _values(
+        [embedding.weight.detach()], "tied" if tied else "input", plan, old_rows, covariance_scale, generator
+    )
     results = [values]
     if head is not None:
         names = ["weight"] + (["bias"] if head.bias is not None else [])
         writes += [(head, name) for name in names]
-        results += _values([getattr(head, name).detach() for name in names], "head", plan, old_rows,
-                           covariance_scale, generator)
+        results += _values(
+            [getattr(head, name).detach() for name in names],
+            "head",
+            plan,
+            old_rows,
+            covariance_scale,
+            generator,
+        )
     index = torch.tensor(rows, dtype=torch.long)
     with torch.no_grad():
         for (module, name), values in zip(writes, results, strict=True):
@@ -225,31 +245,44 @@ def _tables(model: Any) -> tuple[nn.Embedding, nn.Linear | None, bool]:
     is tied to the embedding."""
     getter = getattr(model, "get_input_embeddings", None)
     if not callable(getter):
-        raise TypeError(f"model must have a get_input_embeddings() method (a transformers model), "
-                        f"got {type(model).__name__}")
+        raise TypeError(
+            f"model must have a get_input_embeddings() method (a transformers model), "
+            f"got {type(model).__name__}"
+        )
     embedding = getter()
     if not isinstance(embedding, nn.Embedding):
-        raise TypeError(f"model.get_input_embeddings() must return an nn.Embedding, got {type(embedding).__name__}")
+        raise TypeError(
+            f"model.get_input_embeddings() must return an nn.Embedding, got {type(embedding).__name__}"
+        )
     head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
     if head is None:
         return embedding, None, False
     tie = tie_of(head, "weight")
-    if head is embedding or getattr(head, "weight", None) is embedding.weight \
-            or (tie is not None and tie.embedding is embedding):
+    if (
+        head is embedding
+        or getattr(head, "weight", None) is embedding.weight
+        or (tie is not None and tie.embedding is embedding)
+    ):
         return embedding, None, True
     if not isinstance(head, nn.Linear):
-        raise TypeError("model.get_output_embeddings() must be an nn.Linear or share the input embedding's "
-                        f"weight, got {type(head).__name__}")
+        raise TypeError(
+            "model.get_output_embeddings() must be an nn.Linear or share the input embedding's "
+            f"weight, got {type(head).__name__}"
+        )
     if head.weight.shape[0] != embedding.num_embeddings:
-        raise ValueError(f"model.get_output_embeddings() has {head.weight.shape[0]} rows but the input "
-                         f"embeddings have {embedding.num_embeddings}; resize both (model.resize_token_embeddings) first")
+        raise ValueError(
+            f"model.get_output_embeddings() has {head.weight.shape[0]} rows but the input "
+            f"embeddings have {embedding.num_embeddings}; resize both (model.resize_token_embeddings) first"
+        )
     return embedding, head, False
 
 
 def _token_texts(new_tokens: Any) -> list[str]:
     if isinstance(new_tokens, (str, bytes)) or not isinstance(new_tokens, Sequence):
-        raise TypeError("new_tokens must be a list of tokens (str or tokenizers.AddedToken), "
-                        f"got {type(new_tokens).__name__}")
+        raise TypeError(
+            "new_tokens must be a list of tokens (str or tokenizers.AddedToken), "
+            f"got {type(new_tokens).__name__}"
+        )
     texts = []
     for t in new_tokens:
         text = t if isinstance(t, str) else getattr(t, "content", None)
@@ -285,7 +318,9 @@ def _descriptions(descriptions: Any, tokens: list[str], method: str) -> dict[str
 def _rows(tokenizer: Any, tokens: list[str], num_rows: int) -> list[int]:
     get_vocab = getattr(tokenizer, "get_vocab", None)
     if not callable(get_vocab):
-        raise TypeError(f"tokenizer must be a transformers tokenizer (with get_vocab()), got {type(tokenizer).__name__}")
+        raise TypeError(
+            f"tokenizer must be a transformers tokenizer (with get_vocab()), got {type(tokenizer).__name__}"
+        )
     vocab = get_vocab()
     unknown = [t for t in tokens if t not in vocab]
     if unknown:
@@ -293,8 +328,10 @@ def _rows(tokenizer: Any, tokens: list[str], num_rows: int) -> list[int]:
     rows = [vocab[t] for t in tokens]
     beyond = [(t, r) for t, r in zip(tokens, rows, strict=True) if r >= num_rows]
     if beyond:
-        raise ValueError(f"the model's input embeddings have {num_rows} rows but {beyond} (token, id) lie beyond; "
-                         "call model.resize_token_embeddings(len(tokenizer)) first")
+        raise ValueError(
+            f"the model's input embeddings have {num_rows} rows but {beyond} (token, id) lie beyond; "
+            "call model.resize_token_embeddings(len(tokenizer)) first"
+        )
     return rows
 
 
@@ -302,8 +339,10 @@ def _old_tokenizer(tokenizer: Any, old_tokenizer: Any, tokens: list[str], rows: 
     if old_tokenizer is not None:
         encode = getattr(old_tokenizer, "encode", None)
         if not callable(encode) or not callable(getattr(old_tokenizer, "get_vocab", None)):
-            raise TypeError("old_tokenizer must be a transformers tokenizer or a tokenizers.Tokenizer, "
-                            f"got {type(old_tokenizer).__name__}")
+            raise TypeError(
+                "old_tokenizer must be a transformers tokenizer or a tokenizers.Tokenizer, "
+                f"got {type(old_tokenizer).__name__}"
+            )
         vocab = old_tokenizer.get_vocab()
         known = [t for t in tokens if t in vocab]
         if known:
@@ -311,8 +350,10 @@ def _old_tokenizer(tokenizer: Any, old_tokenizer: Any, tokens: list[str], rows: 
         return _OldTokenizer(_encoder(old_tokenizer), frozenset(vocab.values()), _unk_id(old_tokenizer))
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        raise TypeError(f"{type(tokenizer).__name__} has no tokenizers backend (a slow tokenizer): "
-                        "pass old_tokenizer, the tokenizer as it was before add_tokens")
+        raise TypeError(
+            f"{type(tokenizer).__name__} has no tokenizers backend (a slow tokenizer): "
+            "pass old_tokenizer, the tokenizer as it was before add_tokens"
+        )
     base = backend.get_vocab(with_added_tokens=False)
     in_base = [t for t in tokens if t in base]
     if in_base:
@@ -323,8 +364,9 @@ def _old_tokenizer(tokenizer: Any, old_tokenizer: Any, tokens: list[str], rows: 
     old = type(backend).from_str(json.dumps(state))
     old.no_truncation()
     old.no_padding()
-    return _OldTokenizer(_encoder(old), frozenset(old.get_vocab(with_added_tokens=True).values()),
-                         _unk_id(tokenizer))
+    return _OldTokenizer(
+        _encoder(old), frozenset(old.get_vocab(with_added_tokens=True).values()), _unk_id(tokenizer)
+    )
 
 
 def _encoder(tok: Any) -> Callable[[str], list[int]]:
@@ -343,7 +385,9 @@ def _unk_id(tok: Any) -> int | None:
     return unk
 
 
-def _check_not_pinned(embedding: nn.Embedding, head: nn.Linear | None, tokens: list[str], rows: list[int]) -> None:
+def _check_not_pinned(
+    embedding: nn.Embedding, head: nn.Linear | None, tokens: list[str], rows: list[int]
+) -> None:
     for module, what in ((embedding, "input embeddings"), (head, "output head")):
         pin = pin_of(module) if module is not None else None
         if pin is None:
@@ -351,27 +395,41 @@ def _check_not_pinned(embedding: nn.Embedding, head: nn.Linear | None, tokens: l
         pinned = set(pin.pinned_rows().tolist())
         hit = [(t, r) for t, r in zip(tokens, rows, strict=True) if r in pinned]
         if hit:
-            raise ValueError(f"the rows of {hit} (token, row) are pinned in the {what}: they are old rows, not "
-                             "new ones (constrain_new_tokens(model, old_vocab_size) frees the new rows)")
+            raise ValueError(
+                f"the rows of {hit} (token, row) are pinned in the {what}: they are old rows, not "
+                "new ones (constrain_new_tokens(model, old_vocab_size) frees the new rows)"
+            )
 
 
-def _pieces(old: _OldTokenizer, token: str, text: str, how: str, new_rows: set[int], num_rows: int) -> tuple[int, ...]:
+def _pieces(
+    old: _OldTokenizer, token: str, text: str, how: str, new_rows: set[int], num_rows: int
+) -> tuple[int, ...]:
     what = f"the description of {token!r}" if how.startswith("description") else f"the text of {token!r}"
     if not text:
         raise ValueError(f"{what} is empty: it splits into no old token")
     ids = [i for i in old.encode(text) if i != old.unk]
     if not ids:
-        raise ValueError(f"{what} ({text!r}) splits into no old token under the old tokenizer (nothing, or only "
-                         "the unknown token)")
+        raise ValueError(
+            f"{what} ({text!r}) splits into no old token under the old tokenizer (nothing, or only "
+            "the unknown token)"
+        )
     bad = sorted({i for i in ids if i in new_rows or i >= num_rows})
     if bad:
-        raise ValueError(f"{what} ({text!r}) splits into ids {bad}, which are new rows or beyond the model's rows: "
-                         "is old_tokenizer the tokenizer as it was before add_tokens?")
+        raise ValueError(
+            f"{what} ({text!r}) splits into ids {bad}, which are new rows or beyond the model's rows: "
+            "is old_tokenizer the tokenizer as it was before add_tokens?"
+        )
     return tuple(ids)
 
 
-def _values(tables: list[Tensor], role: str, plan: list[InitializedToken], old_rows: list[int],
-            covariance_scale: float, generator: torch.Generator) -> list[Tensor]:
+def _values(
+    tables: list[Tensor],
+    role: str,
+    plan: list[InitializedToken],
+    old_rows: list[int],
+    covariance_scale: float,
+    generator: torch.Generator,
+) -> list[Tensor]:
     """The new rows of each ``(V, ...)`` table (a weight, a head's bias; ``role``: "input", "head"
     or "tied"), in float32 or wider: each the mean of its pieces' rows (for "ends", the pieces
     :func:`_ends` picks), or of the old rows plus the covariance sample (one draw shared by the
@@ -379,11 +437,18 @@ def _values(tables: list[Tensor], role: str, plan: list[InitializedToken], old_r
     mean_at = [i for i, p in enumerate(plan) if p.method == "mean"]
     n = len(old_rows)
     dtypes = [torch.promote_types(t.dtype, torch.float32) for t in tables]
-    outs = [torch.empty(len(plan), *t.shape[1:], dtype=d, device=t.device) for t, d in zip(tables, dtypes, strict=True)]
+    outs = [
+        torch.empty(len(plan), *t.shape[1:], dtype=d, device=t.device)
+        for t, d in zip(tables, dtypes, strict=True)
+    ]
     olds, centers = [], []
     if mean_at:
         for table, dtype, out in zip(tables, dtypes, outs, strict=True):
-            old = table[:n] if old_rows == list(range(n)) else table[torch.tensor(old_rows, device=table.device)]
+            old = (
+                table[:n]
+                if old_rows == list(range(n))
+                else table[torch.tensor(old_rows, device=table.device)]
+            )
             olds.append(old.reshape(n, -1))
             centers.append(old.mean(0, dtype=dtype))
             out[mean_at] = centers[-1]
@@ -391,7 +456,7 @@ def _values(tables: list[Tensor], role: str, plan: list[InitializedToken], old_r
     # Sigma is singular (n <= D), without building a (D, D) matrix. z is drawn in float64 on the CPU,
     # _CHUNK new rows at a time, so a seed gives the same sample on any device and dtype.
     for start in range(0, len(mean_at) if covariance_scale else 0, _CHUNK):
-        at = mean_at[start:start + _CHUNK]
+        at = mean_at[start : start + _CHUNK]
         z = torch.randn(len(at), n, generator=generator, dtype=torch.float64)
         for old, center, dtype, out in zip(olds, centers, dtypes, outs, strict=True):
             zc = z.to(device=old.device, dtype=dtype)

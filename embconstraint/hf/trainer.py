@@ -27,7 +27,12 @@ from .guards import guard_peft_model, is_guarded
 __all__ = ["SaveRowsCallback", "ROWS_FILE"]
 
 # What a Trainer checkpoint holds when it holds the whole model (the rows come back with it).
-_FULL_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+_FULL_WEIGHTS = (
+    "model.safetensors",
+    "pytorch_model.bin",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+)
 
 
 class SaveRowsCallback(TrainerCallback):
@@ -58,11 +63,14 @@ class SaveRowsCallback(TrainerCallback):
             raise ValueError(f"filename must be a name ending in .safetensors, got {filename!r}")
         self.filename = filename
 
-    def on_init_end(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any) -> None:
+    def on_init_end(
+        self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any
+    ) -> None:
         _hook(model)
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
-                       **kwargs: Any) -> None:
+    def on_train_begin(
+        self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any
+    ) -> None:
         _hook(model)
         restored = restored_rows(model) if model is not None else None
         if not _adapter_only(model) or state.global_step == 0 or _deepspeed(model):
@@ -74,7 +82,9 @@ class SaveRowsCallback(TrainerCallback):
                 "first (embconstraint.load_rows(model, rows_file)) and call train(resume_from_checkpoint=...) again"
             )
 
-    def on_save(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any) -> None:
+    def on_save(
+        self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any
+    ) -> None:
         if model is None:
             return
         folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
@@ -89,9 +99,13 @@ class SaveRowsCallback(TrainerCallback):
             if state.is_world_process_zero and folder.is_dir():
                 save_rows(model, folder / self.filename)
 
-    def on_train_end(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any) -> None:
+    def on_train_end(
+        self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any
+    ) -> None:
         best = state.best_model_checkpoint
-        if not (args.load_best_model_at_end and best is not None and _adapter_only(model)) or _deepspeed(model):
+        if not (args.load_best_model_at_end and best is not None and _adapter_only(model)) or _deepspeed(
+            model
+        ):
             return  # (DeepSpeed loads the best checkpoint with its own: every trainable Parameter, the rows too)
         if any((Path(best) / name).is_file() for name in _FULL_WEIGHTS):
             return  # the Trainer loaded the whole model: its rows came with it

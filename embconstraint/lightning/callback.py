@@ -160,8 +160,10 @@ class EmbeddingConstraint(*_callback_bases()):
 
     def __repr__(self) -> str:
         pinned = as_reference(self.reference).shape[0]
-        return (f"{type(self).__name__}(embedding={self._name()!r}, pinned={pinned}, "
-                f"on_mismatch={self.on_mismatch!r})")
+        return (
+            f"{type(self).__name__}(embedding={self._name()!r}, pinned={pinned}, "
+            f"on_mismatch={self.on_mismatch!r})"
+        )
 
     # -- checks ---------------------------------------------------------------------------------
     def _resolve(self, pl_module: nn.Module) -> nn.Module:
@@ -197,16 +199,21 @@ class EmbeddingConstraint(*_callback_bases()):
         if self._installed is not None and is_constrained(self._installed):
             return
         if isinstance(self.embedding, str) and defer_until_configured(pl_module, self.embedding):
-            install_in_configure_model(pl_module, self.embedding, lambda: self._installed is not None,
-                                       lambda: self._install(trainer, pl_module, self._resolve(pl_module)))
+            install_in_configure_model(
+                pl_module,
+                self.embedding,
+                lambda: self._installed is not None,
+                lambda: self._install(trainer, pl_module, self._resolve(pl_module)),
+            )
             return
         self._install(trainer, pl_module, self._resolve(pl_module))
 
     def _install(self, trainer: Any, pl_module: nn.Module, embedding: nn.Module) -> None:
         check_trainer(trainer, embedding, self.reference)
         try:
-            constrain(embedding, self.reference, root=pl_module, indices=self.indices,
-                      on_mismatch=self.on_mismatch)
+            constrain(
+                embedding, self.reference, root=pl_module, indices=self.indices, on_mismatch=self.on_mismatch
+            )
         except (TypeError, ValueError) as err:
             raise type(err)(f"EmbeddingConstraint({self._name()!r}): {err}") from None
         self._installed, self._root, self._target = embedding, pl_module, None
@@ -221,8 +228,11 @@ class EmbeddingConstraint(*_callback_bases()):
         When the failure came from an unreadable ``ckpt_path`` or from pinned rows that differ
         from the reference, a note saying so is added to the exception.
         """
-        hint = None if self._installed is None or self._root is None else \
-            non_leaf_hint(exception, self._root, self._installed)
+        hint = (
+            None
+            if self._installed is None or self._root is None
+            else non_leaf_hint(exception, self._root, self._installed)
+        )
         self._remove()
         if hint is not None:
             add_note(exception, hint)
@@ -231,7 +241,9 @@ class EmbeddingConstraint(*_callback_bases()):
         path = getattr(trainer, "ckpt_path", None)
         problem = checkpoint_problem(path) if path else None
         if problem is not None:  # whatever failed, a damaged checkpoint is the news
-            exception.add_note(f"EmbeddingConstraint: cannot resume from checkpoint {os.fspath(path)!r}: {problem}.")
+            exception.add_note(
+                f"EmbeddingConstraint: cannot resume from checkpoint {os.fspath(path)!r}: {problem}."
+            )
         elif isinstance(exception, PinnedRowsError):
             exception.add_note(
                 "EmbeddingConstraint: the checkpoint's pinned rows differ from the reference; pass "
@@ -293,15 +305,18 @@ class EmbeddingConstraint(*_callback_bases()):
         # Runs after the optimizers are built and before Lightning loads their checkpointed state.
         self._capture_target()
         if self._installed is not None and self._root is not None:
-            name = next((n for n, p in self._root.named_parameters() if p is pin_of(self._installed).free_parameter),
-                        "parametrizations.weight.original")
+            name = next(
+                (n for n, p in self._root.named_parameters() if p is pin_of(self._installed).free_parameter),
+                "parametrizations.weight.original",
+            )
             problem = optimizer_groups_problem(pin_of(self._installed), name, trainer.optimizers)
             if problem is not None:
                 warnings.warn(f"EmbeddingConstraint: {problem}", UserWarning, stacklevel=2)
         checkpoint, self._loaded = self._loaded, None
         if checkpoint is not None and self._installed is not None:
-            problem = optimizer_state_problem(pin_of(self._installed), trainer.optimizers,
-                                              checkpoint.get("optimizer_states", ()))
+            problem = optimizer_state_problem(
+                pin_of(self._installed), trainer.optimizers, checkpoint.get("optimizer_states", ())
+            )
             if problem is not None:
                 raise ValueError(
                     f"EmbeddingConstraint: {problem}: the checkpoint was written without this constraint. To start "
@@ -320,8 +335,15 @@ class EmbeddingConstraint(*_callback_bases()):
     def _log(self, trainer: Any, pl_module: Any) -> None:
         if self.log_key is None or self._installed is None or getattr(trainer, "barebones", False):
             return  # barebones Trainers refuse self.log
-        pl_module.log(self.log_key, self.max_abs_deviation().float(), on_step=False, on_epoch=True,
-                      sync_dist=trainer.world_size > 1, reduce_fx="max", batch_size=1)
+        pl_module.log(
+            self.log_key,
+            self.max_abs_deviation().float(),
+            on_step=False,
+            on_epoch=True,
+            sync_dist=trainer.world_size > 1,
+            reduce_fx="max",
+            batch_size=1,
+        )
 
     def on_train_epoch_end(self, trainer: Any, pl_module: nn.Module) -> None:
         self._log(trainer, pl_module)

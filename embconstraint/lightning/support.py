@@ -25,9 +25,17 @@ from torch.nn.modules.module import register_module_module_registration_hook
 from .._mechanism import as_reference, check_reference, pin_of, tied_modules
 from ..core import is_constrained, release
 
-__all__ = ["add_note", "check_trainer", "defer_until_configured", "install_in_configure_model",
-           "lightning_classes", "non_leaf_hint", "release_installed", "optimizer_state_problem",
-           "optimizer_groups_problem"]
+__all__ = [
+    "add_note",
+    "check_trainer",
+    "defer_until_configured",
+    "install_in_configure_model",
+    "lightning_classes",
+    "non_leaf_hint",
+    "release_installed",
+    "optimizer_state_problem",
+    "optimizer_groups_problem",
+]
 
 # Strategies not supported: FSDP1 and XLA FSDP flatten parameters (the free rows would no longer be the
 # embedding's own Parameter, and their state dicts are post-processed by parameter name, after the
@@ -67,12 +75,14 @@ def defer_until_configured(pl_module: nn.Module, path: str) -> bool:
     except AttributeError:
         configure = getattr(type(pl_module), "configure_model", None)
         return configure is not None and all(
-            configure is not getattr(base, "configure_model", None) for base in lightning_classes("LightningModule")
+            configure is not getattr(base, "configure_model", None)
+            for base in lightning_classes("LightningModule")
         )
 
 
-def install_in_configure_model(pl_module: nn.Module, path: str, installed: Callable[[], bool],
-                               install: Callable[[], None]) -> None:
+def install_in_configure_model(
+    pl_module: nn.Module, path: str, installed: Callable[[], bool], install: Callable[[], None]
+) -> None:
     """Make ``pl_module.configure_model`` call ``install()`` the moment the embedding at ``path``
     (or its parent) is assigned, so before a ``fully_shard`` that follows, and at the latest right
     after ``configure_model``, unless ``installed()`` says it already ran."""
@@ -146,7 +156,9 @@ def release_installed(embedding: nn.Module, root: nn.Module | None) -> None:
     """Release ``embedding`` (and its tied heads), and the modules of ``root`` still tied to it;
     a sharded embedding (``fully_shard``, tensor parallelism) stays constrained, its state dicts being
     plain already."""
-    if is_constrained(embedding) and (pin_of(embedding).storage == "split" or pin_of(embedding).shard is not None):
+    if is_constrained(embedding) and (
+        pin_of(embedding).storage == "split" or pin_of(embedding).shard is not None
+    ):
         return
     if is_constrained(embedding):
         release(embedding)  # its tied heads too; a pending .grad becomes (V, D)
@@ -154,7 +166,9 @@ def release_installed(embedding: nn.Module, root: nn.Module | None) -> None:
         release(module)
 
 
-def optimizer_state_problem(pin: Any, optimizers: Iterable[Any], saved_states: Iterable[Mapping]) -> str | None:
+def optimizer_state_problem(
+    pin: Any, optimizers: Iterable[Any], saved_states: Iterable[Mapping]
+) -> str | None:
     """Why saved optimizer states (``optimizer.state_dict()`` of each optimizer) cannot drive the
     free rows of ``pin`` (a ``PinnedRows``), or None: a state saved for the ``(V, D)`` weight has
     the wrong shape for the ``(V - n, D)`` free rows."""
@@ -165,8 +179,10 @@ def optimizer_state_problem(pin: Any, optimizers: Iterable[Any], saved_states: I
         state = saved.get("state", {}).get(index, {}) if index is not None else {}
         for name, value in state.items():
             if isinstance(value, Tensor) and value.dim() == free.dim() and value.shape != free.shape:
-                return (f"the checkpoint's optimizer state {name!r} for the embedding has shape "
-                        f"{tuple(value.shape)}, but its trainable rows have shape {tuple(free.shape)}")
+                return (
+                    f"the checkpoint's optimizer state {name!r} for the embedding has shape "
+                    f"{tuple(value.shape)}, but its trainable rows have shape {tuple(free.shape)}"
+                )
     return None
 
 
@@ -178,8 +194,10 @@ def optimizer_groups_problem(pin: Any, name: str, optimizers: Iterable[Any]) -> 
     groups = [group for optimizer in optimizers for group in optimizer.param_groups]
     if not groups:
         return None
-    fix = (f"the embedding's trainable rows are the Parameter named {name!r} (select them with "
-           "self.embedding.parameters() or by that name)")
+    fix = (
+        f"the embedding's trainable rows are the Parameter named {name!r} (select them with "
+        "self.embedding.parameters() or by that name)"
+    )
     if any(not group["params"] for group in groups):
         return f"an optimizer param group is empty; if it was selected by name, {fix}"
     if free.requires_grad and not any(p is free for group in groups for p in group["params"]):

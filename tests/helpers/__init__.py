@@ -74,8 +74,9 @@ def constrained(indices: list[int] | None = None, cls: type = nn.Embedding, **kw
     return constrain(cls(V, D, **kwargs), reference(), indices=indices)
 
 
-def constrained_and_plain(cls: type = nn.Embedding, indices: list[int] | None = None,
-                          **kwargs) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+def constrained_and_plain(
+    cls: type = nn.Embedding, indices: list[int] | None = None, **kwargs
+) -> tuple[nn.Module, nn.Module, torch.Tensor]:
     """:func:`constrained`, a plain twin holding the same merged weight, and the reference."""
     emb = constrained(indices, cls, **kwargs)
     plain = cls(V, D, **kwargs)
@@ -94,7 +95,7 @@ class CatRows(nn.Module):
         self.register_buffer("pinned", pinned.clone())
         order = torch.tensor(rows + [r for r in range(V) if r not in rows])
         self.register_buffer("inverse", torch.argsort(order))
-        self.free_rows = order[len(rows):]
+        self.free_rows = order[len(rows) :]
 
     def forward(self, free: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.pinned, free]).index_select(0, self.inverse)
@@ -124,28 +125,39 @@ class StorageRecorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         inputs = torch.utils._pytree.tree_leaves((args, kwargs))
-        seen = {t.untyped_storage().data_ptr() for t in inputs
-                if isinstance(t, torch.Tensor) and t.layout == torch.strided}
+        seen = {
+            t.untyped_storage().data_ptr()
+            for t in inputs
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided
+        }
         for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.layout == torch.strided and t.untyped_storage().data_ptr() not in seen:
+            if (
+                isinstance(t, torch.Tensor)
+                and t.layout == torch.strided
+                and t.untyped_storage().data_ptr() not in seen
+            ):
                 self.sizes.append((str(func), t.untyped_storage().nbytes() // t.element_size()))
         return out
 
 
-def run_python(*args: str | os.PathLike, timeout: float = 240, env: dict[str, str] | None = None,
-               **kwargs) -> subprocess.CompletedProcess:
+def run_python(
+    *args: str | os.PathLike, timeout: float = 240, env: dict[str, str] | None = None, **kwargs
+) -> subprocess.CompletedProcess:
     """``python *args`` in a subprocess, output captured as text. The subprocess imports this
     checkout's ``embconstraint`` and ``benchmarks`` and the tests' ``helpers`` (``PYTHONPATH``),
     whatever is installed; ``env`` adds to (or, with None values, removes from) the environment."""
     full = {**os.environ}
-    full["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    full["PYTHONPATH"] = os.pathsep.join(
+        [str(TESTS), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    )
     for key, value in (env or {}).items():
         if value is None:
             full.pop(key, None)
         else:
             full[key] = value
-    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                          env=full, **kwargs)
+    return subprocess.run(
+        [sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=full, **kwargs
+    )
 
 
 def run_script(name: str, *args: str | os.PathLike, **kwargs) -> subprocess.CompletedProcess:

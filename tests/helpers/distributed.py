@@ -36,11 +36,16 @@ class ShapeProbe(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        outs = [t for t in (out if isinstance(out, (tuple, list)) else (out,))
-                 if isinstance(t, torch.Tensor) and tuple(t.shape) in self.shapes and t.layout == torch.strided]
+        outs = [
+            t
+            for t in (out if isinstance(out, (tuple, list)) else (out,))
+            if isinstance(t, torch.Tensor) and tuple(t.shape) in self.shapes and t.layout == torch.strided
+        ]
         if not outs:
             return out
-        inputs = {_ptr(t) for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        inputs = {
+            _ptr(t) for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
+        }
         for t in outs:
             if t.untyped_storage().nbytes() >= t.numel() * t.element_size() and _ptr(t) not in inputs:
                 self.hits.append(str(func))
@@ -54,8 +59,15 @@ def _ptr(t: torch.Tensor) -> int | None:
         return None
 
 
-def rank_records(script: str, out: Path, *args: str, ranks: int = 2, timeout: float = 180,
-                 env: dict[str, str] | None = None, launcher: list[str] | None = None) -> list[dict]:
+def rank_records(
+    script: str,
+    out: Path,
+    *args: str,
+    ranks: int = 2,
+    timeout: float = 180,
+    env: dict[str, str] | None = None,
+    launcher: list[str] | None = None,
+) -> list[dict]:
     """Run ``tests/scripts/<script>.py OUT *args`` (after ``python *launcher``, e.g. ``["-m",
     "torch.distributed.run", "--nproc_per_node", "2"]``), whose ranks each save ``OUT/rank<r>.pt``;
     return the records, each checked for a recorded ``error`` (the assertion names it, or the output)."""
@@ -83,6 +95,7 @@ def attempt(record: dict, name: str, fn) -> None:
 def save_record(record: dict, out: Path, rank: int) -> None:
     """A rank's last step: save its record as ``OUT/rank<r>.pt``, wait for the others, leave the group."""
     import torch.distributed as dist
+
     torch.save(record, Path(out) / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()

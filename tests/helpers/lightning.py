@@ -23,8 +23,15 @@ def _define(base: type, name: str) -> type:
     class TinyLM(base):
         """Embedding -> (tied) head -> cross entropy on (token, next token) pairs."""
 
-        def __init__(self, vocab_dim: int = VOCAB_NEW, embedding_dim: int = DIM, tie: bool = False,
-                     lr: float = 0.05, nested: bool = False, step_data: bool = False) -> None:
+        def __init__(
+            self,
+            vocab_dim: int = VOCAB_NEW,
+            embedding_dim: int = DIM,
+            tie: bool = False,
+            lr: float = 0.05,
+            nested: bool = False,
+            step_data: bool = False,
+        ) -> None:
             super().__init__()
             self.save_hyperparameters()
             embedding = nn.Embedding(vocab_dim, embedding_dim)
@@ -120,8 +127,9 @@ def probe(pkg: str, reference_rows: torch.Tensor):
             self.seen.append((event, is_constrained(pl_module.emb), exact))
 
         def on_train_start(self, trainer, pl_module):
-            self.optimizer_shapes = [tuple(p.shape) for g in trainer.optimizers[0].param_groups
-                                     for p in g["params"]]
+            self.optimizer_shapes = [
+                tuple(p.shape) for g in trainer.optimizers[0].param_groups for p in g["params"]
+            ]
             self._record("train_start", pl_module)
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -151,9 +159,16 @@ def fit(model, callbacks, tmp_path, pkg: str = "pytorch_lightning", val: bool = 
 def trainer_kwargs(tmp_path=None, **overrides) -> dict:
     """Quiet, fast Trainer arguments for tests."""
     kw = dict(
-        accelerator="cpu", devices=1, max_steps=3, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=1,
-        limit_val_batches=1, deterministic=True,
+        accelerator="cpu",
+        devices=1,
+        max_steps=3,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=1,
+        limit_val_batches=1,
+        deterministic=True,
     )
     if tmp_path is not None:
         kw["default_root_dir"] = str(tmp_path)

@@ -32,13 +32,22 @@ from torch import nn
 
 from benchmarks.harness import CollectiveCounter, free_port
 
-V, D, N_TOK = 98, 16, 60          # token embedding: the first 60 rows pinned (vocabulary growth)
-V_BAG, N_BAG = 50, 20             # bag embedding: 20 scattered rows pinned
+V, D, N_TOK = 98, 16, 60  # token embedding: the first 60 rows pinned (vocabulary growth)
+V_BAG, N_BAG = 50, 20  # bag embedding: 20 scattered rows pinned
 BAG_ROWS = list(range(1, 40, 2))
 H = 24
-N_HEAD = 40                       # untied output head (V, H): its first 40 rows pinned
+N_HEAD = 40  # untied output head (V, H): its first 40 rows pinned
 STEPS, BATCH, SEQ, LR = 4, 2, 6, 0.05
-SIZES = {"V": V, "D": D, "N_TOK": N_TOK, "V_BAG": V_BAG, "N_BAG": N_BAG, "H": H, "N_HEAD": N_HEAD, "STEPS": STEPS}
+SIZES = {
+    "V": V,
+    "D": D,
+    "N_TOK": N_TOK,
+    "V_BAG": V_BAG,
+    "N_BAG": N_BAG,
+    "H": H,
+    "N_HEAD": N_HEAD,
+    "STEPS": STEPS,
+}
 ADAMW = {"lr": LR, "weight_decay": 0.01}
 
 
@@ -63,12 +72,16 @@ class TinyLM(nn.Module):
 
 def refs() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(7)
-    return {"tok": torch.randn(N_TOK, D, generator=g), "bag": torch.randn(N_BAG, D, generator=g),
-            "head": torch.randn(N_HEAD, H, generator=g)}
+    return {
+        "tok": torch.randn(N_TOK, D, generator=g),
+        "bag": torch.randn(N_BAG, D, generator=g),
+        "head": torch.randn(N_HEAD, H, generator=g),
+    }
 
 
 def constrain_model(model: TinyLM, r: dict) -> TinyLM:
     from embconstraint import constrain
+
     constrain(model.tok, r["tok"], root=model)
     constrain(model.bag, r["bag"], indices=BAG_ROWS)
     if not model.tied:
@@ -83,15 +96,22 @@ def build(constrained: bool, tied: bool, r: dict) -> TinyLM:
 
 
 def config(stage: int) -> dict:
-    return {"train_micro_batch_size_per_gpu": BATCH, "gradient_accumulation_steps": 1,
-            "gradient_clipping": 0.0,  # DeepSpeed clips at 1.0 unless told otherwise; the reference does not
-            "optimizer": {"type": "AdamW", "params": {**ADAMW, "torch_adam": True}},
-            "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0,  # partition every one
-                                  "stage3_gather_16bit_weights_on_model_save": True,
-                                  # on (the default), DeepSpeed replaces F.linear by its own autograd function: a
-                                  # constrained head then computes with its merged weight, (V, H) gradient included
-                                  "memory_efficient_linear": False},
-            "steps_per_print": 10**9, "wall_clock_breakdown": False}
+    return {
+        "train_micro_batch_size_per_gpu": BATCH,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.0,  # DeepSpeed clips at 1.0 unless told otherwise; the reference does not
+        "optimizer": {"type": "AdamW", "params": {**ADAMW, "torch_adam": True}},
+        "zero_optimization": {
+            "stage": stage,
+            "stage3_param_persistence_threshold": 0,  # partition every one
+            "stage3_gather_16bit_weights_on_model_save": True,
+            # on (the default), DeepSpeed replaces F.linear by its own autograd function: a
+            # constrained head then computes with its merged weight, (V, H) gradient included
+            "memory_efficient_linear": False,
+        },
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
 
 
 def batch(step: int):
@@ -104,12 +124,14 @@ def loss_fn(model, x, feats, y):
 
 def gathered(model: nn.Module):
     import deepspeed
+
     return deepspeed.zero.GatheredParameters(list(model.parameters()))
 
 
 def merged(model: nn.Module) -> dict[str, torch.Tensor]:
     """The merged weights (gathered on every rank)."""
     from embconstraint import merged_state_dict
+
     with gathered(model):
         return {k: v for k, v in merged_state_dict(model).items()}
 
@@ -122,7 +144,9 @@ def free_rows(model: nn.Module) -> dict[str, torch.Tensor]:
 def pinned_exact(model: TinyLM, r: dict) -> bool | str:
     try:
         with gathered(model), torch.no_grad():
-            ok = torch.equal(model.tok.weight[:N_TOK], r["tok"]) and torch.equal(model.bag.weight[BAG_ROWS], r["bag"])
+            ok = torch.equal(model.tok.weight[:N_TOK], r["tok"]) and torch.equal(
+                model.bag.weight[BAG_ROWS], r["bag"]
+            )
             if model.tied:
                 return ok and torch.equal(model.head.weight[:N_TOK], r["tok"])
             return ok and torch.equal(model.head.weight[:N_HEAD], r["head"])
@@ -132,6 +156,7 @@ def pinned_exact(model: TinyLM, r: dict) -> bool | str:
 
 def initialize(model: nn.Module, stage: int):
     import deepspeed
+
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config(stage))
     return engine
 
@@ -145,8 +170,12 @@ def train(engine, rank: int, steps: range, r: dict | None = None, single=None) -
         with CollectiveCounter() as comm, ShapeProbe([(V, D), (V_BAG, D), (V, H)]) as shapes:
             engine.backward(loss_fn(engine, x[part], feats[part], y[part]))
             engine.step()
-        entry = {"all_gather": comm.counts["all_gather"], "reduce_scatter": comm.counts["reduce_scatter"],
-                 "all_reduce": comm.counts["all_reduce"], "vd_ops": shapes.hits}
+        entry = {
+            "all_gather": comm.counts["all_gather"],
+            "reduce_scatter": comm.counts["reduce_scatter"],
+            "all_reduce": comm.counts["all_reduce"],
+            "vd_ops": shapes.hits,
+        }
         if single is not None:
             s_model, s_opt = single
             loss_fn(s_model, x, feats, y).backward()
@@ -165,7 +194,6 @@ def single_run(tied: bool, r: dict):
     return model, torch.optim.AdamW(model.parameters(), **ADAMW)
 
 
-
 def stage3(rank: int, out: Path, r: dict, record: dict) -> None:
     import deepspeed
 
@@ -176,9 +204,13 @@ def stage3(rank: int, out: Path, r: dict, record: dict) -> None:
     record["plain_partitioned"] = sorted((n, tuple(p.ds_shape)) for n, p in plain.module.named_parameters())
 
     engine = initialize(build(True, False, r), 3)
-    record["partitioned"] = sorted((n, tuple(p.ds_shape), p.numel()) for n, p in engine.module.named_parameters())
+    record["partitioned"] = sorted(
+        (n, tuple(p.ds_shape), p.numel()) for n, p in engine.module.named_parameters()
+    )
     record["untied"] = train(engine, rank, range(STEPS), r, single_run(False, r))
-    record["storage"] = [getattr(engine.module, m).parametrizations.weight[0].storage for m in ("tok", "bag", "head")]
+    record["storage"] = [
+        getattr(engine.module, m).parametrizations.weight[0].storage for m in ("tok", "bag", "head")
+    ]
 
     def read_outside():
         try:
@@ -197,8 +229,11 @@ def stage3(rank: int, out: Path, r: dict, record: dict) -> None:
         plain_sd = merged_state_dict(engine.module, sd)
         fresh = TinyLM(False)
         fresh.load_state_dict(plain_sd)
-        return {"raw_keys": sorted(k for k in sd if "parametrizations" in k), "keys": sorted(plain_sd),
-                "equal": all(torch.equal(fresh.state_dict()[k], live[k]) for k in live)}
+        return {
+            "raw_keys": sorted(k for k in sd if "parametrizations" in k),
+            "keys": sorted(plain_sd),
+            "equal": all(torch.equal(fresh.state_dict()[k], live[k]) for k in live),
+        }
 
     attempt(record, "consolidated", consolidated)
 
@@ -208,6 +243,7 @@ def stage3(rank: int, out: Path, r: dict, record: dict) -> None:
             names = save_rows(engine.module, path) if rank == 0 else None
         dist.barrier()
         from embconstraint import load_rows
+
         fresh = TinyLM(False)
         with torch.no_grad():  # the pinned rows, other free rows
             fresh.tok.weight[:N_TOK] = r["tok"]
@@ -234,6 +270,7 @@ def stage3(rank: int, out: Path, r: dict, record: dict) -> None:
 
     def zero_to_fp32():
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
         if rank != 0:
             return None
         sd = get_fp32_state_dict_from_zero_checkpoint(str(out / "ckpt"), tag="t")
@@ -241,8 +278,11 @@ def stage3(rank: int, out: Path, r: dict, record: dict) -> None:
         fresh = TinyLM(False)
         fresh.load_state_dict(plain_sd)
         saved = record["checkpointed"] if "checkpointed" in record else None
-        return {"raw_keys": sorted(k for k in sd if "parametrizations" in k), "keys": sorted(plain_sd),
-                "equal": saved is None or all(torch.equal(fresh.state_dict()[k], saved[k]) for k in saved)}
+        return {
+            "raw_keys": sorted(k for k in sd if "parametrizations" in k),
+            "keys": sorted(plain_sd),
+            "equal": saved is None or all(torch.equal(fresh.state_dict()[k], saved[k]) for k in saved),
+        }
 
     record["checkpointed"] = live  # the weights at save_checkpoint (nothing trained between)
     attempt(record, "zero_to_fp32", zero_to_fp32)
@@ -268,14 +308,19 @@ def stage3(rank: int, out: Path, r: dict, record: dict) -> None:
         steps = train(eng, rank, range(2), r, (single, torch.optim.AdamW(single.parameters(), **ADAMW)))
         with gathered(eng.module), torch.no_grad():
             kept = torch.equal(eng.module.tok.weight[:N_TOK], r["tok"])
-        return {"partitioned_before": before == 0, "pinned": [s["pinned_exact"] for s in steps], "kept": kept,
-                "maxdiff": max(s["free_maxdiff"] for s in steps),
-                "trained": not torch.equal(merged(eng.module)["tok.weight"][N_TOK:], start["tok.weight"][N_TOK:])}
+        return {
+            "partitioned_before": before == 0,
+            "pinned": [s["pinned_exact"] for s in steps],
+            "kept": kept,
+            "maxdiff": max(s["free_maxdiff"] for s in steps),
+            "trained": not torch.equal(merged(eng.module)["tok.weight"][N_TOK:], start["tok.weight"][N_TOK:]),
+        }
 
     attempt(record, "zero_init", zero_init)
 
     def after_initialize():  # constrain() on a module DeepSpeed already manages
         from embconstraint import constrain
+
         eng = initialize(build(False, False, r), 3)
         try:
             constrain(eng.module.tok, r["tok"])
@@ -297,10 +342,17 @@ def stages_1_2(rank: int, r: dict, record: dict) -> None:
 
 
 def worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank), LOCAL_SIZE="2")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE="2",
+        LOCAL_RANK=str(rank),
+        LOCAL_SIZE="2",
+    )
     torch.set_num_threads(1)
     import deepspeed
+
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # see the module docstring
     deepspeed.init_distributed(dist_backend="gloo")
     out = Path(out_dir)

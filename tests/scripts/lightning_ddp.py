@@ -46,23 +46,26 @@ def main(out_dir: str) -> None:
         **trainer_kwargs(out_dir, strategy="ddp", devices=2, max_steps=4, deterministic=False),
     )
     trainer.fit(model, loader(), loader(batches=2, seed=5))
-    torch.save({
-        "rank": trainer.global_rank,
-        "world_size": trainer.world_size,
-        "state": {k: v.clone() for k, v in model.state_dict().items()},
-        "tied": model.head.weight is model.embedding.weight,
-        "weight_type": type(model.embedding.weight).__name__,
-        "seen": seen.seen,
-        "weights": seen.weights,
-        "optimizer_shapes": seen.optimizer_shapes,
-        "wrapper": wrapped.wrapper,
-        "broadcast_buffers": wrapped.broadcast_buffers,
-        "params": wrapped.params,
-        "buffers": wrapped.buffers,
-        "batches": wrapped.batches,
-        "metric": trainer.callback_metrics["constraint/max_abs_deviation"].item(),
-        "reference": ref.weight.detach().clone(),
-    }, Path(out_dir) / f"rank{trainer.global_rank}.pt")
+    torch.save(
+        {
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "state": {k: v.clone() for k, v in model.state_dict().items()},
+            "tied": model.head.weight is model.embedding.weight,
+            "weight_type": type(model.embedding.weight).__name__,
+            "seen": seen.seen,
+            "weights": seen.weights,
+            "optimizer_shapes": seen.optimizer_shapes,
+            "wrapper": wrapped.wrapper,
+            "broadcast_buffers": wrapped.broadcast_buffers,
+            "params": wrapped.params,
+            "buffers": wrapped.buffers,
+            "batches": wrapped.batches,
+            "metric": trainer.callback_metrics["constraint/max_abs_deviation"].item(),
+            "reference": ref.weight.detach().clone(),
+        },
+        Path(out_dir) / f"rank{trainer.global_rank}.pt",
+    )
 
 
 if __name__ == "__main__":

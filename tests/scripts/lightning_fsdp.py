@@ -25,8 +25,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 V, D, N = 98, 16, 60
 STEPS = 3
-REFS = {name: torch.randn(N, D, generator=torch.Generator().manual_seed(seed))
-        for name, seed in (("emb", 3), ("late", 4))}
+REFS = {
+    name: torch.randn(N, D, generator=torch.Generator().manual_seed(seed))
+    for name, seed in (("emb", 3), ("late", 4))
+}
 
 
 def _full(w: torch.Tensor) -> torch.Tensor:
@@ -37,7 +39,7 @@ class LM(L.LightningModule):
     def __init__(self, shard: bool | str) -> None:
         super().__init__()
         self.shard = shard
-        self.emb = nn.Embedding(V, D)      # built in __init__
+        self.emb = nn.Embedding(V, D)  # built in __init__
         self.head = nn.Linear(D, V)
         self.seen: list[bool] = []
 
@@ -49,11 +51,16 @@ class LM(L.LightningModule):
             from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
             from embconstraint.parallel import RowwiseParallel
+
             style = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
-            parallelize_module(self, self.device_mesh["tensor_parallel"],
-                               {"emb": style, "late": style, "head": ColwiseParallel(output_layouts=Replicate())})
+            parallelize_module(
+                self,
+                self.device_mesh["tensor_parallel"],
+                {"emb": style, "late": style, "head": ColwiseParallel(output_layouts=Replicate())},
+            )
         elif self.shard:
             from torch.distributed.fsdp import fully_shard
+
             mesh = self.device_mesh["data_parallel"]
             # training_step calls the layers (not self.forward), so each is its own FSDP unit
             for layer in (self.emb, self.late, self.head):
@@ -66,6 +73,7 @@ class LM(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if self.shard == "tp":  # each rank holds its rows: the merged weights, gathered
             from embconstraint import merged_state_dict
+
             merged = merged_state_dict(self)
             self.seen.append(all(torch.equal(merged[f"{n}.weight"][:N], REFS[n]) for n in REFS))
             return
@@ -79,6 +87,7 @@ class LM(L.LightningModule):
 
 def _callbacks() -> list:
     from embconstraint.lightning import EmbeddingConstraint
+
     return [EmbeddingConstraint(n, REFS[n]) for n in REFS]
 
 
@@ -88,20 +97,35 @@ def main(out: str, strategy: str) -> None:
     model = LM(shard="tp" if strategy == "tp" else strategy == "mp")
     if strategy in ("mp", "tp"):
         from lightning.pytorch.strategies import ModelParallelStrategy
+
         # the default mesh is (data_parallel=num_nodes, tensor_parallel=devices): shard over data_parallel
-        strat = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if strategy == "mp" else \
-            ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2)
+        strat = (
+            ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+            if strategy == "mp"
+            else ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2)
+        )
     else:
         strat = "ddp"
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strat, max_steps=STEPS, callbacks=_callbacks(),
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=strat,
+        max_steps=STEPS,
+        callbacks=_callbacks(),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     g = torch.Generator().manual_seed(1)
     data = TensorDataset(torch.randint(0, V, (48,), generator=g), torch.randint(0, V, (48,), generator=g))
     record: dict = {}
     try:
         trainer.fit(model, DataLoader(data, batch_size=8))
-        record.update(seen=model.seen, optim_shapes=model.optim_shapes, strategy=type(trainer.strategy).__name__)
+        record.update(
+            seen=model.seen, optim_shapes=model.optim_shapes, strategy=type(trainer.strategy).__name__
+        )
     except Exception:
         record["error"] = traceback.format_exc()[-3000:]
     torch.save({**record, "rank": trainer.global_rank}, Path(out) / f"rank{trainer.global_rank}.pt")

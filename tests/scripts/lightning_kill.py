@@ -36,7 +36,9 @@ def main(out_dir: str, every: int, kill_at: int) -> None:
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
     model = PLTinyLM(step_data=True)
-    checkpoints = ModelCheckpoint(dirpath=out_dir, filename="{step}", every_n_train_steps=every, save_top_k=-1)
+    checkpoints = ModelCheckpoint(
+        dirpath=out_dir, filename="{step}", every_n_train_steps=every, save_top_k=-1
+    )
     trainer = pl.Trainer(
         callbacks=[EmbeddingConstraint(model.embedding, reference()), _Kill(kill_at), checkpoints],
         **trainer_kwargs(out_dir, enable_checkpointing=True, max_steps=100),

@@ -29,8 +29,8 @@ from torch import nn
 
 from benchmarks.harness import CollectiveCounter, FunctionalCollectiveCounter, free_port
 
-V, D, N_TOK = 98, 16, 60          # token embedding: the first 60 rows pinned (rank 0 of 2 holds only pinned rows)
-H, N_HEAD = 24, 40                # untied head (V, H): its first 40 rows pinned
+V, D, N_TOK = 98, 16, 60  # token embedding: the first 60 rows pinned (rank 0 of 2 holds only pinned rows)
+H, N_HEAD = 24, 40  # untied head (V, H): its first 40 rows pinned
 HEAD_ROWS = list(range(3, 83, 2))  # the tied model pins these 40 rows instead (scattered)
 STEPS, BATCH, SEQ, LR = 4, 4, 6, 0.5
 SIZES = {"V": V, "D": D, "N_TOK": N_TOK, "H": H, "N_HEAD": N_HEAD, "STEPS": STEPS}
@@ -51,8 +51,11 @@ class TinyLM(nn.Module):
 
 def refs() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(7)
-    return {"tok": torch.randn(N_TOK, D, generator=g), "head": torch.randn(N_HEAD, H, generator=g),
-            "tied": torch.randn(len(HEAD_ROWS), D, generator=g)}
+    return {
+        "tok": torch.randn(N_TOK, D, generator=g),
+        "head": torch.randn(N_HEAD, H, generator=g),
+        "tied": torch.randn(len(HEAD_ROWS), D, generator=g),
+    }
 
 
 def build(tied: bool = False, constrained: bool = False, r: dict | None = None) -> TinyLM:
@@ -65,6 +68,7 @@ def build(tied: bool = False, constrained: bool = False, r: dict | None = None) 
 
 def constrain_model(model: TinyLM, r: dict) -> None:
     from embconstraint import constrain
+
     if model.head.weight is model.tok.weight or "weight" in getattr(model.head, "parametrizations", {}):
         constrain(model.tok, r["tied"], indices=HEAD_ROWS, root=model)
     else:
@@ -74,12 +78,16 @@ def constrain_model(model: TinyLM, r: dict) -> None:
 
 def plan(loss_parallel: bool, ours: bool) -> dict:
     from torch.distributed.tensor import Replicate, Shard
+
     if ours:
         from embconstraint.parallel import ColwiseParallel, RowwiseParallel
     else:
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
-    head = ColwiseParallel(output_layouts=Shard(-1), use_local_output=False) if loss_parallel else \
-        ColwiseParallel(output_layouts=Replicate())
+    head = (
+        ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
+        if loss_parallel
+        else ColwiseParallel(output_layouts=Replicate())
+    )
     return {"tok": RowwiseParallel(input_layouts=Replicate()), "head": head}
 
 
@@ -87,6 +95,7 @@ def loss_fn(model, x, y, loss_parallel: bool):
     logits = model(x)
     if loss_parallel:
         from torch.distributed.tensor.parallel import loss_parallel as parallel_loss
+
         with parallel_loss():
             loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
             loss.backward()
@@ -99,6 +108,7 @@ def loss_fn(model, x, y, loss_parallel: bool):
 def local_rows(t: torch.Tensor) -> torch.Tensor:
     """A weight as this rank holds it: a DTensor's local rows, FSDP's (data-parallel) ones gathered."""
     from torch.distributed.tensor import DTensor
+
     return t.to_local() if isinstance(t, DTensor) else t
 
 
@@ -111,6 +121,7 @@ def own_rows(module: nn.Module, name: str = "weight") -> torch.Tensor:
 def check_step(model, single, tp_rank_rows, r: dict, tied: bool) -> dict:
     """Pinned rows bitwise; this rank's rows of each merged weight against the single process."""
     from embconstraint._mechanism import pin_of
+
     out = {}
     names = [("tok", "weight")] if tied else [("tok", "weight"), ("head", "weight"), ("head", "bias")]
     pinned_ok, diff = True, 0.0
@@ -137,13 +148,20 @@ def train(model, single, x_of, r, tied, loss_parallel, record_name, record, fsdp
     steps = []
     for step in range(STEPS):
         x, y, gx, gy = x_of(step)
-        with CollectiveCounter() as comm, FunctionalCollectiveCounter() as fcomm, \
-                ShapeProbe([(V, D), (V, H)]) as shapes:
+        with (
+            CollectiveCounter() as comm,
+            FunctionalCollectiveCounter() as fcomm,
+            ShapeProbe([(V, D), (V, H)]) as shapes,
+        ):
             loss_fn(model, x, y, loss_parallel)
             opt.step()
             opt.zero_grad()
-        entry = {"functional": dict(fcomm.counts), "all_gather": comm.counts["all_gather"],
-                 "reduce_scatter": comm.counts["reduce_scatter"], "vd_ops": shapes.hits}
+        entry = {
+            "functional": dict(fcomm.counts),
+            "all_gather": comm.counts["all_gather"],
+            "reduce_scatter": comm.counts["reduce_scatter"],
+            "vd_ops": shapes.hits,
+        }
         if single is not None:
             F.cross_entropy(single(gx).flatten(0, 1), gy.flatten()).backward()
             s_opt.step()
@@ -153,12 +171,12 @@ def train(model, single, x_of, r, tied, loss_parallel, record_name, record, fsdp
     record[record_name] = steps
 
 
-
 def one_d(rank: int, out: Path, r: dict, record: dict) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import parallelize_module
 
     from embconstraint import merged_state_dict
+
     mesh = init_device_mesh("cpu", (2,))
 
     def batch(step):  # tensor parallelism: every rank computes on the whole batch
@@ -174,26 +192,35 @@ def one_d(rank: int, out: Path, r: dict, record: dict) -> None:
     after = parallelize_module(build(), mesh, plan(False, ours=False))
     constrain_model(after, r)
     record["params"] = sorted((n, tuple(p.shape), type(p).__name__) for n, p in after.named_parameters())
-    record["shards"] = {m: (getattr(after, m).parametrizations.weight[0].shard.lo,
-                            getattr(after, m).parametrizations.weight[0].shard.hi) for m in ("tok", "head")}
+    record["shards"] = {
+        m: (
+            getattr(after, m).parametrizations.weight[0].shard.lo,
+            getattr(after, m).parametrizations.weight[0].shard.hi,
+        )
+        for m in ("tok", "head")
+    }
     train(after, build(constrained=True, r=r), batch, r, False, False, "after", record, fsdp=False)
 
     # constrain first (the Lightning callback, constrain_new_tokens), then embconstraint.parallel's styles
     first = parallelize_module(build(constrained=True, r=r), mesh, plan(True, ours=True))
-    train(first, build(constrained=True, r=r), batch, r, False, True, "first_loss_parallel", record, fsdp=False)
+    train(
+        first, build(constrained=True, r=r), batch, r, False, True, "first_loss_parallel", record, fsdp=False
+    )
 
     tied = parallelize_module(build(tied=True, constrained=True, r=r), mesh, plan(False, ours=True))
     record["tied_params"] = sorted((n, tuple(p.shape)) for n, p in tied.named_parameters())
     train(tied, build(tied=True, constrained=True, r=r), batch, r, True, False, "tied", record, fsdp=False)
 
-    state_checks(after, build(constrained=True, r=r), r, out, record,
-                 fresh=lambda: _constrained_after(mesh, r))
+    state_checks(
+        after, build(constrained=True, r=r), r, out, record, fresh=lambda: _constrained_after(mesh, r)
+    )
 
     def refusals():
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
         from embconstraint import constrain
         from embconstraint.parallel import ColwiseParallel as OurColwise
+
         out_ = {}
         try:
             parallelize_module(build(constrained=True, r=r), mesh, {"tok": RowwiseParallel()})
@@ -205,20 +232,26 @@ def one_d(rank: int, out: Path, r: dict, record: dict) -> None:
             out_["colwise_embedding"] = "no error"
         except Exception as err:
             out_["colwise_embedding"] = f"{type(err).__name__}: {err}"
-        model = parallelize_module(build(), mesh, {"tok": ColwiseParallel()})  # shards the embedding dimension
+        model = parallelize_module(
+            build(), mesh, {"tok": ColwiseParallel()}
+        )  # shards the embedding dimension
         try:
             constrain(model.tok, r["tok"])
             out_["constrain_shard1"] = "no error"
         except Exception as err:
-            out_["constrain_shard1"] = f"{type(err).__name__}: {err} | unchanged={not hasattr(model.tok, 'parametrizations')}"
+            out_["constrain_shard1"] = (
+                f"{type(err).__name__}: {err} | unchanged={not hasattr(model.tok, 'parametrizations')}"
+            )
         try:
             from embconstraint import save_rows
+
             save_rows(after, out / "rows.safetensors")
             out_["save_rows"] = "no error"
         except Exception as err:
             out_["save_rows"] = f"{type(err).__name__}: {err}"
         try:
             from embconstraint import release
+
             release(after)
             out_["release"] = "no error"
         except Exception as err:
@@ -231,6 +264,7 @@ def one_d(rank: int, out: Path, r: dict, record: dict) -> None:
 
 def _constrained_after(mesh, r):
     from torch.distributed.tensor.parallel import parallelize_module
+
     model = parallelize_module(build(), mesh, plan(False, ours=False))
     constrain_model(model, r)
     return model
@@ -246,6 +280,7 @@ def state_checks(model, single_like, r, out: Path, record: dict, fresh) -> None:
     )
 
     from embconstraint import merged_state_dict
+
     keys = ["body.bias", "body.weight", "head.bias", "head.weight", "tok.weight"]
     merged = merged_state_dict(model)  # every rank: plain whole tensors
 
@@ -257,8 +292,14 @@ def state_checks(model, single_like, r, out: Path, record: dict, fresh) -> None:
 
     def sharded_sd():
         sd = get_model_state_dict(model)
-        return {"keys": sorted(sd), "tok": (type(sd["tok.weight"]).__name__, tuple(sd["tok.weight"].shape),
-                                            str(sd["tok.weight"].placements))}
+        return {
+            "keys": sorted(sd),
+            "tok": (
+                type(sd["tok.weight"]).__name__,
+                tuple(sd["tok.weight"].shape),
+                str(sd["tok.weight"].placements),
+            ),
+        }
 
     def round_trip():
         target = fresh()
@@ -276,13 +317,17 @@ def state_checks(model, single_like, r, out: Path, record: dict, fresh) -> None:
 
     def plain_load():  # a plain checkpoint (one process's merged weights) into the sharded model
         target = fresh()  # (set_model_state_dict distributes the dict it is given in place: a copy)
-        set_model_state_dict(target, {k: v.clone() for k, v in merged.items()},
-                             options=StateDictOptions(full_state_dict=True))
+        set_model_state_dict(
+            target, {k: v.clone() for k, v in merged.items()}, options=StateDictOptions(full_state_dict=True)
+        )
         return all(torch.equal(merged_state_dict(target)[k], merged[k]) for k in keys)
 
-    record["merged_sd"] = {"keys": sorted(merged), "types": sorted({type(v).__name__ for v in merged.values()}),
-                           "tok_shape": tuple(merged["tok.weight"].shape),
-                           "pinned": torch.equal(merged["tok.weight"][:N_TOK], r["tok"])}
+    record["merged_sd"] = {
+        "keys": sorted(merged),
+        "types": sorted({type(v).__name__ for v in merged.values()}),
+        "tok_shape": tuple(merged["tok.weight"].shape),
+        "pinned": torch.equal(merged["tok.weight"][:N_TOK], r["tok"]),
+    }
     attempt(record, "full_state_dict", full_sd)
     attempt(record, "sharded_state_dict", sharded_sd)
     attempt(record, "round_trip", round_trip)
@@ -294,6 +339,7 @@ def two_d(rank: int, out: Path, r: dict, record: dict) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.parallel import parallelize_module
+
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     dp = mesh["dp"].get_local_rank()
 
@@ -307,19 +353,31 @@ def two_d(rank: int, out: Path, r: dict, record: dict) -> None:
         if constrained:
             constrain_model(model, r)
         # what fully_shard shards on the data-parallel mesh: this tensor-parallel rank's Parameters
-        record.setdefault("tp_local" if constrained else "tp_local_plain",
-                          {n: tuple(p.to_local().shape if hasattr(p, "to_local") else p.shape)
-                           for n, p in model.named_parameters()})
+        record.setdefault(
+            "tp_local" if constrained else "tp_local_plain",
+            {
+                n: tuple(p.to_local().shape if hasattr(p, "to_local") else p.shape)
+                for n, p in model.named_parameters()
+            },
+        )
         fully_shard(model.tok, mesh=mesh["dp"])
         fully_shard(model, mesh=mesh["dp"])
         return model
 
     train(sharded(False), None, batch, r, False, False, "plain", record, fsdp=True)
     model = sharded(True)
-    record["shards"] = {m: (getattr(model, m).parametrizations.weight[0].shard.lo,
-                            getattr(model, m).parametrizations.weight[0].shard.hi) for m in ("tok", "head")}
-    record["free_params"] = {n: (type(p).__name__, str(getattr(p, "placements", None)), tuple(p.to_local().shape))
-                             for n, p in model.named_parameters() if "parametrizations" in n}
+    record["shards"] = {
+        m: (
+            getattr(model, m).parametrizations.weight[0].shard.lo,
+            getattr(model, m).parametrizations.weight[0].shard.hi,
+        )
+        for m in ("tok", "head")
+    }
+    record["free_params"] = {
+        n: (type(p).__name__, str(getattr(p, "placements", None)), tuple(p.to_local().shape))
+        for n, p in model.named_parameters()
+        if "parametrizations" in n
+    }
     train(model, build(constrained=True, r=r), batch, r, False, False, "fsdp_tp", record, fsdp=True)
     record["storage"] = [getattr(model, m).parametrizations.weight[0].storage for m in ("tok", "head")]
     state_checks(model, None, r, out, record, fresh=lambda: sharded(True))

@@ -39,14 +39,45 @@ def main(out: Path, cpu: bool) -> dict:
 
     from embconstraint import merged_state_dict
     from embconstraint.hf import SaveRowsCallback, constrain_new_tokens
-    fsdp = {} if cpu else {"fsdp": "full_shard", "fsdp_config": {"version": 2, "reshard_after_forward": True,
-                                                                  "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}
-    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, max_steps=STEPS, learning_rate=0.05,
-                             lr_scheduler_type="constant", optim="sgd", report_to=[], save_strategy="no",
-                             logging_steps=10**6, disable_tqdm=True, use_cpu=cpu, **fsdp)
+
+    fsdp = (
+        {}
+        if cpu
+        else {
+            "fsdp": "full_shard",
+            "fsdp_config": {
+                "version": 2,
+                "reshard_after_forward": True,
+                "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+            },
+        }
+    )
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        max_steps=STEPS,
+        learning_rate=0.05,
+        lr_scheduler_type="constant",
+        optim="sgd",
+        report_to=[],
+        save_strategy="no",
+        logging_steps=10**6,
+        disable_tqdm=True,
+        use_cpu=cpu,
+        **fsdp,
+    )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=OLD, hidden_size=DIM, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=OLD,
+            hidden_size=DIM,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            tie_word_embeddings=False,
+        )
+    )
     model.resize_token_embeddings(NEW)
     constrain_new_tokens(model, OLD)
     before = {k: v.clone() for k, v in merged_state_dict(model).items()}
@@ -55,18 +86,26 @@ def main(out: Path, cpu: bool) -> dict:
     class Check(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kwargs):
             merged = merged_state_dict(model)  # (all-gathers FSDP's shards: every rank)
-            result["steps"].append(all(torch.equal(merged[k][:OLD].cpu(), before[k][:OLD])
-                                       for k in ("model.embed_tokens.weight", "lm_head.weight")))
+            result["steps"].append(
+                all(
+                    torch.equal(merged[k][:OLD].cpu(), before[k][:OLD])
+                    for k in ("model.embed_tokens.weight", "lm_head.weight")
+                )
+            )
 
     trainer = Trainer(model=model, args=args, train_dataset=Data(), callbacks=[SaveRowsCallback(), Check()])
     trainer.train()
     free = trainer.model.model.embed_tokens.parametrizations.weight.original
     result["fsdp_engaged"] = type(free).__name__ == "DTensor"
-    result["sharded"] = sorted((n, tuple(p.shape)) for n, p in trainer.model.named_parameters()
-                               if type(p).__name__ == "DTensor" and ("embed_tokens" in n or "lm_head" in n))
+    result["sharded"] = sorted(
+        (n, tuple(p.shape))
+        for n, p in trainer.model.named_parameters()
+        if type(p).__name__ == "DTensor" and ("embed_tokens" in n or "lm_head" in n)
+    )
     merged = merged_state_dict(trainer.model)
-    result["trained"] = not torch.equal(merged["model.embed_tokens.weight"][OLD:].cpu(),
-                                        before["model.embed_tokens.weight"][OLD:])
+    result["trained"] = not torch.equal(
+        merged["model.embed_tokens.weight"][OLD:].cpu(), before["model.embed_tokens.weight"][OLD:]
+    )
     trainer.save_model(str(out / "final"))
     if trainer.args.process_index == 0:
         plain = LlamaForCausalLM.from_pretrained(out / "final")

@@ -30,21 +30,43 @@ STEPS, SAVE_STEPS, BATCH, SEQ, LR = 4, 2, 2, 8, 0.5
 
 
 def zero3() -> dict:
-    return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-            "gradient_clipping": "auto",
-            "zero_allow_untested_optimizer": True,  # the Trainer's SGD (Adam's first steps amplify rounding)
-            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
-                                  "stage3_gather_16bit_weights_on_model_save": True,
-                                  "memory_efficient_linear": False}}
+    return {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "zero_allow_untested_optimizer": True,  # the Trainer's SGD (Adam's first steps amplify rounding)
+        "zero_optimization": {
+            "stage": 3,
+            "stage3_param_persistence_threshold": 0,
+            "stage3_gather_16bit_weights_on_model_save": True,
+            "memory_efficient_linear": False,
+        },
+    }
 
 
 def arguments(out: Path):
     from transformers import TrainingArguments
+
     return TrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=BATCH, max_steps=STEPS, learning_rate=LR,
-        weight_decay=0.0, max_grad_norm=0.0, lr_scheduler_type="constant", optim="sgd", use_cpu=True, deepspeed=zero3(),
-        report_to=[], save_steps=SAVE_STEPS, save_strategy="steps", logging_steps=10**6, seed=0,
-        dataloader_drop_last=True, disable_tqdm=True, save_only_model=False)
+        output_dir=str(out),
+        per_device_train_batch_size=BATCH,
+        max_steps=STEPS,
+        learning_rate=LR,
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        lr_scheduler_type="constant",
+        optim="sgd",
+        use_cpu=True,
+        deepspeed=zero3(),
+        report_to=[],
+        save_steps=SAVE_STEPS,
+        save_strategy="steps",
+        logging_steps=10**6,
+        seed=0,
+        dataloader_drop_last=True,
+        disable_tqdm=True,
+        save_only_model=False,
+    )
 
 
 class Data(torch.utils.data.Dataset):
@@ -58,8 +80,16 @@ class Data(torch.utils.data.Dataset):
 
 def config(tied: bool):
     from transformers import LlamaConfig
-    return LlamaConfig(vocab_size=OLD, hidden_size=DIM, intermediate_size=32, num_hidden_layers=1,
-                       num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tied)
+
+    return LlamaConfig(
+        vocab_size=OLD,
+        hidden_size=DIM,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
+    )
 
 
 def build(run: str, zero_init: bool, state: dict | None = None):
@@ -67,6 +97,7 @@ def build(run: str, zero_init: bool, state: dict | None = None):
     from transformers import LlamaForCausalLM
 
     from embconstraint.hf import constrain_new_tokens
+
     torch.manual_seed(0)
     cfg = config(run.endswith("_tied") or run == "tied")
     # _from_config runs under deepspeed.zero.Init where a ZeRO-3 TrainingArguments exists (as from_pretrained)
@@ -74,6 +105,7 @@ def build(run: str, zero_init: bool, state: dict | None = None):
     model.resize_token_embeddings(NEW)
     if run.startswith("lora"):
         from peft import LoraConfig, get_peft_model
+
         model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
     if state is not None:  # before constraining: the pinned rows are the state's too
         model.load_state_dict(state)
@@ -83,6 +115,7 @@ def build(run: str, zero_init: bool, state: dict | None = None):
 
 def gathered(model):
     import deepspeed
+
     return deepspeed.zero.GatheredParameters(list(model.parameters()))
 
 
@@ -95,8 +128,10 @@ def snapshot(model) -> dict[str, torch.Tensor]:
 def pinned(model) -> dict[str, torch.Tensor]:
     """The merged weights' first OLD rows: the embedding and the output head."""
     with gathered(model), torch.no_grad():
-        return {"emb": model.get_input_embeddings().weight[:OLD].clone(),
-                "head": model.get_output_embeddings().weight[:OLD].clone()}
+        return {
+            "emb": model.get_input_embeddings().weight[:OLD].clone(),
+            "head": model.get_output_embeddings().weight[:OLD].clone(),
+        }
 
 
 class Record:
@@ -122,7 +157,9 @@ class Record:
                 self.batches.clear()
                 both = [torch.empty_like(ids) for _ in range(dist.get_world_size())]
                 dist.all_gather(both, ids)
-                entry = {"pinned_exact": all(torch.equal(v, self.before[k]) for k, v in pinned(self.model).items())}
+                entry = {
+                    "pinned_exact": all(torch.equal(v, self.before[k]) for k, v in pinned(self.model).items())
+                }
                 if self.reference is not None:
                     mine, ref = snapshot(self.model), self.reference.step(torch.cat(both))
                     entry["maxdiff"] = max((mine[n] - ref[n]).abs().max().item() for n in mine)
@@ -139,6 +176,7 @@ class Reference:
         from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
 
         from embconstraint import merged_state_dict
+
         with gathered(model):  # every value, the pinned rows and the buffers included
             state = merged_state_dict(model)
         unset_hf_deepspeed_config()  # a plain model: no deepspeed.zero.Init in resize_token_embeddings
@@ -160,10 +198,13 @@ def train(run: str, out: Path, record: dict, resume: str | None = None, referenc
     from transformers import Trainer
 
     from embconstraint.hf import SaveRowsCallback
+
     args = arguments(out)  # before the model: transformers then builds it under deepspeed.zero.Init
     model = build(run, zero_init=run == "untied")
     rec = Record(model, run, args, reference)
-    model.get_input_embeddings().register_forward_pre_hook(lambda m, a: rec.batches.append(a[0].detach().clone()))
+    model.get_input_embeddings().register_forward_pre_hook(
+        lambda m, a: rec.batches.append(a[0].detach().clone())
+    )
     trainer = Trainer(model=model, args=args, train_dataset=Data(), callbacks=[SaveRowsCallback(), rec])
     trainer.train(resume_from_checkpoint=resume)
     return trainer, rec
@@ -174,26 +215,34 @@ def one_run(run: str, root: Path, rank: int, record: dict) -> None:
     trainer, rec = train(run, out, record)
     record[f"{run}_steps"] = rec.steps
     record[f"{run}_zero_init"] = run != "untied" or all(
-        getattr(p, "ds_id", None) is not None for p in trainer.model.parameters())
+        getattr(p, "ds_id", None) is not None for p in trainer.model.parameters()
+    )
     final = snapshot(trainer.model)
     trainer.save_model(str(out / "final"))
     from embconstraint import merged_state_dict
+
     with gathered(trainer.model):
         merged = merged_state_dict(trainer.model)
     if rank == 0:
         torch.save(merged, out / "merged.pt")
-        record[f"{run}_files"] = {p.name: sorted(f.name for f in p.iterdir()) for p in sorted(out.iterdir())
-                                  if p.is_dir()}
+        record[f"{run}_files"] = {
+            p.name: sorted(f.name for f in p.iterdir()) for p in sorted(out.iterdir()) if p.is_dir()
+        }
     dist.barrier()
-    again, rec = train(run, root / f"{run}_resumed", record, resume=str(out / f"checkpoint-{SAVE_STEPS}"),
-                       reference=False)
+    again, rec = train(
+        run, root / f"{run}_resumed", record, resume=str(out / f"checkpoint-{SAVE_STEPS}"), reference=False
+    )
     mine = snapshot(again.model)
-    record[f"{run}_resume"] = {"bitwise": all(torch.equal(mine[n], final[n]) for n in final),
-                               "steps": len(rec.steps), "pinned": [s["pinned_exact"] for s in rec.steps]}
+    record[f"{run}_resume"] = {
+        "bitwise": all(torch.equal(mine[n], final[n]) for n in final),
+        "steps": len(rec.steps),
+        "pinned": [s["pinned_exact"] for s in rec.steps],
+    }
 
 
 def main(out_dir: str, runs: list[str]) -> None:
     import deepspeed
+
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # (see tests/scripts/deepspeed_zero.py)
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
