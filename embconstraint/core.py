@@ -241,15 +241,24 @@ def check_constrain(
     ref, idx = check_constrain_args(embedding, reference, indices, on_mismatch, heads=True)
     if root is not None and not isinstance(root, nn.Module):
         raise TypeError(f"root must be an nn.Module, got {type(root).__name__}")
-    tied = []
-    for name in ("weight", "bias"):
-        param = embedding._parameters.get(name)
-        if param is not None and root is not None:
-            tied += [(m, n, name) for m, n in _shared_with(root, param, embedding)]
+    tied = [] if root is None else _tied_under(root, embedding)
     _check_not_shared(embedding, tied)
     layout = Layout.from_indices(idx, ref.shape[0], embedding.weight.shape[0])
     bias = _bias_reference(embedding, reference, idx, ref.shape[0])
     return ConstrainPlan(embedding, ref, layout, bias, on_mismatch, tied, shard=row_shard(embedding.weight))
+
+
+def _tied_under(root: nn.Module, embedding: nn.Module) -> list[tuple[nn.Module, str, str]]:
+    """(module, name, embedding's name) for each parameter of ``embedding`` another module under
+    ``root`` holds. (A function of its own: a local variable left holding a Parameter would defeat
+    :func:`_check_not_shared`'s reference count.)"""
+    params = embedding._parameters
+    return [
+        (m, n, name)
+        for name in ("weight", "bias")
+        if params.get(name) is not None
+        for m, n in _shared_with(root, params[name], embedding)
+    ]
 
 
 def _check_not_shared(embedding: nn.Module, tied: list[tuple[nn.Module, str, str]]) -> None:

@@ -97,3 +97,30 @@ def test_deepcopy(layout):
     assert torch.equal(twin.weight[layout.pinned], ref)
     assert not torch.equal(twin.weight, emb.weight)  # the copy trains alone
     assert "storage=aliased" in repr(twin)
+
+
+def test_sharing_is_ruled_out_without_walking_the_heap(monkeypatch):
+    """A Parameter that only its module holds is recognised by its reference count: constrain
+    never asks the garbage collector who refers to it (a walk over every live object, tens of
+    milliseconds in a process holding a language model); a shared one is still found."""
+    import embconstraint._mechanism.ties as ties
+
+    walks = []
+    real = ties.gc.get_referrers
+
+    def counting(*objs):
+        walks.append(len(objs))
+        return real(*objs)
+
+    monkeypatch.setattr(ties.gc, "get_referrers", counting)
+    constrain(nn.Embedding(V, D), reference(), indices=SCATTERED)
+    constrain(nn.Linear(D, V), reference())  # a head: its bias is checked too
+    emb, head = nn.Embedding(V, D), nn.Linear(D, V, bias=False)
+    head.weight = emb.weight
+    constrain(emb, reference(), root=nn.ModuleList([emb, head]))  # the tie named by root
+    assert walks == []
+    emb, head = nn.Embedding(V, D), nn.Linear(D, V, bias=False)
+    head.weight = emb.weight
+    with pytest.raises(RuntimeError, match=r"embedding.weight is shared with Linear.weight"):
+        constrain(emb, reference())
+    assert walks

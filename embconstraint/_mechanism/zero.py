@@ -27,8 +27,10 @@ def gathered(*modules: nn.Module | None) -> Iterator[bool]:
     """Gather the ZeRO-3 partitioned Parameters of ``modules`` (their own, not their children's)
     while the block runs (every rank must enter it); yields whether there were any. Partitions
     them again on exit (unchanged: nothing is broadcast)."""
-    params = [p for m in modules if isinstance(m, nn.Module) for p in m._parameters.values() if p is not None]
-    with gathered_params(params) as any_:
+    # (a generator, not a list: a list held by this frame would keep every Parameter referenced while
+    # the block runs, and constrain's refcount test for "no one else holds it" would fail: ties.shared)
+    owned = (p for m in modules if isinstance(m, nn.Module) for p in m._parameters.values() if p is not None)
+    with gathered_params(owned) as any_:
         yield any_
 
 
