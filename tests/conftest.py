@@ -5,7 +5,8 @@
 - ``distributed``: starts a process group (2 CPU processes with gloo).
 - ``gpu``: needs CUDA (skipped without it).
 
-Run the quick part with ``python -m pytest -m "not slow and not subprocess"``.
+``python -m pytest`` leaves out ``slow`` (setup.cfg's ``addopts``); ``-m slow`` runs those,
+``-m "slow or not slow"`` everything, ``-m "not subprocess"`` the in-process part.
 
 Helpers that are not fixtures are in ``tests/helpers`` (``from helpers import ...``); the scripts
 that tests run in subprocesses are in ``tests/scripts`` (not collected).

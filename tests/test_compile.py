@@ -143,6 +143,7 @@ def test_the_full_table_check_catches_a_plain_parametrization():
     assert (V, D) in backend.shapes
 
 
+@pytest.mark.slow  # (inductor compiles for ~20 s; tests/test_training.py runs inductor in the default suite)
 def test_inductor_trains_exactly():
     """The default backend (inductor): a tied model with a biased head, five SGD steps."""
     torch.manual_seed(0)

@@ -512,6 +512,7 @@ def test_recipe_add_resize_init_constrain_train_save_reload(base_json, tmp_path)
     assert torch.equal(again(input_ids=ids).logits, logits)
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_example_runs(tmp_path):
     root = str(EXAMPLE.parent.parent)  # this checkout's embconstraint, not another installed one

@@ -14,6 +14,7 @@ pytestmark = pytest.mark.distributed
 ENV = {"MASTER_ADDR": "127.0.0.1", "PYTHONWARNINGS": "ignore", "LOCAL_RANK": None}
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_ddp_two_cpu_processes_keep_pinned_rows_exact_and_agree(tmp_path):
     run = run_script("lightning_ddp", tmp_path, timeout=240, env=ENV)
@@ -52,7 +53,10 @@ def test_ddp_two_cpu_processes_keep_pinned_rows_exact_and_agree(tmp_path):
     assert not torch.equal(ranks[0]["weights"][0][VOCAB_OLD:], ranks[0]["weights"][-1][VOCAB_OLD:])
 
 
-@pytest.mark.parametrize("strategy", ["mp", "tp", "ddp"])
+@pytest.mark.parametrize(
+    "strategy",  # the default suite runs tensor parallelism (ModelParallelStrategy); the others are slow
+    [pytest.param("mp", marks=pytest.mark.slow), "tp", pytest.param("ddp", marks=pytest.mark.slow)],
+)
 def test_two_cpu_processes_constrain_both_embeddings(strategy, tmp_path):
     V, D, N = 98, 16, 60  # the sizes of tests/scripts/lightning_fsdp.py
     run = run_script("lightning_fsdp", tmp_path, strategy, timeout=180, env={**ENV, "OMP_NUM_THREADS": "1"})

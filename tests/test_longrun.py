@@ -75,8 +75,8 @@ def test_ten_thousand_adamw_steps_keep_pinned_rows_bitwise():
     ("module_cls", "kwargs", "scattered"),
     [
         (nn.Embedding, {}, False),
-        (nn.EmbeddingBag, {"mode": "mean"}, True),
-        (nn.Embedding, {"sparse": True}, True),
+        pytest.param(nn.EmbeddingBag, {"mode": "mean"}, True, marks=pytest.mark.slow),
+        pytest.param(nn.Embedding, {"sparse": True}, True, marks=pytest.mark.slow),
     ],
     ids=["embedding-prefix", "bag-scattered", "sparse-scattered"],
 )
@@ -129,6 +129,7 @@ def test_nothing_accumulates_across_steps(module_cls, kwargs, scattered):
     assert torch.equal(emb.weight[pinned], reference)
 
 
+@pytest.mark.slow
 def test_constrain_release_cycles_leave_nothing_behind():
     torch.manual_seed(0)
     emb = nn.Embedding(V, D)
