@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.hf import tiny_llama_config
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -886,15 +887,7 @@ def _peft_llama(targets: list[str], tokens: list[int] | None = None, constrained
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=V,
-        hidden_size=4,
-        intermediate_size=8,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
+    cfg = tiny_llama_config(V, 4, tied=False)
     extra = {"trainable_token_indices": tokens} if tokens else {}
     model = peft.get_peft_model(
         transformers.LlamaForCausalLM(cfg), peft.LoraConfig(r=2, target_modules=targets, **extra)

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import LAYOUTS, D, N, V, reference
+from helpers.hf import tiny_llama_config
 from torch import nn
 
 from embconstraint import constrain
@@ -204,15 +205,7 @@ def _language_model(family: str, tied: bool) -> nn.Module:
 
     torch.manual_seed(0)
     if family == "llama":
-        config = transformers.LlamaConfig(
-            vocab_size=60,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            tie_word_embeddings=tied,
-        )
+        config = tiny_llama_config(60, 16, tied=tied)
         model = transformers.LlamaForCausalLM(config)
     else:
         config = transformers.GPT2Config(

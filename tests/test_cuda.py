@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 from helpers import IDS, LAYOUTS, CatRows, D, N, V, reference
+from helpers.hf import tiny_llama_config
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -83,15 +84,7 @@ def test_a_language_model_compiles_on_cuda():
     from embconstraint.hf import constrain_new_tokens
 
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=60,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
+    config = tiny_llama_config(60, 32, tied=True)
     model = transformers.LlamaForCausalLM(config)
     model.resize_token_embeddings(64, mean_resizing=False)
     constrain_new_tokens(model, 60)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import N, V, reference
+from helpers.hf import tiny_llama_config
 from torch import nn
 
 from embconstraint import constrain, load_rows, merged_state_dict, save_rows
@@ -75,15 +76,7 @@ def test_save_pretrained_of_a_raw_state_dict_writes_the_plain_model(tmp_path):
     transformers = pytest.importorskip("transformers")
     from embconstraint.hf import constrain_new_tokens
 
-    cfg = transformers.LlamaConfig(
-        vocab_size=12,
-        hidden_size=8,
-        intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
+    cfg = tiny_llama_config(12, 8, tied=False)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg)
     constrain_new_tokens(model, 10)

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 from helpers import run_python
+from helpers.hf import tiny_llama_config
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -15,7 +16,6 @@ from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
-    LlamaConfig,
     LlamaForCausalLM,
 )
 
@@ -45,15 +45,12 @@ def gpt2(vocab: int = OLD, tied: bool = True, seed: int = 0) -> GPT2LMHeadModel:
 
 def llama(vocab: int = NEW, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        hidden_size=DIM,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
+    cfg = tiny_llama_config(
+        vocab,
+        DIM,
+        tied=True,
         num_key_value_heads=1,
-        vocab_size=vocab,
         max_position_embeddings=32,
-        tie_word_embeddings=True,
         bos_token_id=0,
         eos_token_id=0,
         pad_token_id=None,

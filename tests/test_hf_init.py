@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.hf import tiny_llama_config
 from torch import nn
 
 pytest.importorskip("transformers")
@@ -27,7 +28,6 @@ from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers  
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     AutoTokenizer,
-    LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
 )
@@ -80,18 +80,7 @@ def grown(
     tok = tokenizer(base_json)
     old_tok, old_vocab = copy.deepcopy(tok), len(tok)
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=old_vocab,
-        hidden_size=D,
-        intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        tie_word_embeddings=tied,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
+    cfg = tiny_llama_config(old_vocab, D, tied=tied, bos_token_id=1, eos_token_id=2, pad_token_id=2)
     model = LlamaForCausalLM(cfg)
     if bias:
         model.lm_head = nn.Linear(D, old_vocab, bias=True)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.hf import tiny_llama_config
 from torch import nn
 
 pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
 
 from embconstraint import is_constrained, release  # noqa: E402
 from embconstraint._mechanism import pin_of, tie_of  # noqa: E402
@@ -19,15 +20,7 @@ OLD, NEW, D = 20, 24, 8
 
 def llama(tied: bool, lora: bool = False, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=OLD,
-        hidden_size=D,
-        intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        tie_word_embeddings=tied,
-    )
+    cfg = tiny_llama_config(OLD, D, tied=tied)
     model = LlamaForCausalLM(cfg)
     model.resize_token_embeddings(NEW, mean_resizing=False)
     if lora:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.hf import tiny_llama_config
 from torch import nn
 
 from embconstraint import constrain, is_constrained, load_rows, release
@@ -20,15 +21,7 @@ OLD, NEW, DIM = 20, 24, 8
 
 def _llama(tied: bool = False, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=OLD,
-        hidden_size=DIM,
-        intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        tie_word_embeddings=tied,
-    )
+    cfg = tiny_llama_config(OLD, DIM, tied=tied)
     model = transformers.LlamaForCausalLM(cfg)
     model.resize_token_embeddings(NEW, mean_resizing=False)
     return model

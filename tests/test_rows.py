@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from helpers.hf import tiny_llama_config
 from torch import nn
 
 from embconstraint import constrain, is_constrained, load_rows, release, save_rows
@@ -26,18 +27,7 @@ def _llama(tied: bool = True, seed: int = 0) -> nn.Module:
     from the global RNG."""
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=OLD,
-        hidden_size=DIM,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        tie_word_embeddings=tied,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
-    )
+    config = tiny_llama_config(OLD, DIM, tied=tied, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     model = transformers.LlamaForCausalLM(config)
     torch.random.set_rng_state(state)
     model.resize_token_embeddings(OLD + NEW, mean_resizing=False)

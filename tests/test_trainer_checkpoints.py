@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.hf import tiny_llama_config
 from torch import nn
 
 from embconstraint import load_rows
@@ -23,18 +24,7 @@ OLD, NEW, DIM, SEQ = 40, 6, 16, 8
 
 def _model(lora: bool, tied: bool = False) -> nn.Module:
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=OLD,
-        hidden_size=DIM,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        tie_word_embeddings=tied,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
-    )
+    config = tiny_llama_config(OLD, DIM, tied=tied, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     model = transformers.LlamaForCausalLM(config)
     model.resize_token_embeddings(OLD + NEW, mean_resizing=False)
     if lora:

@@ -21,6 +21,7 @@ import traceback
 from pathlib import Path
 
 import torch
+from helpers.hf import tiny_llama_config
 
 OLD, NEW, DIM, STEPS = 40, 48, 32, 4
 
@@ -35,7 +36,7 @@ class Data(torch.utils.data.Dataset):
 
 
 def main(out: Path, cpu: bool) -> dict:
-    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+    from transformers import LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
     from embconstraint import merged_state_dict
     from embconstraint.hf import SaveRowsCallback, constrain_new_tokens
@@ -68,14 +69,8 @@ def main(out: Path, cpu: bool) -> dict:
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=OLD,
-            hidden_size=DIM,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            tie_word_embeddings=False,
+        tiny_llama_config(
+            OLD, DIM, tied=False, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4
         )
     )
     model.resize_token_embeddings(NEW)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from helpers.hf import tiny_llama_config
 
 OLD, NEW, DIM = 40, 48, 16
 STEPS, SAVE_STEPS, BATCH, SEQ, LR = 4, 2, 2, 8, 0.5
@@ -79,17 +80,7 @@ class Data(torch.utils.data.Dataset):
 
 
 def config(tied: bool):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=OLD,
-        hidden_size=DIM,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        tie_word_embeddings=tied,
-    )
+    return tiny_llama_config(OLD, DIM, tied=tied)
 
 
 def build(run: str, zero_init: bool, state: dict | None = None):
