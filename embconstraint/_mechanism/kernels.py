@@ -3,7 +3,7 @@
 Every kernel works on ``(free, table, layout)``: ``free`` is the trainable ``(V - n, D)`` tensor
 (the gradient's target), ``table`` the ``(V, D)`` rows in layout order (see :mod:`.layout`),
 ``layout`` the :class:`~embconstraint._mechanism.layout.Layout` that maps user ids to table rows. With the
-split storage (sharded training, see :mod:`.parametrization`) there is no table: ``table`` is
+split storage (sharded training, see :mod:`.storage`) there is no table: ``table`` is
 None and ``pinned`` holds the ``(n, D)`` pinned rows; a lookup is then two batch-sized gathers
 and a select (bitwise the table lookup), a bag bags the looked-up rows. Pinned
 rows never receive a gradient and no ``(V, D)`` gradient is built by a lookup or by an output
