@@ -28,6 +28,23 @@ def _no_module_hooks(m: nn.Module) -> bool:
     )
 
 
+def _fast_weight(plist: nn.Module) -> Tensor | None:
+    """The getter's fast path (see :func:`install_accessors`): the weight that the parametrizations
+    ``plist`` (a ``ParametrizationList``) hold, computed without parametrize's getter, or None when
+    parametrize's getter must compute it."""
+    mods, orig = plist._modules, plist._parameters.get(ORIGINAL)
+    if orig is not None and len(mods) == 1:
+        pin = mods["0"]  # resolved per call: deepcopy keeps the class, not the PinnedRows
+        if type(pin) is PinnedRows:
+            if _no_module_hooks(pin):
+                return pin.eager_weight(orig)
+            if "ds_id" in orig.__dict__:  # DeepSpeed ZeRO-3 (see install_accessors)
+                return pin.eager_weight(plist._parameters[ORIGINAL])
+        elif type(pin) is TiedTo and "ds_id" in orig.__dict__:  # a tied head under ZeRO-3: the
+            return pin.forward(orig)  # embedding's getter, which reads the free rows through DeepSpeed
+    return None
+
+
 def install_accessors(module: nn.Module, name: str = "weight") -> None:
     """Install, on the per-module class that parametrize created for ``module``: a fast getter
     for ``module.<name>`` (below), and an ``_apply`` that re-syncs the pinned rows after a
@@ -59,19 +76,9 @@ def install_accessors(module: nn.Module, name: str = "weight") -> None:
         if torch.compiler.is_compiling():
             return slow(self)
         if not parametrize._cache_enabled and torch._C._get_tracing_state() is None:
-            plist = self._modules["parametrizations"]._modules[name]
-            mods, orig = plist._modules, plist._parameters.get(ORIGINAL)
-            if orig is not None and len(mods) == 1:
-                pin = mods["0"]  # resolved per call: deepcopy keeps the class, not the PinnedRows
-                if type(pin) is PinnedRows:
-                    if _no_module_hooks(pin):
-                        return pin.eager_weight(orig)
-                    if "ds_id" in orig.__dict__:  # DeepSpeed ZeRO-3 (see above)
-                        return pin.eager_weight(plist._parameters[ORIGINAL])
-                elif type(pin) is TiedTo and "ds_id" in orig.__dict__:  # a tied head under ZeRO-3: the
-                    return pin.forward(
-                        orig
-                    )  # embedding's getter, which reads the free rows through DeepSpeed
+            weight = _fast_weight(self._modules["parametrizations"]._modules[name])
+            if weight is not None:
+                return weight
         return slow(self)
 
     setattr(cls, name, property(get, prop.fset, prop.fdel, prop.__doc__))
