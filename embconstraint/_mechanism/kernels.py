@@ -232,24 +232,12 @@ def embedding(
     return _apply(_Lookup, free, table, lidx, lpad, scale_grad_by_freq, sparse, input, free_map)
 
 
-def embedding_bag(
-    input: Tensor,
-    free: Tensor,
-    table: Tensor | None,
-    layout: Layout,
-    offsets: Tensor | None = None,
-    max_norm: float | None = None,
-    scale_grad_by_freq: bool = False,
-    mode: str = "mean",
-    sparse: bool = False,
-    per_sample_weights: Tensor | None = None,
-    include_last_offset: bool = False,
-    padding_idx: int | None = None,
-    pinned: Tensor | None = None,
-) -> Tensor:
-    """``F.embedding_bag(input, weight, ...)`` for the weight that ``(free, table, layout)`` stand
-    for (a non-nested ``input``; ``(free, pinned, layout)`` when ``table`` is None). Argument
-    handling mirrors ``torch.nn.functional.embedding_bag``."""
+def _bag_input(
+    input: Tensor, offsets: Tensor | None, per_sample_weights: Tensor | None, include_last_offset: bool
+) -> tuple[Tensor, Tensor, Tensor | None, bool]:
+    """:func:`embedding_bag`'s bags checked (the errors of ``torch.nn.functional.embedding_bag``)
+    and normalised: a 2D ``input`` becomes 1D bags with their ``offsets``. Returns ``(input,
+    offsets, per_sample_weights, include_last_offset)``."""
     if per_sample_weights is not None and input.size() != per_sample_weights.size():
         raise ValueError(
             f"embedding_bag: If per_sample_weights ({per_sample_weights.shape}) is not None, "
@@ -270,6 +258,18 @@ def embedding_bag(
             raise ValueError("offsets has to be a 1D Tensor")
     else:
         raise ValueError(f"input has to be 1D or 2D Tensor, but got Tensor of dimension {input.dim()}")
+    return input, offsets, per_sample_weights, include_last_offset
+
+
+def _check_bag_mode(
+    mode: str,
+    scale_grad_by_freq: bool,
+    sparse: bool,
+    max_norm: float | None,
+    per_sample_weights: Tensor | None,
+) -> None:
+    """:func:`embedding_bag`'s ``mode`` and options checked against each other (the errors of
+    ``torch.nn.functional.embedding_bag``), and ``max_norm`` refused."""
     if mode not in EMBEDDING_BAG_MODES:
         raise ValueError("mode has to be one of sum, mean or max")
     if mode == "max" and scale_grad_by_freq:
@@ -282,6 +282,30 @@ def embedding_bag(
         raise NotImplementedError(
             f"embedding_bag: per_sample_weights is only supported for mode='sum' (got mode='{mode}')"
         )
+
+
+def embedding_bag(
+    input: Tensor,
+    free: Tensor,
+    table: Tensor | None,
+    layout: Layout,
+    offsets: Tensor | None = None,
+    max_norm: float | None = None,
+    scale_grad_by_freq: bool = False,
+    mode: str = "mean",
+    sparse: bool = False,
+    per_sample_weights: Tensor | None = None,
+    include_last_offset: bool = False,
+    padding_idx: int | None = None,
+    pinned: Tensor | None = None,
+) -> Tensor:
+    """``F.embedding_bag(input, weight, ...)`` for the weight that ``(free, table, layout)`` stand
+    for (a non-nested ``input``; ``(free, pinned, layout)`` when ``table`` is None). Argument
+    handling mirrors ``torch.nn.functional.embedding_bag``."""
+    input, offsets, per_sample_weights, include_last_offset = _bag_input(
+        input, offsets, per_sample_weights, include_last_offset
+    )
+    _check_bag_mode(mode, scale_grad_by_freq, sparse, max_norm, per_sample_weights)
     lidx, lpad = layout.index(input, padding_idx)
     offsets = offsets.to(lidx.dtype)
     if table is None:
