@@ -7,7 +7,8 @@ Layers, each importing only those above it:
 - :mod:`.sharded`: the few conversions FSDP2's ``DTensor`` free rows need.
 - :mod:`.dispatch`: what a guarded weight reads of the torch call it intercepts (writes, setters).
 - :mod:`.weight`: the tensor a constrained module computes with (a write-guarding subclass);
-  :mod:`.traced`: the one it computes with inside ``torch.compile``.
+  :mod:`.handlers`: the ops it sends to the kernels (entered in ``weight.HANDLED`` when imported,
+  below); :mod:`.traced`: the one it computes with inside ``torch.compile``.
 - :mod:`.storage`: how the rows are stored (the table, or the split storage of sharded training);
   :mod:`.guards`: what the parametrizations notice of the torch code around them.
 - :mod:`.parametrization`: :class:`PinnedRows` (owns the table) and :class:`TiedTo` (a tied head).
@@ -26,6 +27,9 @@ The mechanism never imports the file formats, the integrations, the CLI or the d
 
 from __future__ import annotations
 
+# (handlers: imported for what it does, filling weight.HANDLED: the kernels of every constrained weight's
+# lookups, bags and heads; importing any module of this package runs this file first)
+from . import handlers  # noqa: F401
 from .accessors import install_accessors
 from .checks import (
     as_reference,

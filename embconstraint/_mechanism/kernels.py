@@ -8,7 +8,7 @@ None and ``pinned`` holds the ``(n, D)`` pinned rows; a lookup is then two batch
 and a select (bitwise the table lookup), a bag bags the looked-up rows. Pinned
 rows never receive a gradient and no ``(V, D)`` gradient is built by a lookup or by an output
 head's ``F.linear`` (table layout only; with the split storage a head takes the generic path).
-A new op is one more function here plus one entry in ``weight.HANDLED``.
+A new op is one more function here plus one handler in :mod:`.handlers`.
 """
 
 from __future__ import annotations
