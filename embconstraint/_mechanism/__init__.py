@@ -3,7 +3,8 @@
 Layers, each importing only those above it:
 
 - :mod:`.layout`: user row order <-> table order (no autograd, no ``nn.Module``).
-- :mod:`.kernels`: the autograd kernels (lookup, bag, output head) whose backward reaches the free rows only.
+- :mod:`.kernels`: the autograd kernels (lookup, bag) whose backward reaches the free rows only;
+  :mod:`.head_kernels`: those of an output head.
 - :mod:`.sharded`: the few conversions FSDP2's ``DTensor`` free rows need.
 - :mod:`.dispatch`: what a guarded weight reads of the torch call it intercepts (writes, setters).
 - :mod:`.weight`: the tensor a constrained module computes with (a write-guarding subclass);

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .dispatch import functional
-from .kernels import MAX_NORM_REFUSED, embedding, embedding_bag, linear, split_linear
+from .head_kernels import linear, split_linear
+from .kernels import MAX_NORM_REFUSED, embedding, embedding_bag
 from .weight import HANDLED, Handled, PinnedView, PinnedWeight, plain, run_plain
 
 __all__: list[str] = []  # (what it provides is the entries of weight.HANDLED)
