@@ -3,12 +3,17 @@
 Layers, each importing only those above it:
 
 - :mod:`.layout`: user row order <-> table order (no autograd, no ``nn.Module``).
-- :mod:`.kernels`: the autograd kernels (lookup, bag, output head) whose backward reaches the free rows only.
+- :mod:`.kernels`: the autograd kernels (lookup, bag) whose backward reaches the free rows only;
+  :mod:`.head_kernels`: those of an output head.
 - :mod:`.sharded`: the few conversions FSDP2's ``DTensor`` free rows need.
 - :mod:`.dispatch`: what a guarded weight reads of the torch call it intercepts (writes, setters).
 - :mod:`.weight`: the tensor a constrained module computes with (a write-guarding subclass);
-  :mod:`.traced`: the one it computes with inside ``torch.compile``.
+  :mod:`.handlers`: the ops it sends to the kernels (entered in ``weight.HANDLED`` when imported,
+  below); :mod:`.traced`: the one it computes with inside ``torch.compile``.
+- :mod:`.storage`: how the rows are stored (the table, or the split storage of sharded training);
+  :mod:`.guards`: what the parametrizations notice of the torch code around them.
 - :mod:`.parametrization`: :class:`PinnedRows` (owns the table) and :class:`TiedTo` (a tied head).
+- :mod:`.accessors`: the fast getter and the ``_apply`` installed on a constrained module's class.
 - :mod:`.checks`: what ``constrain`` refuses, checked before anything changes.
 - :mod:`.hooks`: plain-key state dicts; :mod:`.ties`: who else holds a Parameter; :mod:`.queries`.
 - :mod:`.zero`: a module DeepSpeed ZeRO-3 partitioned, gathered while it is constrained.
@@ -23,6 +28,10 @@ The mechanism never imports the file formats, the integrations, the CLI or the d
 
 from __future__ import annotations
 
+# (handlers: imported for what it does, filling weight.HANDLED: the kernels of every constrained weight's
+# lookups, bags and heads; importing any module of this package runs this file first)
+from . import handlers  # noqa: F401
+from .accessors import install_accessors
 from .checks import (
     as_reference,
     check_constrain_args,
@@ -33,7 +42,7 @@ from .checks import (
 )
 from .hooks import install_hooks, remove_hooks
 from .layout import Layout
-from .parametrization import PinnedRows, TiedTo, install_accessors, parametrization_list, pin_of, tie_of
+from .parametrization import PinnedRows, TiedTo, parametrization_list, pin_of, tie_of
 from .queries import pinned_deviation, pinned_values, tied_modules
 from .sharded import full, is_sharded, zero_managed, zero_partitioned
 from .tensor_parallel import RowShard, install_tp_hooks, local_layout, local_part, row_shard, rows_on

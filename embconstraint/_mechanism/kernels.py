@@ -3,12 +3,13 @@
 Every kernel works on ``(free, table, layout)``: ``free`` is the trainable ``(V - n, D)`` tensor
 (the gradient's target), ``table`` the ``(V, D)`` rows in layout order (see :mod:`.layout`),
 ``layout`` the :class:`~embconstraint._mechanism.layout.Layout` that maps user ids to table rows. With the
-split storage (sharded training, see :mod:`.parametrization`) there is no table: ``table`` is
+split storage (sharded training, see :mod:`.storage`) there is no table: ``table`` is
 None and ``pinned`` holds the ``(n, D)`` pinned rows; a lookup is then two batch-sized gathers
 and a select (bitwise the table lookup), a bag bags the looked-up rows. Pinned
 rows never receive a gradient and no ``(V, D)`` gradient is built by a lookup or by an output
-head's ``F.linear`` (table layout only; with the split storage a head takes the generic path).
-A new op is one more function here plus one entry in ``weight.HANDLED``.
+head's ``F.linear`` (table layout only; with the split storage a head takes the generic path): the
+head's kernels are in :mod:`.head_kernels`. A new op is one more function here plus one handler in
+:mod:`.handlers`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,15 @@ from torch import Tensor
 
 from .layout import Layout
 
-__all__ = ["Merge", "merge", "embedding", "embedding_bag", "linear", "split_linear", "EMBEDDING_BAG_MODES"]
+__all__ = [
+    "Merge",
+    "merge",
+    "apply_function",
+    "embedding",
+    "embedding_bag",
+    "EMBEDDING_BAG_MODES",
+    "MAX_NORM_REFUSED",
+]
 
 EMBEDDING_BAG_MODES = {"sum": 0, "mean": 1, "max": 2}
 _EMBEDDING_DENSE_BACKWARD = torch.ops.aten.embedding_dense_backward.default  # the overload: no resolution
@@ -48,7 +57,7 @@ class Merge(torch.autograd.Function):
         return grad[ctx.num_pinned :], None, None
 
 
-def _apply(fn: type[torch.autograd.Function], *args):
+def apply_function(fn: type[torch.autograd.Function], *args):
     """``fn.apply(*args)`` without ``Function.apply``'s Python wrapper (it only unwraps dead
     functorch wrappers and binds defaults for ``setup_context``, which these kernels do not
     define): the same C++ ``_FunctionBase.apply`` runs. Under torch.compile, the wrapper (which
@@ -60,7 +69,7 @@ def _apply(fn: type[torch.autograd.Function], *args):
 
 def merge(free: Tensor, table: Tensor, free_rows: Tensor | None = None) -> Tensor:
     """``Merge.apply(free, table, free_rows)``: the table as a tensor whose gradient reaches ``free``."""
-    return _apply(Merge, free, table, free_rows)
+    return apply_function(Merge, free, table, free_rows)
 
 
 def _free_index(lidx: Tensor, num_pinned: int, num_free: int, lpad: int) -> Tensor:
@@ -139,7 +148,7 @@ def _split_bag(free, pinned, per_sample_weights, lidx, offsets, lpad, sgbf, mode
     sparsity apply there, counted over the real ids), then bag them by position; padding entries
     point at one appended zero row. The forward is bitwise the table's bag; the gradient is
     summed in another order (equal to rounding)."""
-    rows = _apply(_SplitLookup, free, pinned, lidx, lpad, sgbf, sparse)
+    rows = apply_function(_SplitLookup, free, pinned, lidx, lpad, sgbf, sparse)
     pos = torch.arange(lidx.numel(), device=lidx.device, dtype=lidx.dtype)
     pad = None
     if lpad >= 0:
@@ -227,29 +236,17 @@ def embedding(
         raise ValueError(MAX_NORM_REFUSED)
     lidx, lpad = layout.index(input, padding_idx)
     if table is None:
-        return _apply(_SplitLookup, free, pinned, lidx, lpad, scale_grad_by_freq, sparse)
+        return apply_function(_SplitLookup, free, pinned, lidx, lpad, scale_grad_by_freq, sparse)
     free_map = layout.free_map(input.device, input.dtype, lpad)
-    return _apply(_Lookup, free, table, lidx, lpad, scale_grad_by_freq, sparse, input, free_map)
+    return apply_function(_Lookup, free, table, lidx, lpad, scale_grad_by_freq, sparse, input, free_map)
 
 
-def embedding_bag(
-    input: Tensor,
-    free: Tensor,
-    table: Tensor | None,
-    layout: Layout,
-    offsets: Tensor | None = None,
-    max_norm: float | None = None,
-    scale_grad_by_freq: bool = False,
-    mode: str = "mean",
-    sparse: bool = False,
-    per_sample_weights: Tensor | None = None,
-    include_last_offset: bool = False,
-    padding_idx: int | None = None,
-    pinned: Tensor | None = None,
-) -> Tensor:
-    """``F.embedding_bag(input, weight, ...)`` for the weight that ``(free, table, layout)`` stand
-    for (a non-nested ``input``; ``(free, pinned, layout)`` when ``table`` is None). Argument
-    handling mirrors ``torch.nn.functional.embedding_bag``."""
+def _bag_input(
+    input: Tensor, offsets: Tensor | None, per_sample_weights: Tensor | None, include_last_offset: bool
+) -> tuple[Tensor, Tensor, Tensor | None, bool]:
+    """:func:`embedding_bag`'s bags checked (the errors of ``torch.nn.functional.embedding_bag``)
+    and normalised: a 2D ``input`` becomes 1D bags with their ``offsets``. Returns ``(input,
+    offsets, per_sample_weights, include_last_offset)``."""
     if per_sample_weights is not None and input.size() != per_sample_weights.size():
         raise ValueError(
             f"embedding_bag: If per_sample_weights ({per_sample_weights.shape}) is not None, "
@@ -270,6 +267,18 @@ def embedding_bag(
             raise ValueError("offsets has to be a 1D Tensor")
     else:
         raise ValueError(f"input has to be 1D or 2D Tensor, but got Tensor of dimension {input.dim()}")
+    return input, offsets, per_sample_weights, include_last_offset
+
+
+def _check_bag_mode(
+    mode: str,
+    scale_grad_by_freq: bool,
+    sparse: bool,
+    max_norm: float | None,
+    per_sample_weights: Tensor | None,
+) -> None:
+    """:func:`embedding_bag`'s ``mode`` and options checked against each other (the errors of
+    ``torch.nn.functional.embedding_bag``), and ``max_norm`` refused."""
     if mode not in EMBEDDING_BAG_MODES:
         raise ValueError("mode has to be one of sum, mean or max")
     if mode == "max" and scale_grad_by_freq:
@@ -282,6 +291,30 @@ def embedding_bag(
         raise NotImplementedError(
             f"embedding_bag: per_sample_weights is only supported for mode='sum' (got mode='{mode}')"
         )
+
+
+def embedding_bag(
+    input: Tensor,
+    free: Tensor,
+    table: Tensor | None,
+    layout: Layout,
+    offsets: Tensor | None = None,
+    max_norm: float | None = None,
+    scale_grad_by_freq: bool = False,
+    mode: str = "mean",
+    sparse: bool = False,
+    per_sample_weights: Tensor | None = None,
+    include_last_offset: bool = False,
+    padding_idx: int | None = None,
+    pinned: Tensor | None = None,
+) -> Tensor:
+    """``F.embedding_bag(input, weight, ...)`` for the weight that ``(free, table, layout)`` stand
+    for (a non-nested ``input``; ``(free, pinned, layout)`` when ``table`` is None). Argument
+    handling mirrors ``torch.nn.functional.embedding_bag``."""
+    input, offsets, per_sample_weights, include_last_offset = _bag_input(
+        input, offsets, per_sample_weights, include_last_offset
+    )
+    _check_bag_mode(mode, scale_grad_by_freq, sparse, max_norm, per_sample_weights)
     lidx, lpad = layout.index(input, padding_idx)
     offsets = offsets.to(lidx.dtype)
     if table is None:
@@ -297,7 +330,7 @@ def embedding_bag(
             sparse,
             include_last_offset,
         )
-    return _apply(
+    return apply_function(
         _Bag,
         free,
         table,
@@ -310,123 +343,3 @@ def embedding_bag(
         sparse,
         include_last_offset,
     )
-
-
-class _Linear(torch.autograd.Function):
-    """``F.linear`` with a constrained weight ``(V, D)`` (an output head): the plain forward; in
-    backward, the weight gradient of the free rows only (the free output columns of the incoming
-    gradient against the inputs), the bias gradient of the free entries only (or of every entry
-    for a plain bias), the input gradient as usual. Each product is the one PyTorch's own
-    backward computes, restricted to the free rows, so the gradients are bitwise those of a plain
-    head."""
-
-    @staticmethod
-    def forward(ctx, input, free, bias_free, weight, bias, free_cols, num_pinned):
-        ctx.save_for_backward(input, weight, free)
-        ctx.free_cols, ctx.num_pinned = free_cols, num_pinned
-        return torch._C._nn.linear(input, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad):
-        input, weight, free = ctx.saved_tensors
-        cols, n = ctx.free_cols, ctx.num_pinned
-        grad2 = grad.reshape(-1, grad.shape[-1])
-        g_in = g_free = g_bfree = g_bias = None
-        if ctx.needs_input_grad[0]:
-            if torch.is_grad_enabled() and free.requires_grad:
-                # create_graph (double backward): the input gradient is a function of the free rows
-                weight = torch.cat([weight[:n], free]) if cols is None else weight.index_put((cols,), free)
-            g_in = grad2.mm(weight).reshape(input.shape)
-        if ctx.needs_input_grad[1]:
-            g_cols = grad2[:, n:] if cols is None else grad2.index_select(1, cols)
-            g_free = g_cols.t().mm(input.reshape(-1, input.shape[-1]))
-        if ctx.needs_input_grad[2] or ctx.needs_input_grad[4]:
-            g_sum = grad2.sum(0)
-            if ctx.needs_input_grad[4]:
-                g_bias = g_sum
-            if ctx.needs_input_grad[2]:
-                g_bfree = g_sum[n:] if cols is None else g_sum.index_select(0, cols)
-        return g_in, g_free, g_bfree, None, g_bias, None, None
-
-
-def linear(
-    input: Tensor,
-    free: Tensor,
-    table: Tensor,
-    layout: Layout,
-    bias: Tensor | None = None,
-    bias_free: Tensor | None = None,
-) -> Tensor:
-    """``F.linear(input, weight, bias)`` for the weight that ``(free, table, layout)`` stand for.
-    ``bias`` is a plain bias, or (with ``bias_free``, its free entries) the merged bias of a
-    constrained one, in user order. For the scattered layout the forward gathers the weight into
-    user order (the logits' columns are the user's); the backward builds nothing of size (V, D)."""
-    weight = layout.to_user_order(table)
-    cols = None if layout.rows is None else layout.free_rows_on(table.device)
-    return _apply(_Linear, input, free, bias_free, weight, bias, cols, layout.num_pinned)
-
-
-@torch.library.custom_op("embconstraint::split_logits", mutates_args=())
-def _split_logits(input: Tensor, pinned: Tensor, free: Tensor) -> Tensor:
-    """``input @ cat([pinned, free]).T`` without the ``cat``: each product writes its columns of
-    one output (a row-major buffer with leading dimension ``V``: no copy)."""
-    x = input.reshape(-1, input.shape[-1])
-    n = pinned.shape[0]
-    out = x.new_empty(x.shape[0], n + free.shape[0])
-    torch.mm(x, pinned.t(), out=out[:, :n])
-    torch.mm(x, free.t(), out=out[:, n:])
-    return out.view(*input.shape[:-1], out.shape[1])
-
-
-@_split_logits.register_fake
-def _(input: Tensor, pinned: Tensor, free: Tensor) -> Tensor:
-    return input.new_empty(*input.shape[:-1], pinned.shape[0] + free.shape[0])
-
-
-def _split_logits_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs)
-
-
-def _split_logits_backward(ctx, grad: Tensor):
-    """The input gradient and the free rows' weight gradient, from column slices of ``grad``
-    (differentiable ops: higher-order gradients follow)."""
-    input, pinned, free = ctx.saved_tensors
-    n = pinned.shape[0]
-    g2, x = grad.reshape(-1, grad.shape[-1]), input.reshape(-1, input.shape[-1])
-    g_in = g_free = None
-    if ctx.needs_input_grad[0]:
-        g_in = torch.addmm(g2[:, n:].mm(free), g2[:, :n], pinned).view(input.shape)
-    if ctx.needs_input_grad[2]:
-        g_free = g2[:, n:].t().mm(x)
-    return g_in, None, g_free
-
-
-_split_logits.register_autograd(_split_logits_backward, setup_context=_split_logits_context)
-
-
-def split_linear(
-    input: Tensor, free: Tensor, pinned: Tensor, layout: Layout, bias: Tensor | None = None
-) -> Tensor:
-    """``F.linear(input, weight, bias)`` for the weight that ``(free, pinned, layout)`` stand for
-    (the split storage; compiled code), without building it: the logits of the pinned rows and of
-    the free rows written side by side into one output (a custom op), then, for the scattered
-    layout, put in user order. Equal to the plain head to rounding (two matmuls). Under autocast the
-    three operands are cast as ``F.linear`` would cast them."""
-    device_type = input.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        input, pinned, free = input.to(dtype), pinned.to(dtype), free.to(dtype)
-    if pinned.dtype != input.dtype or free.dtype != input.dtype or pinned.shape[0] == 0 or free.shape[0] == 0:
-        # (no free rows: their empty logits do not come from them, so that they get no gradient, not an empty
-        # one, which fully_shard's reduce-scatter refuses; a tensor-parallel rank may hold pinned rows only)
-        logits_free = (
-            torch.nn.functional.linear(input, free)
-            if free.shape[0]
-            else input.new_zeros((*input.shape[:-1], 0))
-        )
-        out = torch.cat([torch.nn.functional.linear(input, pinned), logits_free], dim=-1)
-    else:
-        out = _split_logits(input, pinned, free)
-    if layout.pos is not None:
-        out = out.index_select(-1, layout.pos_on(out.device))
-    return out if bias is None else out + bias

@@ -1,26 +1,10 @@
 """The parametrizations: :class:`PinnedRows` owns the table; :class:`TiedTo` follows it.
 
-Storage: one ``(V, D)`` tensor, the *table*, holds every row in layout order (see
-:mod:`.layout`): the pinned rows first, then the free rows. The trainable parameter
-(``parametrizations.weight.original``, :attr:`PinnedRows.free_parameter`) is a view of the free
-block, so "concatenating" the two blocks costs nothing: the table *is* the merged weight. For
-the prefix layout the table is in user order and is returned as the weight without any copy.
-The same class pins the entries of an output head's ``(V,)`` bias (a table of 1-element
-"rows" sharing the weight's :class:`~embconstraint._mechanism.layout.Layout`).
-
-Split storage (sharded training): under FSDP2 (``fully_shard``) the free rows are a sharded
-``DTensor`` outside forward and FSDP's all-gathered Parameter inside it, so they cannot alias a
-table. The parametrization then drops the table and keeps the pinned rows apart, as a plain
-``(n, D)`` tensor attribute: not a Parameter (FSDP would shard it, optimizers would see it) and
-not a buffer (DDP broadcasts every buffer at each forward). The kernels compute from
-``(pinned, free)`` without a ``(V, D)`` tensor; ``storage`` says which scheme is in use. A
-Parameter is never re-pointed (``set_``) while FSDP manages it. DeepSpeed takes the split
-storage too: ZeRO-3 swaps the free rows' data between its partition and the gathered rows, and
-ZeRO-1/2 make them a view of DeepSpeed's flat buffer, which re-pointing them would leave behind.
-Under ZeRO-3 the weight is read through DeepSpeed's parameter dict (see :func:`install_accessors`).
-
-Nothing here synchronizes host and device during a step: aliasing checks read tensor metadata
-only, and index remapping is element-wise.
+:class:`PinnedRows` keeps the rows as :class:`~.storage.RowStorage` stores them (the table, or the
+split storage of sharded training) and adds the parametrization: the weight it returns (eager, or
+traced under ``torch.compile`` and the exporters), what assigning or loading a weight does, and the
+pinned-row check of every write. The same class pins the entries of an output head's ``(V,)`` bias
+(a table of 1-element "rows" sharing the weight's :class:`~embconstraint._mechanism.layout.Layout`).
 
 Members other modules use (read-only unless said): ``num_rows``, ``num_pinned``, ``layout``,
 ``on_mismatch``, ``free_parameter``, ``ties()``, ``merged()``, ``table(free)``, ``storage``, ``is_split(free)``,
@@ -31,9 +15,6 @@ the rows of the whole table this rank holds, see :mod:`.tensor_parallel`); ``Tie
 
 from __future__ import annotations
 
-import sys
-import weakref
-
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
@@ -41,15 +22,15 @@ from torch.nn.utils import parametrize
 from .._common import bitwise_equal, max_abs_deviation
 from ..exceptions import PinnedRowsError
 from .dispatch import functional, storage_ptr, transformed
+from .guards import SCRIPTING_REFUSED, removing_parametrizations, within_rounding
 from .kernels import merge
 from .layout import Layout
-from .sharded import fsdp_managed, full, is_sharded, like, zero_managed
+from .sharded import full, is_sharded, like
+from .storage import RowStorage
 from .traced import traced
 from .weight import plain, wrap
 
-__all__ = ["PinnedRows", "TiedTo", "pin_of", "tie_of", "parametrization_list", "install_accessors"]
-
-_ORIGINAL = "original"  # where parametrize keeps the trainable tensor (see _common.original_key)
+__all__ = ["PinnedRows", "TiedTo", "pin_of", "tie_of", "parametrization_list"]
 
 
 def parametrization_list(module: nn.Module, name: str) -> nn.Module | None:
@@ -71,172 +52,20 @@ def tie_of(module: nn.Module, name: str) -> TiedTo | None:
     return next((p for p in plist if isinstance(p, TiedTo)), None) if plist is not None else None
 
 
-def _no_module_hooks(m: nn.Module) -> bool:
-    """True when ``m(x)`` would run ``m.forward(x)`` directly (``Module.__call__``'s own test)."""
-    g = nn.modules.module
-    return not (
-        m._backward_hooks
-        or m._backward_pre_hooks
-        or m._forward_hooks
-        or m._forward_pre_hooks
-        or g._global_backward_pre_hooks
-        or g._global_backward_hooks
-        or g._global_forward_hooks
-        or g._global_forward_pre_hooks
-    )
-
-
-def install_accessors(module: nn.Module, name: str = "weight") -> None:
-    """Install, on the per-module class that parametrize created for ``module``: a fast getter
-    for ``module.<name>`` (below), and an ``_apply`` that re-syncs the pinned rows after a
-    conversion (``.to()``, ``.half()``...: :meth:`PinnedRows.sync`); and fill the row maps that
-    a lookup on the weight's device reads.
-
-    The getter replaces the property parametrize injected by one that calls
-    :meth:`PinnedRows.forward` directly when that is what parametrize's getter would compute:
-    caching off, no tracing, the list holds only our ``PinnedRows`` with no hooks, ``original``
-    a registered tensor. Anything else (another parametrization appended, ``parametrize.cached()``,
-    hooks, ``torch.compile``) takes parametrize's own getter. Installed on a module tied to a
-    constrained one (:class:`TiedTo`), it takes parametrize's getter too, except under ZeRO-3 (below).
-
-    DeepSpeed ZeRO-3 registers hooks on every module, the ``ParametrizationList`` and the
-    ``PinnedRows`` included; those would gather the free rows for the list's call only,
-    partition them again before the lookup runs, and wrap the weight in an autograd function that
-    detaches it from the free rows. For a ZeRO-3 Parameter the getter calls
-    :meth:`PinnedRows.eager_weight` directly and reads ``original`` through DeepSpeed's parameter dict,
-    which gathers it in forward and registers it as an external parameter of the module running
-    (the embedding, or a tied head): from then on DeepSpeed gathers the free rows before that
-    module's forward and backward and partitions them after, as for its own weights. A tied head's
-    getter calls :meth:`TiedTo.forward` directly for the same reason (its list's hooks would detach
-    the weight from the free rows: the head's gradient would not reach them)."""
-    cls = type(module)
-    prop = cls.__dict__[name]
-    slow = prop.fget
-
-    def get(self: nn.Module) -> Tensor:
-        if torch.compiler.is_compiling():
-            return slow(self)
-        if not parametrize._cache_enabled and torch._C._get_tracing_state() is None:
-            plist = self._modules["parametrizations"]._modules[name]
-            mods, orig = plist._modules, plist._parameters.get(_ORIGINAL)
-            if orig is not None and len(mods) == 1:
-                pin = mods["0"]  # resolved per call: deepcopy keeps the class, not the PinnedRows
-                if type(pin) is PinnedRows:
-                    if _no_module_hooks(pin):
-                        return pin.eager_weight(orig)
-                    if "ds_id" in orig.__dict__:  # DeepSpeed ZeRO-3 (see above)
-                        return pin.eager_weight(plist._parameters[_ORIGINAL])
-                elif type(pin) is TiedTo and "ds_id" in orig.__dict__:  # a tied head under ZeRO-3: the
-                    return pin.forward(
-                        orig
-                    )  # embedding's getter, which reads the free rows through DeepSpeed
-        return slow(self)
-
-    setattr(cls, name, property(get, prop.fset, prop.fdel, prop.__doc__))
-    if "_apply" not in cls.__dict__:
-        base_apply = cls._apply
-
-        def _apply(self: nn.Module, fn, *args, **kwargs):
-            out = base_apply(self, fn, *args, **kwargs)
-            for plist in getattr(self, "parametrizations", {}).values():
-                for p in plist:
-                    if isinstance(p, PinnedRows):
-                        p.sync(getattr(self, "padding_idx", None))
-            return out
-
-        cls._apply = _apply
-    pin = pin_of(module, name)
-    if pin is not None:
-        pin.sync(getattr(module, "padding_idx", None))
-
-
-_REMOVE_PARAMETRIZATIONS = parametrize.remove_parametrizations.__code__
-
-
-def _within_rounding(new: Tensor, old: Tensor) -> bool:
-    """Whether every value of ``new`` is within two units in the last place of ``old``'s."""
-    if not old.is_floating_point():
-        return False
-    tol = 2 * torch.finfo(old.dtype).eps
-    return bool(((new.double() - old.double()).abs() <= tol * old.double().abs()).all())
-
-
-def _removing_parametrizations(depth: int = 8) -> bool:
-    """Whether ``torch.nn.utils.parametrize.remove_parametrizations`` is reading the weight: it
-    ``set_``s the Parameter to the weight's storage, bypassing ``__torch_function__``, so the
-    scattered layout must hand it a tensor in user order (a gather, once)."""
-    frame = sys._getframe(2)
-    while frame is not None and depth:
-        if frame.f_code is _REMOVE_PARAMETRIZATIONS:
-            return True
-        frame, depth = frame.f_back, depth - 1
-    return False
-
-
-SCRIPTING_REFUSED = (
-    "torch.jit.script cannot compile a module holding a constrained embedding: torch's parametrizations do not "
-    "script; use torch.jit.trace or torch.export, which export the merged weight, or script the "
-    "plain model: embconstraint.release(model) first (or load embconstraint.merged_state_dict(model) "
-    "into an unconstrained copy)"
-)
-
-
-class PinnedRows(nn.Module):
+class PinnedRows(RowStorage):
     """Parametrization ``weight = reference rows ∪ free rows`` (see the module docstring).
 
     Registered by :func:`embconstraint.constrain`; not meant to be built by hand.
     """
 
     def __init__(self, reference: Tensor, layout: Layout, on_mismatch: str = "error") -> None:
-        super().__init__()
-        self._layout = layout
+        super().__init__(layout)
         self.on_mismatch = on_mismatch
         self._reference: Tensor | None = reference  # consumed by the first right_inverse
-        self._table: Tensor | None = None
-        self._alias_key: tuple | None = None  # see table()
-        self._pinned: Tensor | None = None  # the split storage's pinned rows (layout order)
-        self._cast: dict[tuple, Tensor] = {}  # the pinned rows on other devices/dtypes (split storage)
-        # The pinned rows as pinned (their own dtype), while the table cannot hold them exactly: after
-        # a cast to a lower precision, or on the meta device. None while the table's own rows are exact.
-        self._exact: Tensor | None = None
-        self._owner: list[nn.Module] = []  # the ParametrizationList, once bound (a list: not a child)
         self._ties: list[tuple[nn.Module, str]] = []  # (module, name) tied to this weight (not children)
-        self._copied = False  # the free rows live apart from the table (see storage)
-        self._user_order: tuple | None = None  # (key, weak reference): see user_order()
         # Tensor parallelism: the rows of the whole table this module holds (a tensor_parallel.RowShard;
         # the layout is then the shard's), None otherwise. Set by constrain(), read by the state dicts.
         self.shard = None
-
-    # -- read-only members ------------------------------------------------------------------
-    @property
-    def layout(self) -> Layout:
-        """The row layout (user order <-> table order)."""
-        return self._layout
-
-    @property
-    def num_rows(self) -> int:
-        return self._layout.num_rows
-
-    @property
-    def num_pinned(self) -> int:
-        return self._layout.num_pinned
-
-    def pinned_rows(self) -> Tensor:
-        """User rows of the pinned rows, in reference order (CPU, int64)."""
-        return self._layout.pinned_rows()
-
-    def free_rows(self) -> Tensor:
-        """User rows of the free rows, in increasing order (CPU, int64)."""
-        return self._layout.free_rows()
-
-    def bind(self, parametrizations: nn.Module) -> None:
-        """Remember the ``ParametrizationList`` this parametrization was registered in."""
-        self._owner[:] = [parametrizations]
-
-    def unbind(self) -> None:
-        """Forget the ``ParametrizationList`` (once removed), so that no reference cycle keeps it,
-        and the Parameter it held, alive until the next garbage collection."""
-        self._owner.clear()
 
     def add_tie(self, module: nn.Module, name: str) -> None:
         """Remember that ``module.<name>`` is tied to this weight (``release`` releases it too)."""
@@ -245,164 +74,6 @@ class PinnedRows(nn.Module):
     def ties(self) -> list[tuple[nn.Module, str]]:
         """The ``(module, name)`` pairs still tied to this weight."""
         return [(m, n) for m, n in self._ties if (t := tie_of(m, n)) is not None and t.pin is self]
-
-    @property
-    def free_parameter(self) -> Tensor:
-        """The trainable ``(V - n, D)`` tensor (parametrize's ``original``)."""
-        return getattr(self._owner[0], _ORIGINAL)
-
-    def merged(self) -> Tensor:
-        """The merged ``(V, D)`` weight in user order, without autograd history (the table
-        itself for the prefix layout: clone it before writing)."""
-        return self.user_order(self.free_parameter)
-
-    @torch.no_grad()
-    def user_order(self, free: Tensor) -> Tensor:
-        """The table in user order, without autograd history: the table itself for the prefix
-        layout; for the scattered layout a gather, shared by every caller while it is alive and
-        the rows are unchanged, so that the weight of an embedding and of a head tied to it are
-        one tensor (one storage, one ``data_ptr()``) wherever they are read at once."""
-        table = self.table(free)
-        if self._layout.rows is None:
-            return table
-        key = (table.data_ptr(), table._version, free.data_ptr(), free._version)
-        cached = self._user_order
-        user = cached[1]() if cached is not None and cached[0] == key else None
-        if user is None:
-            with torch.inference_mode(False):
-                user = self._layout.to_user_order(table)
-            self._user_order = (key, weakref.ref(user))
-        return user
-
-    # -- the storage ----------------------------------------------------------------------------
-    @property
-    def storage(self) -> str:
-        """How the rows are stored: ``"aliased"`` (one table, the free rows a view of it),
-        ``"copy"`` (a wrapper replaced the free rows by a tensor that cannot be re-aliased: the
-        table is refreshed from it at each access) or ``"split"`` (sharded training: the pinned
-        rows apart, no table)."""
-        if self._table is None:
-            return "split"
-        return "copy" if self._copied else "aliased"
-
-    def is_split(self, free: Tensor) -> bool:
-        """Whether ``free`` is computed with the split storage; switches to it (once, for good)
-        when ``free`` is sharded, or FSDP or DeepSpeed manages the parameter."""
-        if self._table is None:
-            return True
-        if is_sharded(free) or (self._owner and fsdp_managed(self._owner[0])) or zero_managed(free):
-            self.split_storage()
-            return True
-        return False
-
-    @torch.no_grad()
-    def split_storage(self) -> None:
-        """Keep the pinned rows apart and drop the table (what sharded training needs)."""
-        if self._table is None:
-            return
-        table, n = self._table, self.num_pinned
-        self._pinned, self._table, self._cast, self._alias_key = table[:n].clone(), None, {}, None
-        free = self.free_parameter if self._owner else None
-        if (
-            isinstance(free, nn.Parameter)
-            and not is_sharded(free)
-            and storage_ptr(free) == storage_ptr(table)
-        ):
-            free.set_(free.clone())  # its own storage, so that the table is freed
-
-    def pinned_block(self, like: Tensor | None = None) -> Tensor:
-        """The pinned rows ``(n, D)`` in layout order (on ``like``'s device and dtype if given:
-        cached, the pinned rows never change)."""
-        rows = self._table[: self.num_pinned] if self._table is not None else self._pinned
-        if like is None or (rows.device == like.device and rows.dtype == like.dtype):
-            return rows
-        key = (like.device, like.dtype)
-        if key not in self._cast:
-            with torch.inference_mode(False):  # cached: a normal tensor whatever the caller's mode
-                self._cast[key] = rows.to(device=like.device, dtype=like.dtype)
-        return self._cast[key]
-
-    # -- the table ------------------------------------------------------------------------------
-    def _aliased(self, free: Tensor) -> bool:
-        table = self._table
-        return (
-            table is not None
-            and not is_sharded(free)  # (a DTensor has no storage to compare)
-            and free.device == table.device
-            and free.dtype == table.dtype
-            and free.untyped_storage().data_ptr() == table.untyped_storage().data_ptr()
-            and free.storage_offset() == table.storage_offset() + self.num_pinned * table[0].numel()
-            and free.shape == (self.num_rows - self.num_pinned, *table.shape[1:])
-            and free.stride() == table.stride()
-            and table.is_contiguous()
-        )
-
-    def table(self, free: Tensor) -> Tensor:
-        """The table, re-built around ``free`` if a conversion (``.to``, ``.half``, a loader,
-        a distributed wrapper) separated them. Re-aliases ``free`` when it is a Parameter.
-        With the split storage: a new ``(V, D)`` tensor (sharded free rows are all-gathered)."""
-        # Fast path: the same free and table objects as at the last positive aliasing check, with
-        # the same addresses and metadata. The key holds both tensors, so neither block of memory
-        # can have been freed and reused meanwhile: free is still the table's free block.
-        table, key = self._table, self._alias_key
-        if (
-            key is not None
-            and key[0] is free
-            and key[1] is table
-            and free.data_ptr() == key[2]
-            and table.data_ptr() == key[3]
-            and free.stride() == key[4]
-            and free.shape == key[5]
-            and free.dtype == key[6]
-            and free.device == key[7]
-        ):
-            return table
-        if self._aliased(free):
-            # (and, for the prefix layout, the view of free that spans the table: see eager_weight)
-            view = (
-                (tuple(table.shape), table.stride(), table.storage_offset())
-                if self._layout.rows is None
-                else None
-            )
-            self._alias_key = (
-                free,
-                table,
-                free.data_ptr(),
-                table.data_ptr(),
-                free.stride(),
-                free.shape,
-                free.dtype,
-                free.device,
-                view,
-            )
-            return table
-        self._alias_key = None
-        with torch.no_grad():
-            if self.is_split(free):
-                free = full(free)
-                return torch.cat([self.pinned_block(free), free])
-            return self._rebuild(free)
-
-    @torch.inference_mode(
-        False
-    )  # a normal tensor whatever the caller's mode (evaluating first, then training)
-    @torch.no_grad()  # (inference_mode(False) turns grad mode on)
-    def _rebuild(self, free: Tensor) -> Tensor:
-        old, n = self._table, self.num_pinned
-        if self._exact is None and old.dtype != free.dtype:
-            self._exact = old[:n].clone()  # cast from these, once, by every later conversion
-        table = torch.empty((self.num_rows, *free.shape[1:]), dtype=free.dtype, device=free.device)
-        table[:n] = self._exact if self._exact is not None else old[:n]
-        table[n:] = free
-        self._table = table
-        if self._exact is not None and self._exact.dtype == table.dtype and not table.is_meta:
-            self._exact = None  # exact again in the table (e.g. after .half().float())
-        if isinstance(free, nn.Parameter) and free.is_leaf:
-            free.set_(table[n:])
-            self._copied = False
-        else:
-            self._copied = True
-        return table
 
     # -- the parametrization ----------------------------------------------------------------
     def forward(self, free: Tensor) -> Tensor:
@@ -443,7 +114,7 @@ class PinnedRows(nn.Module):
             return wrap(merge(free, stub, self._user_free_rows(free)), self, free, None)
         table = self.table(free)
         if not torch.is_grad_enabled():  # a constant, as a plain parametrization's weight would be
-            if self._layout.rows is not None and _removing_parametrizations():
+            if self._layout.rows is not None and removing_parametrizations():
                 return self._layout.to_user_order(table)  # its storage becomes the plain weight
             return wrap(table.detach(), self, free, table)
         if self._layout.rows is None and not self._copied:
@@ -542,7 +213,7 @@ class PinnedRows(nn.Module):
         if tuple(weight.shape) != shape:
             raise ValueError(f"{what} must have shape {shape}, got {tuple(weight.shape)}")
         new = self._layout.user_to_layout(weight.to(old))[: self.num_pinned]
-        if bitwise_equal(new, old) or (rounding and _within_rounding(new, old)):
+        if bitwise_equal(new, old) or (rounding and within_rounding(new, old)):
             return
         raise PinnedRowsError(
             f"{what} would change pinned rows of a constrained embedding "

@@ -2,7 +2,7 @@
 
 Under FSDP2 the free rows (``parametrizations.weight.original``) are a sharded ``DTensor``
 outside forward and FSDP's all-gathered plain Parameter inside it; the pinned rows are never
-sharded (see :mod:`._parametrization`). Under DeepSpeed ZeRO-3 the free rows are a Parameter
+sharded (see :mod:`.storage`). Under DeepSpeed ZeRO-3 the free rows are a Parameter
 whose data DeepSpeed swaps between its partition (outside the forward and backward of the
 modules that use it) and the gathered rows; under ZeRO-1/2 (and DeepSpeed's bf16 optimizer) a
 view of DeepSpeed's flat buffer. Everything here is a no-op for plain tensors, and nothing here

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .dispatch import arg, is_value_setter, is_write
-from .kernels import embedding, embedding_bag, split_linear
+from .head_kernels import split_linear
+from .kernels import embedding, embedding_bag
 from .layout import Layout
 
 __all__ = ["TracedWeight", "traced"]

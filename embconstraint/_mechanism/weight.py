@@ -3,7 +3,7 @@
 ``weight`` is returned as a :class:`PinnedWeight` whose storage is the table. Its
 ``__torch_function__`` sends the ops listed in :data:`HANDLED` (``F.embedding``,
 ``F.embedding_bag``, ``F.linear`` of an output head, tied or not) to the kernels of
-:mod:`.kernels`; any other use of ``weight`` (``weight @ h``, ``weight.sum()``, ...) runs on the plain merged tensor in user order
+:mod:`.kernels`, through the handlers of :mod:`.handlers` (which fills :data:`HANDLED`); any other use of ``weight`` (``weight @ h``, ``weight.sum()``, ...) runs on the plain merged tensor in user order
 (:func:`run_plain`), whose results that alias it come back as :class:`PinnedView`. In-place
 writes are applied to a scratch copy and handed to the parametrization, which writes back
 the free rows only if the pinned rows are unchanged.
@@ -23,7 +23,6 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
@@ -44,10 +43,20 @@ from .dispatch import (
     target_of,
     through_torch_function,
 )
-from .kernels import MAX_NORM_REFUSED, embedding, embedding_bag, linear, merge, split_linear
+from .kernels import MAX_NORM_REFUSED, merge
 from .layout import Layout
 
-__all__ = ["PinnedWeight", "PinnedView", "PinnedConstant", "HANDLED", "wrap", "constant", "plain"]
+__all__ = [
+    "PinnedWeight",
+    "PinnedView",
+    "PinnedConstant",
+    "HANDLED",
+    "Handled",
+    "wrap",
+    "constant",
+    "plain",
+    "run_plain",
+]
 
 
 class Pin(Protocol):
@@ -397,102 +406,6 @@ class Handled:
         self.handler, self.position, self.name = handler, position, name
 
 
-def _split_pinned(weight: PinnedWeight) -> Tensor | None:
-    """The pinned rows the kernels take with the split storage (None with the table)."""
-    return weight._pin.pinned_block(weight._free) if weight._table is None else None
-
-
-def _embedding(
-    input, weight, padding_idx=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False, sparse=False
-):
-    if functional():
-        if max_norm is not None:
-            raise ValueError(MAX_NORM_REFUSED)
-        return F.embedding(input, plain(weight), padding_idx, None, norm_type, scale_grad_by_freq, sparse)
-    return embedding(
-        input,
-        weight._free,
-        weight._table,
-        weight._pin.layout,
-        padding_idx,
-        max_norm,
-        scale_grad_by_freq,
-        sparse,
-        pinned=_split_pinned(weight),
-    )
-
-
-def _embedding_bag(
-    input,
-    weight,
-    offsets=None,
-    max_norm=None,
-    norm_type=2,
-    scale_grad_by_freq=False,
-    mode="mean",
-    sparse=False,
-    per_sample_weights=None,
-    include_last_offset=False,
-    padding_idx=None,
-):
-    if input.is_nested or functional():
-        if max_norm is not None:
-            raise ValueError(MAX_NORM_REFUSED)
-        return F.embedding_bag(
-            input,
-            plain(weight),
-            offsets,
-            None,
-            norm_type,
-            scale_grad_by_freq,
-            mode,
-            sparse,
-            per_sample_weights,
-            include_last_offset,
-            padding_idx,
-        )
-    return embedding_bag(
-        input,
-        weight._free,
-        weight._table,
-        weight._pin.layout,
-        offsets,
-        max_norm,
-        scale_grad_by_freq,
-        mode,
-        sparse,
-        per_sample_weights,
-        include_last_offset,
-        padding_idx,
-        pinned=_split_pinned(weight),
-    )
-
-
-def _linear(input, weight, bias=None):
-    if functional() or isinstance(bias, PinnedView):
-        return run_plain(F.linear, (input, weight, bias), {})
-    autocast = torch.is_autocast_enabled(input.device.type)
-    if weight._table is None and weight._free.dim() == 2 and not autocast:
-        pin = weight._pin
-        return split_linear(
-            input,
-            weight._free,
-            pin.pinned_block(weight._free),
-            pin.layout,
-            None if bias is None else plain(bias),
-        )
-    if weight._table is None or (isinstance(bias, PinnedWeight) and bias._table is None) or autocast:
-        # the generic path: autocast casts the merged weight; the split storage has no table
-        return run_plain(F.linear, (input, weight, bias), {})
-    bias_free = None
-    if isinstance(bias, PinnedWeight):  # a constrained head's bias: its free entries train
-        bias_free = bias._free
-        bias = bias._pin.layout.to_user_order(bias._table)
-    return linear(input, weight._free, weight._table, weight._pin.layout, bias, bias_free)
-
-
-HANDLED: dict[Callable[..., Any], Handled] = {
-    F.embedding: Handled(_embedding),
-    F.embedding_bag: Handled(_embedding_bag),
-    F.linear: Handled(_linear),
-}
+# The ops a constrained weight sends to their kernel, read by ``__torch_function__``: filled by
+# :mod:`.handlers` (one entry per op), which the package imports with this module.
+HANDLED: dict[Callable[..., Any], Handled] = {}
