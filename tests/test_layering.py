@@ -98,6 +98,7 @@ def test_the_mechanism_imports_no_other_layer(module):
     "module",
     [
         "embconstraint.files.formats",
+        "embconstraint.files.writing",
         "embconstraint.files.export",
         "embconstraint.files.verify",
         "embconstraint.files.rows_file",

@@ -32,10 +32,9 @@ from .formats import (
     load_tensors,
     path_str,
     pick,
-    refuse_same_file,
     state_dict_of,
-    write_atomic,
 )
+from .writing import refuse_same_file, write_atomic
 
 __all__ = ["extract_rows", "METADATA_KEY", "PEFT_PREFIX"]
 
