@@ -885,6 +885,22 @@ def run_sweep(
         for v in settings["sizes"]
     ]
     methods = settings["methods"]
+    records = _sweep_records(configs, methods, mem_limit)
+    ctx = _context(methods)
+    pending = sum(r["status"] == "pending" for r in records.values())
+    total = pending * settings["rounds"] + (len(configs) if settings["interleave"] else 0)
+    sweep = _Sweep(ctx, records, settings, mem_limit, timeout, _Progress(total, log))
+    for ci, c in enumerate(configs):
+        runnable = [m for m in methods if records[(*_config_key(c), m)]["status"] == "pending"]
+        sweep.isolated(c, ci, runnable)
+        if settings["interleave"]:
+            sweep.interleaved(c, runnable)
+    return [_aggregate(rec) for rec in records.values()]
+
+
+def _sweep_records(configs: list[Config], methods: list[str], mem_limit: int) -> dict[tuple, dict[str, Any]]:
+    """One record per (configuration, method), keyed by :func:`_config_key` and the method: ``"pending"``,
+    or ``"skipped"`` when its estimated memory is above ``mem_limit``."""
     records: dict[tuple, dict[str, Any]] = {}
     for c in configs:
         for m in methods:
@@ -907,65 +923,88 @@ def run_sweep(
             else:
                 rec["status"] = "pending"
             records[(*_config_key(c), m)] = rec
-    ctx = _context(methods)
-    pending = sum(r["status"] == "pending" for r in records.values())
-    total = pending * settings["rounds"] + (len(configs) if settings["interleave"] else 0)
-    done = 0
-    started = time.perf_counter()
+    return records
 
-    def progress(text: str) -> None:
-        log(f"[{done}/{total}] {text}  ({time.perf_counter() - started:.0f} s)")
 
-    for ci, c in enumerate(configs):
-        runnable = [m for m in methods if records[(*_config_key(c), m)]["status"] == "pending"]
-        for r in range(settings["rounds"]):
+class _Progress:
+    """The sweep's progress lines: ``[done/total] text  (seconds since the sweep started)``."""
+
+    def __init__(self, total: int, log) -> None:
+        self.done, self.total, self.log = 0, total, log
+        self.started = time.perf_counter()
+
+    def __call__(self, text: str) -> None:
+        self.log(f"[{self.done}/{self.total}] {text}  ({time.perf_counter() - self.started:.0f} s)")
+
+
+@dataclass
+class _Sweep:
+    """What the runs of one sweep share: the workers' context, the records (:func:`_sweep_records`),
+    the settings, the limits and the progress lines."""
+
+    ctx: Any
+    records: dict[tuple, dict[str, Any]]
+    settings: dict[str, Any]
+    mem_limit: int
+    timeout: float
+    progress: _Progress
+
+    def isolated(self, c: Config, ci: int, runnable: list[str]) -> None:
+        """The isolated rounds of configuration ``c`` (number ``ci``): each runnable method in a process of
+        its own, the order rotated by round; a method that failed is not run again."""
+        for r in range(self.settings["rounds"]):
             k = (r + ci) % max(len(runnable), 1)
             for m in runnable[k:] + runnable[:k]:
-                rec = records[(*_config_key(c), m)]
+                rec = self.records[(*_config_key(c), m)]
                 if rec.get("failed"):
                     continue
-                out = _run_quiet(ctx, m, c, timeout, settings, log)
-                done += 1
+                out = _run_quiet(self.ctx, m, c, self.timeout, self.settings, self.progress.log)
+                self.progress.done += 1
                 if out["status"] != "ok":
                     rec["failed"] = out["reason"]
-                    progress(f"{_describe(c)} {m}: FAILED {out['reason']}")
+                    self.progress(f"{_describe(c)} {m}: FAILED {out['reason']}")
                     continue
                 rec["rounds"].append(out)
-                progress(
+                self.progress(
                     f"{_describe(c)} {m:<14} round {r + 1}: {out['median_ms']:9.2f} ms  "
                     f"peak {out['peak_bytes'] / MiB:9.1f} MiB  bg {_pct(out['background_cpu'])}"
                 )
-        if not settings["interleave"]:
-            continue
-        ok = [m for m in runnable if records[(*_config_key(c), m)]["rounds"]]
+
+    def interleaved(self, c: Config, runnable: list[str]) -> None:
+        """Configuration ``c``'s methods that ran, timed step by step in turn in one process (those that fit
+        in memory together, most interesting first), into their records' ``"interleaved"``."""
+        ok = [m for m in runnable if self.records[(*_config_key(c), m)]["rounds"]]
         chosen: list[str] = []  # the methods that fit in memory together, most interesting first
         for m in sorted(ok, key=INTERLEAVE_PRIORITY.index):
-            if estimate_interleaved_bytes([*chosen, m], c) <= mem_limit:
+            if estimate_interleaved_bytes([*chosen, m], c) <= self.mem_limit:
                 chosen.append(m)
         ok = [m for m in ok if m in chosen]
-        done += 1
+        self.progress.done += 1
         if len(ok) < 2:
-            progress(
+            self.progress(
                 f"{_describe(c)} interleaved: not run (fewer than 2 methods fit in memory together); "
                 "isolated timings are reported"
             )
-            continue
-        ic = replace(c, steps=c.steps * settings["rounds"], max_seconds=c.max_seconds * settings["rounds"])
-        out = _run_quiet(ctx, ok, ic, timeout, settings, log)
+            return
+        ic = replace(
+            c, steps=c.steps * self.settings["rounds"], max_seconds=c.max_seconds * self.settings["rounds"]
+        )
+        out = _run_quiet(self.ctx, ok, ic, self.timeout, self.settings, self.progress.log)
         if out["status"] != "ok":
-            progress(f"{_describe(c)} interleaved: FAILED {out['reason']}; isolated timings are reported")
-            continue
+            self.progress(
+                f"{_describe(c)} interleaved: FAILED {out['reason']}; isolated timings are reported"
+            )
+            return
         for m in ok:
-            records[(*_config_key(c), m)]["interleaved"] = {
+            self.records[(*_config_key(c), m)]["interleaved"] = {
                 "step_ms": out["step_ms"][m],
                 "background_cpu": out["background_cpu"],
             }
-        progress(
+        self.progress(
             f"{_describe(c)} interleaved: "
             + ", ".join(f"{m} {statistics.median(out['step_ms'][m]):.2f}" for m in ok)
             + f" ms  bg {_pct(out['background_cpu'])}"
         )
-    return [_aggregate(rec) for rec in records.values()]
 
 
 def _pct(x: float | None) -> str:

@@ -6,7 +6,6 @@ integrations call these and that package's declared interface, nothing else.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -22,6 +21,7 @@ from ._mechanism import (
     RowShard,
     TiedTo,
     check_constrain_args,
+    check_optimizer,
     full,
     gathered,
     install_accessors,
@@ -36,6 +36,8 @@ from ._mechanism import (
     row_shard,
     shared,
     tie_of,
+    widened,
+    widening_plan,
     zero_managed,
 )
 
@@ -280,100 +282,6 @@ def _shared_with(root: nn.Module, param: Tensor, skip: nn.Module) -> list[tuple[
     return [(m, n) for m in root.modules() if m is not skip for n, p in m._parameters.items() if p is param]
 
 
-def _widened(value: Tensor, free_rows: Tensor, num_rows: int) -> Tensor:
-    """``value`` (one entry per free row, table order) spread onto ``num_rows`` rows, zeros elsewhere."""
-    rows = free_rows.to(value.device)
-    if value.layout == torch.sparse_coo:  # an nn.Embedding(sparse=True) gradient
-        value = value.coalesce()
-        return torch.sparse_coo_tensor(
-            rows[value.indices()[0]].unsqueeze(0), value.values(), (num_rows, *value.shape[1:])
-        )
-    wide = value.new_zeros((num_rows, *value.shape[1:]))
-    wide.index_copy_(0, rows, value)
-    return wide
-
-
-def _check_optimizer(optimizer: object) -> None:
-    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
-
-
-# Per-row statistics of factored optimizers, one entry per row: (key, shape of the entry given the
-# free rows' shape). transformers' Adafactor keeps ``exp_avg_sq_row`` (rows,), torch's ``row_var`` (rows, 1).
-_ROW_STATISTICS = {"exp_avg_sq_row": lambda shape: shape[:-1], "row_var": lambda shape: (*shape[:-1], 1)}
-# Their per-column statistics: a mean over the rows, with no entry per row; kept as they are.
-_COLUMN_STATISTICS = {
-    "exp_avg_sq_col": lambda shape: (*shape[:-2], shape[-1]),
-    "col_var": lambda shape: (*shape[:-2], 1, shape[-1]),
-}
-
-
-def _holds(optimizer: torch.optim.Optimizer, param: Tensor) -> bool:
-    return any(p is param for group in optimizer.param_groups for p in group["params"])
-
-
-def _widening_plan(optimizer: torch.optim.Optimizer | None, frees: list[Tensor]) -> list[tuple[dict, str]]:
-    """The ``(state, key)`` entries of ``optimizer`` to widen from the free rows to every row, for
-    the free-row parameters ``frees``; raises (``ValueError``) for a state that cannot be widened,
-    before anything changes. Kept as they are: scalars and 0-d tensors (``step``), and the column
-    statistics of a factored optimizer (Adafactor), a mean over the rows with no entry per row."""
-    if optimizer is None:
-        return []
-    name = type(optimizer).__name__
-    held = [free for free in frees if _holds(optimizer, free)]
-    zero = sys.modules.get("torch.distributed.optim")
-    if held and zero is not None and isinstance(optimizer, getattr(zero, "ZeroRedundancyOptimizer", ())):
-        raise ValueError(
-            f"release: {name} partitions its parameters across ranks by their size when it is built, and a "
-            "released weight changes size; call release(module) without optimizer= and build a new optimizer"
-        )
-    if (
-        held
-        and isinstance(optimizer, torch.optim.LBFGS)
-        and (optimizer.state or getattr(optimizer, "_numel_cache", None))
-    ):
-        raise ValueError(
-            "release: LBFGS keeps one flat history over all its parameters (its directions and steps), which "
-            "cannot be widened to the released rows; call release(module) without optimizer= and build a new LBFGS"
-        )
-    plan = []
-    for free in held:
-        state = optimizer.state.get(free, {})
-        shape = tuple(free.shape)
-        for key, value in state.items():
-            if not isinstance(value, Tensor):
-                if _holds_tensors(value):
-                    raise ValueError(
-                        f"release: {name} keeps state {key!r} as a {type(value).__name__} of tensors, "
-                        "which cannot be widened to the released rows; call release(module) without "
-                        "optimizer= and build a new optimizer"
-                    )
-                continue  # a number (step), a flag
-            if value.dim() == 0 or (
-                key in _COLUMN_STATISTICS and tuple(value.shape) == _COLUMN_STATISTICS[key](shape)
-            ):
-                continue
-            if tuple(value.shape) == shape or (
-                key in _ROW_STATISTICS and tuple(value.shape) == _ROW_STATISTICS[key](shape)
-            ):
-                plan.append((state, key))
-                continue
-            raise ValueError(
-                f"release: {name}'s state {key!r} has shape {tuple(value.shape)}, neither one entry per free row "
-                f"(the free rows are {shape}) nor a scalar, so it cannot be widened to the released rows; call "
-                "release(module) without optimizer= and build a new optimizer"
-            )
-    return plan
-
-
-def _holds_tensors(value: object) -> bool:
-    if isinstance(value, Tensor):
-        return True
-    if isinstance(value, dict):
-        return any(_holds_tensors(v) for v in value.values())
-    return isinstance(value, (list, tuple)) and any(_holds_tensors(v) for v in value)
-
-
 def release(module: nn.Module, *, optimizer: torch.optim.Optimizer | None = None) -> nn.Module:
     """Remove every constraint in ``module`` (an embedding or any module holding some).
 
@@ -404,7 +312,29 @@ def release(module: nn.Module, *, optimizer: torch.optim.Optimizer | None = None
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
-    _check_optimizer(optimizer)
+    check_optimizer(optimizer)
+    pinned, tied = _to_release(module)
+    _refuse_sharded(pinned)
+    plan = widening_plan(optimizer, [pin_of(m, n).free_parameter for m in pinned for n in _pinned_names(m)])
+    for m in pinned:
+        remove_hooks(m)
+        for name in _pinned_names(m):
+            _release_pin(m, name, optimizer, plan)
+    for m, name in tied:
+        if parametrize.is_parametrized(m, name):
+            remove_hooks(m)
+            parametrize.remove_parametrizations(m, name, leave_parametrized=False)
+    return module
+
+
+def _pinned_names(module: nn.Module) -> list[str]:
+    """The names of ``module``'s tensors that :class:`PinnedRows` constrains (``weight``, ``bias``)."""
+    return [n for n in module.parametrizations.keys() if pin_of(module, n) is not None]
+
+
+def _to_release(module: nn.Module) -> tuple[list[nn.Module], list[tuple[nn.Module, str]]]:
+    """What :func:`release` releases under ``module``: the constrained modules, and the ``(module, name)``
+    tied to them; raises (``ValueError``) when there is none."""
     pinned = [m for m in module.modules() if is_constrained(m)]
     tied = [
         (m, n)
@@ -429,6 +359,12 @@ def release(module: nn.Module, *, optimizer: torch.optim.Optimizer | None = None
         for tie in pin.ties()
         if tie not in tied
     ]
+    return pinned, tied
+
+
+def _refuse_sharded(pinned: list[nn.Module]) -> None:
+    """Refuse (``RuntimeError``) to release in place a module whose rows are sharded (tensor parallelism,
+    ``fully_shard``): it holds only part of them."""
     for m in pinned:
         if any(
             pin_of(m, n) is not None and pin_of(m, n).shard is not None for n in m.parametrizations.keys()
@@ -445,36 +381,26 @@ def release(module: nn.Module, *, optimizer: torch.optim.Optimizer | None = None
                 "release: a constrained module in sharded training (fully_shard) cannot be released in "
                 "place; save merged_state_dict(model) (or a full state dict) and load it into a plain model"
             )
-    plan = _widening_plan(
-        optimizer,
-        [
-            pin_of(m, n).free_parameter
-            for m in pinned
-            for n in m.parametrizations.keys()
-            if pin_of(m, n) is not None
-        ],
-    )
-    for m in pinned:
-        remove_hooks(m)
-        for name in [n for n in m.parametrizations.keys() if pin_of(m, n) is not None]:
-            pin = pin_of(m, name)
-            free, merged = pin.free_parameter, pin.merged()  # the table itself for the prefix layout
-            rows, num_rows = pin.free_rows(), pin.num_rows
-            grad = None if free.grad is None else _widened(free.grad, rows, num_rows)
-            state = optimizer.state.get(free, {}) if optimizer is not None else {}
-            for st, key in plan:
-                if st is state:
-                    state[key] = _widened(state[key], rows, num_rows)
-            parametrize.remove_parametrizations(m, name, leave_parametrized=False)
-            pin.unbind()
-            with torch.no_grad():
-                free.set_(merged)  # same Parameter object, now (V, D): optimizers keep their reference
-            free.grad = grad
-    for m, name in tied:
-        if parametrize.is_parametrized(m, name):
-            remove_hooks(m)
-            parametrize.remove_parametrizations(m, name, leave_parametrized=False)
-    return module
+
+
+def _release_pin(
+    module: nn.Module, name: str, optimizer: torch.optim.Optimizer | None, plan: list[tuple[dict, str]]
+) -> None:
+    """Turn ``module.<name>``'s free rows back into the whole ``(V, D)`` Parameter (the same object), its
+    gradient and the ``plan``'s optimizer state widened with it."""
+    pin = pin_of(module, name)
+    free, merged = pin.free_parameter, pin.merged()  # the table itself for the prefix layout
+    rows, num_rows = pin.free_rows(), pin.num_rows
+    grad = None if free.grad is None else widened(free.grad, rows, num_rows)
+    state = optimizer.state.get(free, {}) if optimizer is not None else {}
+    for st, key in plan:
+        if st is state:
+            state[key] = widened(state[key], rows, num_rows)
+    parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+    pin.unbind()
+    with torch.no_grad():
+        free.set_(merged)  # same Parameter object, now (V, D): optimizers keep their reference
+    free.grad = grad
 
 
 def merged_state_dict(module: nn.Module, state_dict: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -95,7 +95,14 @@ def test_the_mechanism_imports_no_other_layer(module):
 
 
 @pytest.mark.parametrize(
-    "module", ["embconstraint.files.formats", "embconstraint.files.export", "embconstraint.files.verify"]
+    "module",
+    [
+        "embconstraint.files.formats",
+        "embconstraint.files.writing",
+        "embconstraint.files.export",
+        "embconstraint.files.verify",
+        "embconstraint.files.rows_file",
+    ],
 )
 def test_reading_files_needs_no_mechanism(module):
     assert {_layer(n) for n in GRAPH[module]} <= {"files", "_common", "exceptions"}, GRAPH[module]

@@ -12,7 +12,7 @@ from torch import nn
 from embconstraint import constrain, is_constrained, load_rows, release, save_rows
 from embconstraint.cli import main
 from embconstraint.files import extract_rows
-from embconstraint.files.rows import METADATA_KEY
+from embconstraint.files.rows_file import METADATA_KEY
 from embconstraint.hf import constrain_input_embeddings
 
 pytest.importorskip("safetensors")

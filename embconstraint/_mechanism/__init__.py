@@ -19,6 +19,7 @@ Layers, each importing only those above it:
 - :mod:`.zero`: a module DeepSpeed ZeRO-3 partitioned, gathered while it is constrained.
 - :mod:`.tensor_parallel`: a table whose rows are sharded over a mesh (vocabulary-parallel), each rank
   constraining its own rows.
+- :mod:`.optimizer`: what ``release(module, optimizer=)`` does to the optimizer's state (widened to every row).
 
 The names below are the interface the front door (:mod:`embconstraint.core`), the file formats
 (:mod:`embconstraint.files`) and the integrations (:mod:`embconstraint.lightning`,
@@ -42,6 +43,7 @@ from .checks import (
 )
 from .hooks import install_hooks, remove_hooks
 from .layout import Layout
+from .optimizer import check_optimizer, widened, widening_plan
 from .parametrization import PinnedRows, TiedTo, parametrization_list, pin_of, tie_of
 from .queries import pinned_deviation, pinned_values, tied_modules
 from .sharded import full, is_sharded, zero_managed, zero_partitioned
@@ -81,4 +83,7 @@ __all__ = [
     "local_layout",
     "local_part",
     "install_tp_hooks",
+    "check_optimizer",
+    "widening_plan",
+    "widened",
 ]

@@ -10,8 +10,9 @@
 Files are read and written by extension: ``.safetensors`` (``pip install 'embconstraint[export]'``)
 or torch files (``.pt``, ``.pth``; ``.ckpt`` and ``.bin`` are also read), always loaded with
 ``torch.load(weights_only=True)``. A problem with a file is a one-line ``ValueError``
-(``FileNotFoundError`` for a missing one). :mod:`.formats`, :mod:`.export` and :mod:`.verify`
-read files without the mechanism; :mod:`.rows` writes into models through its interface.
+(``FileNotFoundError`` for a missing one). :mod:`.formats`, :mod:`.writing`, :mod:`.export`,
+:mod:`.verify` and :mod:`.rows_file` read and write files without the mechanism; :mod:`.rows`
+writes into models through its interface.
 
 >>> import torch
 >>> verify({"emb.weight": torch.ones(5, 2)}, torch.ones(3, 2)).summary()
@@ -22,7 +23,8 @@ from __future__ import annotations
 
 from .export import export_checkpoint, export_state_dict
 from .formats import checkpoint_problem, load_tensors, read_indices
-from .rows import extract_rows, load_rows, loaded_rows, save_rows, unload_rows
+from .rows import load_rows, loaded_rows, save_rows, unload_rows
+from .rows_file import extract_rows
 from .verify import Verification, verify
 
 __all__ = [

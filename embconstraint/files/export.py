@@ -3,7 +3,7 @@
 Every problem with the input (a corrupted or truncated file, a missing key, a shape mismatch)
 raises :class:`ValueError` (:class:`FileNotFoundError` for a missing file or output folder), and
 an argument of the wrong kind (a list where a path or a dict is expected) :class:`TypeError`,
-each with a one-line message. Files are read and written by :mod:`.formats`.
+each with a one-line message. Files are read by :mod:`.formats` and written by :mod:`.writing`.
 
 >>> import os, tempfile, torch
 >>> d = tempfile.mkdtemp()
@@ -32,14 +32,12 @@ from .formats import (
     load_tensors,
     path_str,
     pick,
-    refuse_same_file,
     state_dict_of,
     tensor_problem,
     tensor_source,
-    write_atomic,
-    writer_kind,
 )
 from .verify import exact_cast
+from .writing import refuse_same_file, write_atomic, writer_kind
 
 __all__ = ["export_checkpoint", "export_state_dict"]
 

@@ -1,17 +1,16 @@
-"""Reading and writing weight files: format detection, lazy safetensors, integrity, atomic writes.
+"""Reading weight files: format detection, lazy safetensors, integrity, and the tensors taken from them.
 
 The file layer behind :mod:`embconstraint.export` (``verify`` and ``export``): ``.safetensors``
 files (needs ``safetensors``) and torch files (``.pt``, ``.pth``; ``.ckpt`` and ``.bin`` are
 also read), always loaded with ``torch.load(weights_only=True)``. A problem with a file's
 content is a ``ValueError`` (``FileNotFoundError`` for a missing file); a wrong kind of
-argument is a ``TypeError``.
+argument is a ``TypeError``. Writing them is :mod:`.writing`'s.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import tempfile
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -33,26 +32,26 @@ __all__ = [
     "tensor_problem",
     "listing",
     "path_str",
+    "suffix_of",
     "tensor_source",
     "as_indices",
-    "writer_kind",
-    "write_atomic",
-    "same_file",
-    "refuse_same_file",
+    "safetensors_module",
+    "SAFETENSORS",
 ]
 
 PathLike = str | os.PathLike
 _TORCH_READ = (".pt", ".pth", ".ckpt", ".bin")
-_TORCH_WRITE = (".pt", ".pth")
-_SAFETENSORS = ".safetensors"
+SAFETENSORS = ".safetensors"
 _MAX_LISTED = 12
 
 
-def _suffix(path: Path) -> str:
+def suffix_of(path: Path) -> str:
+    """``path``'s extension, lower case."""
     return path.suffix.lower()
 
 
-def _safetensors_module(path: Path) -> Any:
+def safetensors_module(path: Path) -> Any:
+    """The ``safetensors`` package, or a ``ValueError`` (about ``path``) saying how to install it."""
     try:
         import safetensors.torch
     except ImportError:
@@ -66,7 +65,7 @@ class SafetensorsFile(Mapping):
     """A read-only, lazy view of a .safetensors file: tensors are read when indexed."""
 
     def __init__(self, path: Path, what: str) -> None:
-        safetensors = _safetensors_module(path)
+        safetensors = safetensors_module(path)
         self.path, self.what = path, what
         try:
             self._file = safetensors.safe_open(str(path), framework="pt", device="cpu")
@@ -132,13 +131,13 @@ def load_tensors(path: PathLike, *, what: str = "file") -> Mapping[str, Any] | T
     {'w': (2, 3)}
     """
     p = _existing(path, what)
-    suffix, content = _suffix(p), _sniff(p)
-    if content == "safetensors" or (suffix == _SAFETENSORS and content != "torch"):
+    suffix, content = suffix_of(p), _sniff(p)
+    if content == "safetensors" or (suffix == SAFETENSORS and content != "torch"):
         return SafetensorsFile(p, what)  # by content first: a renamed file is read for what it is
     if suffix not in _TORCH_READ and content != "torch":
         raise ValueError(
             f"{what} {path_str(path)!r}: unknown extension {p.suffix!r}; expected "
-            f"{_SAFETENSORS} or one of {', '.join(_TORCH_READ)}"
+            f"{SAFETENSORS} or one of {', '.join(_TORCH_READ)}"
         )
     _check_zip(p, what)
     try:
@@ -230,23 +229,6 @@ def state_dict_of(obj: Mapping[str, Any] | Tensor, where: str) -> Mapping[str, A
     return obj
 
 
-def same_file(a: PathLike, b: PathLike) -> bool:
-    """Whether ``a`` and ``b`` name one file (through a symbolic or a hard link included)."""
-    try:
-        return os.path.samefile(a, b)
-    except (OSError, ValueError):  # one of them does not exist (yet)
-        return Path(a).resolve() == Path(b).resolve()
-
-
-def refuse_same_file(out: PathLike, source: PathLike, what: str, product: str) -> None:
-    """``ValueError`` when writing ``out`` would replace the input file ``source`` (a link to it included)."""
-    if same_file(out, source):
-        raise ValueError(
-            f"output {path_str(out)!r} is the {what} itself: writing onto it would replace the {what} "
-            f"by {product} only; write to another file"
-        )
-
-
 def read_indices(path: PathLike) -> Tensor:
     """Row indices from a text file (integers separated by whitespace, commas or newlines;
     ``#`` starts a comment) or from a torch file holding a 1-D integer tensor.
@@ -258,7 +240,7 @@ def read_indices(path: PathLike) -> Tensor:
     [0, 2, 5, 7]
     """
     p = _existing(path, "indices file")
-    if _suffix(p) in _TORCH_READ:
+    if suffix_of(p) in _TORCH_READ:
         obj = load_tensors(p, what="indices file")
         if not isinstance(obj, Tensor):
             raise ValueError(
@@ -395,48 +377,3 @@ def as_indices(indices: PathLike | Tensor | list[int] | None) -> Tensor | None:
     raise TypeError(
         f"indices must be a path, a 1-D integer tensor or a list of ints, got {type(indices).__name__}"
     )
-
-
-def writer_kind(out: Path) -> str:
-    """``"safetensors"`` or ``"torch"``: how ``out`` is written (by its extension)."""
-    suffix = _suffix(out)
-    if suffix == _SAFETENSORS:
-        _safetensors_module(out)
-        return "safetensors"
-    if suffix in _TORCH_WRITE:
-        return "torch"
-    raise ValueError(
-        f"output {path_str(out)!r}: unknown extension {out.suffix!r}; "
-        f"use {_SAFETENSORS} (safetensors) or {' / '.join(_TORCH_WRITE)} (torch)"
-    )
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)  # reading the umask means setting it: put it back at once
-    os.umask(mask)
-    return mask
-
-
-def write_atomic(
-    tensors: dict[str, Any], out: Path, kind: str, metadata: dict[str, str] | None = None
-) -> None:
-    """Write ``tensors`` to ``out`` through a temporary file in the same folder, renamed when
-    complete: a failed write leaves no partial file. ``metadata``: extra safetensors metadata."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        if kind == "safetensors":
-            import safetensors.torch
-
-            safetensors.torch.save_file(
-                tensors,
-                tmp,
-                metadata={"format": "pt", "producer": "embconstraint export", **(metadata or {})},
-            )
-        else:
-            torch.save(tensors, tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600: give the file the mode open() would
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -8,16 +8,9 @@ changing anything. For ``k`` new rows the file holds ``k x D`` values per weight
 
 Names are module names plus the parameter (``model.embed_tokens.weight``), without PEFT's
 ``base_model.model.`` prefix, so a file saved from a ``PeftModel`` loads into its base model
-(before ``PeftModel.from_pretrained``) and the reverse. :func:`extract_rows` builds the same file
-from a plain weights file (``embconstraint rows WEIGHTS OUT --pinned N``).
-
-File layout: tensor ``NAME`` is the ``(k, ...)`` free rows, tensor ``NAME.free_rows`` their ``k``
-row indices (int64, increasing); the metadata entry ``embconstraint_rows`` is a JSON object
-``{NAME: {"num_rows": V, "sha256": ..., "sha256_as": {DTYPE: ...}}}``. The fingerprint hashes the
-dtype, the shape and the bytes of the pinned rows (every row not in ``free_rows``) in increasing
-row order; ``sha256_as`` holds the same fingerprint of the pinned rows cast to each lower precision
-(``torch.bfloat16`` and ``torch.float16`` for a float32 file), so that a file loads onto the same
-base in another precision: its rows are cast to the model's dtype, as PEFT casts on load.
+(before ``PeftModel.from_pretrained``) and the reverse. The file's layout and fingerprints, and
+:func:`extract_rows` (the same file from a plain weights file), are in :mod:`.rows_file`; this
+module moves rows between such a file and a live model.
 
 Several files with disjoint rows stack on one base (each one's fingerprint is checked against
 the base's rows, the rows loaded from the others set aside); :func:`unload_rows` puts back the
@@ -41,11 +34,9 @@ True
 
 from __future__ import annotations
 
-import hashlib
-import json
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -53,90 +44,19 @@ from torch import Tensor, nn
 
 from .._common import original_key
 from .._mechanism import PinnedRows, pin_of, tie_of
-from .formats import (
-    PathLike,
-    SafetensorsFile,
-    load_tensors,
-    path_str,
-    pick,
-    refuse_same_file,
-    state_dict_of,
-    write_atomic,
+from .formats import PathLike, path_str
+from .rows_file import (
+    PEFT_PREFIX,
+    Entry,
+    canonical,
+    entry,
+    fingerprint,
+    read_rows_file,
+    rows_path,
+    write_rows_file,
 )
 
-__all__ = [
-    "save_rows",
-    "load_rows",
-    "unload_rows",
-    "loaded_rows",
-    "extract_rows",
-    "METADATA_KEY",
-    "PEFT_PREFIX",
-]
-
-METADATA_KEY = "embconstraint_rows"
-PEFT_PREFIX = "base_model.model."
-_ROWS_SUFFIX = ".free_rows"
-
-
-def _canonical(name: str) -> str:
-    """``name`` without PEFT's ``base_model.model.`` prefix."""
-    return name[len(PEFT_PREFIX) :] if name.startswith(PEFT_PREFIX) else name
-
-
-def _pinned_part(weight: Tensor, free_rows: Tensor) -> Tensor:
-    """The rows of ``weight`` not in ``free_rows`` (increasing order; a view for a free suffix)."""
-    num_rows, k = weight.shape[0], free_rows.numel()
-    if k == 0 or (free_rows[0].item() == num_rows - k and free_rows[-1].item() == num_rows - 1):
-        return weight[: num_rows - k]
-    keep = torch.ones(num_rows, dtype=torch.bool)
-    keep[free_rows] = False
-    return weight[keep.to(weight.device)]
-
-
-# Lower precisions a file's pinned rows are also fingerprinted in: a dtype -> the dtypes it holds exactly.
-_LOWER = {
-    torch.float64: (torch.float32, torch.bfloat16, torch.float16),
-    torch.float32: (torch.bfloat16, torch.float16),
-}
-
-
-def _fingerprint(weight: Tensor, free_rows: Tensor, dtype: torch.dtype | None = None) -> str:
-    """SHA-256 of the dtype, shape and bytes of the pinned rows of ``weight`` (cast to ``dtype`` first)."""
-    pinned = _pinned_part(weight.detach(), free_rows)
-    if dtype is not None and pinned.dtype != dtype:
-        pinned = pinned.to(dtype)
-    pinned = pinned.cpu().contiguous()
-    digest = hashlib.sha256(f"{pinned.dtype}|{tuple(pinned.shape)}|".encode())
-    if pinned.numel():
-        digest.update(pinned.reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
-@dataclass(frozen=True)
-class _Entry:
-    name: str
-    values: Tensor  # (k, ...) free rows, CPU
-    free_rows: Tensor  # (k,) int64, increasing, CPU
-    num_rows: int
-    sha256: str
-    sha256_as: dict[str, str] = field(default_factory=dict)  # the pinned rows cast to each lower precision
-
-    def fingerprint_for(self, dtype: torch.dtype) -> tuple[str | None, torch.dtype]:
-        """(the file's fingerprint to compare with, the dtype to hash the model's pinned rows in)
-        for a model weight of ``dtype``; (None, ...) when the two precisions cannot be compared."""
-        own = self.values.dtype
-        if dtype == own or own in _LOWER.get(dtype, ()):  # same, or the file is the lower precision
-            return self.sha256, own
-        return self.sha256_as.get(str(dtype)), dtype
-
-
-def _entry(name: str, weight: Tensor, free_rows: Tensor) -> _Entry:
-    weight = weight.detach()
-    values = weight.index_select(0, free_rows.to(weight.device)).cpu().contiguous()
-    lower = {str(dt): _fingerprint(weight, free_rows, dt) for dt in _LOWER.get(weight.dtype, ())}
-    rows = free_rows.cpu().long().clone()  # its own memory: a head's weight and bias share one layout
-    return _Entry(name, values, rows, weight.shape[0], _fingerprint(weight, free_rows), lower)
+__all__ = ["save_rows", "load_rows", "unload_rows", "loaded_rows"]
 
 
 def _constrained_weights(module: nn.Module, with_path: bool = False) -> Iterator[tuple]:
@@ -154,7 +74,7 @@ def _constrained_weights(module: nn.Module, with_path: bool = False) -> Iterator
                 )
             if pin is not None:
                 full = f"{mname}.{attr}" if mname else attr
-                yield (_canonical(full), pin, full) if with_path else (_canonical(full), pin)
+                yield (canonical(full), pin, full) if with_path else (canonical(full), pin)
 
 
 def _merged_from(pin: PinnedRows, full: str, state_dict: Mapping[str, Tensor]) -> Tensor:
@@ -175,27 +95,6 @@ def _merged_from(pin: PinnedRows, full: str, state_dict: Mapping[str, Tensor]) -
         )
     free = free.to(pinned.device)
     return pin.layout.to_user_order(torch.cat([pinned.to(free.dtype), free]))
-
-
-def _write(entries: Iterable[_Entry], path: PathLike) -> list[str]:
-    out = _rows_path(path)
-    tensors, meta = {}, {}
-    for e in entries:
-        tensors[e.name], tensors[e.name + _ROWS_SUFFIX] = e.values, e.free_rows
-        meta[e.name] = {"num_rows": e.num_rows, "sha256": e.sha256, "sha256_as": e.sha256_as}
-    write_atomic(tensors, out, "safetensors", metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
-    return list(meta)
-
-
-def _rows_path(path: PathLike) -> Path:
-    if not isinstance(path, (str, Path)) and not hasattr(path, "__fspath__"):
-        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
-    out = Path(path)
-    if out.suffix.lower() != ".safetensors":
-        raise ValueError(
-            f"path {path_str(path)!r}: a rows file is a .safetensors file, got extension {out.suffix!r}"
-        )
-    return out
 
 
 def save_rows(
@@ -225,59 +124,18 @@ def save_rows(
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
-    _rows_path(path)
+    rows_path(path)
     if state_dict is not None and not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a dict of tensors or None, got {type(state_dict).__name__}")
     entries = [
-        _entry(
+        entry(
             name, pin.merged() if state_dict is None else _merged_from(pin, full, state_dict), pin.free_rows()
         )
         for name, pin, full in _constrained_weights(module, with_path=True)
     ]
     if not entries:
         raise ValueError(f"save_rows: {type(module).__name__} holds no constrained weight")
-    return _write(entries, path)
-
-
-def _read(path: PathLike) -> list[_Entry]:
-    p = _rows_path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"rows file {path_str(path)!r} does not exist")
-    file = load_tensors(p, what="rows file")
-    assert isinstance(file, SafetensorsFile)
-    raw = file.metadata().get(METADATA_KEY)
-    if raw is None:
-        raise ValueError(
-            f"rows file {path_str(path)!r} has no {METADATA_KEY!r} metadata: not written by save_rows"
-        )
-    try:
-        meta = json.loads(raw)
-        entries = [
-            _Entry(
-                name,
-                file[name],
-                file[name + _ROWS_SUFFIX].long(),
-                int(m["num_rows"]),
-                str(m["sha256"]),
-                {str(k): str(v) for k, v in m.get("sha256_as", {}).items()},
-            )
-            for name, m in meta.items()
-        ]
-    except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as err:
-        raise ValueError(f"rows file {path_str(path)!r}: damaged {METADATA_KEY!r} entry ({err!r})") from None
-    for e in entries:
-        rows = e.free_rows
-        if (
-            rows.dim() != 1
-            or e.values.dim() < 1
-            or e.values.shape[0] != rows.numel()
-            or (rows.numel() and (rows.min() < 0 or rows.max() >= e.num_rows or (rows.diff() <= 0).any()))
-        ):
-            raise ValueError(
-                f"rows file {path_str(path)!r}: entry {e.name!r} has inconsistent rows "
-                f"(values {tuple(e.values.shape)}, {rows.numel()} row indices, num_rows {e.num_rows})"
-            )
-    return entries
+    return write_rows_file(entries, path)
 
 
 # -- what was loaded where ----------------------------------------------------------------------
@@ -318,21 +176,21 @@ def loaded_rows(module: nn.Module) -> dict[str, list[str]]:
 
 
 def _targets(module: nn.Module) -> dict[str, nn.Module]:
-    return {_canonical(name): m for name, m in module.named_modules()}
+    return {canonical(name): m for name, m in module.named_modules()}
 
 
 @dataclass
 class _Step:
     """One entry of a rows file, checked and ready to write into ``module.<attr>``."""
 
-    entry: _Entry
+    entry: Entry
     module: nn.Module
     attr: str
     weight: Tensor  # the current (merged) weight
     replaces: list[_Loaded]  # loaded records with exactly these rows (a switch): their base rows are kept
 
 
-def _rows_loaded_from_others(records: list[_Loaded], e: _Entry, source: str, path: PathLike) -> list[_Loaded]:
+def _rows_loaded_from_others(records: list[_Loaded], e: Entry, source: str, path: PathLike) -> list[_Loaded]:
     """The records ``e`` replaces (same rows: a switch, or the same file again); refuses a partial overlap."""
     replaced = []
     for r in records:
@@ -356,7 +214,7 @@ def _base_weight(weight: Tensor, others: list[_Loaded]) -> Tensor:
     return base
 
 
-def _check_entry(targets: Mapping[str, nn.Module], e: _Entry, path: PathLike) -> _Step:
+def _check_entry(targets: Mapping[str, nn.Module], e: Entry, path: PathLike) -> _Step:
     """Everything :func:`load_rows` refuses of one entry, checked without changing anything."""
     mpath, _, attr = e.name.rpartition(".")
     m = targets.get(mpath)
@@ -395,7 +253,7 @@ def _check_entry(targets: Mapping[str, nn.Module], e: _Entry, path: PathLike) ->
     records = _LOADED.get(m, {}).get(attr, [])
     replaces = _rows_loaded_from_others(records, e, _source(path), path)
     others = [r for r in records if not any(r is x for x in replaces)]
-    if _fingerprint(_base_weight(weight, others), e.free_rows, dtype) != expected_sha:
+    if fingerprint(_base_weight(weight, others), e.free_rows, dtype) != expected_sha:
         raise ValueError(
             f"load_rows: the pinned rows of {e.name} differ from those the file's rows were "
             "trained against (SHA-256 fingerprint mismatch): a rows file for another model"
@@ -407,7 +265,7 @@ def check_rows_file(module: nn.Module, path: PathLike) -> list[_Step]:
     """Every check of :func:`load_rows`, nothing written; pass the result to :func:`write_rows`."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
-    entries = _read(path)
+    entries = read_rows_file(path)
     targets = _targets(module)
     steps = [_check_entry(targets, e, path) for e in entries]
     names = {e.name for e in entries}
@@ -494,7 +352,7 @@ def unload_rows(module: nn.Module, path: PathLike | None = None) -> list[str]:
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
-    source = None if path is None else _source(_rows_path(path))
+    source = None if path is None else _source(rows_path(path))
     plan = []
     for name, m in _targets(module).items():
         for attr, records in _LOADED.get(m, {}).items():
@@ -516,40 +374,3 @@ def unload_rows(module: nn.Module, path: PathLike | None = None) -> list[str]:
         records = _LOADED[m][attr]
         records[:] = [x for x in records if x is not r]
     return list(dict.fromkeys(name for name, *_ in plan))
-
-
-def extract_rows(
-    weights: PathLike, out: PathLike, *, num_pinned: int, keys: Iterable[str] | None = None
-) -> list[str]:
-    """Write a rows file from a plain weights file: rows ``num_pinned..V-1`` of each weight in
-    ``keys`` (default: the only 2-D tensor) are the free rows, the first ``num_pinned`` the pinned
-    ones. Returns the names written (the file's keys, without PEFT's prefix).
-
-    >>> import os, tempfile, torch
-    >>> d = tempfile.mkdtemp()
-    >>> torch.save({"emb.weight": torch.zeros(5, 2)}, os.path.join(d, "w.pt"))
-    >>> extract_rows(os.path.join(d, "w.pt"), os.path.join(d, "rows.safetensors"), num_pinned=3)
-    ['emb.weight']
-    """
-    if isinstance(num_pinned, bool) or not isinstance(num_pinned, int):
-        raise TypeError(f"num_pinned must be an int, got {type(num_pinned).__name__}")
-    _rows_path(out)
-    refuse_same_file(out, weights, "weights file", "the rows")
-    container = state_dict_of(load_tensors(weights, what="weights"), f"weights {path_str(weights)!r}")
-    if isinstance(container, Tensor):
-        raise ValueError(
-            f"weights {path_str(weights)!r} holds a bare tensor; a rows file needs named weights"
-        )
-    picked = [
-        pick(container, key, f"weights {path_str(weights)!r}", False)
-        for key in (list(keys) if keys else [None])
-    ]
-    entries = []
-    for key, weight in picked:
-        if weight.dim() < 1 or not 0 <= num_pinned <= weight.shape[0]:
-            raise ValueError(
-                f"num_pinned must lie in [0, {weight.shape[0] if weight.dim() else 0}] "
-                f"for {key!r} of shape {tuple(weight.shape)}, got {num_pinned}"
-            )
-        entries.append(_entry(_canonical(key), weight, torch.arange(num_pinned, weight.shape[0])))
-    return _write(entries, out)

@@ -25,10 +25,11 @@ nothing else. Methods:
     tokens by their descriptions; under ``method="ends"`` it takes the ends of its description
     (recorded as ``"description-ends"``), otherwise the mean of its pieces.
 
-The old tokenizer is ``old_tokenizer`` when given (a copy taken before ``add_tokens``), else the
-tokenizer's own ``tokenizers`` backend without the tokens being initialised (their added-token
-entries are removed from a copy; ``tokenizer`` itself is not changed). "Old rows" are the rows of
-the tokens that old tokenizer knows; a piece that is its unknown token is skipped. Rows that belong to no token (the padding rows of
+The old tokenizer (:mod:`.tokenizer`) is ``old_tokenizer`` when given (a copy taken before
+``add_tokens``), else the tokenizer's own ``tokenizers`` backend without the tokens being
+initialised (their added-token entries are removed from a copy; ``tokenizer`` itself is not
+changed). "Old rows" are the rows of the tokens that old tokenizer knows; a piece that is its
+unknown token is skipped. Rows that belong to no token (the padding rows of
 ``resize_token_embeddings(..., pad_to_multiple_of=...)``) are left as they are.
 
 Everything is checked before anything is written. The weights may be plain or constrained
@@ -60,9 +61,8 @@ True
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -70,6 +70,7 @@ import torch
 from torch import Tensor, nn
 
 from .._mechanism import pin_of, tie_of
+from .tokenizer import old_tokenizer_of, pieces_of
 
 __all__ = ["init_new_tokens", "InitializedToken", "METHODS"]
 
@@ -93,13 +94,6 @@ class InitializedToken:
     method: str
     text: str
     pieces: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class _OldTokenizer:
-    encode: Callable[[str], list[int]]
-    ids: frozenset[int]  # every id it knows
-    unk: int | None
 
 
 def init_new_tokens(
@@ -190,7 +184,7 @@ def init_new_tokens(
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
 
     rows = _rows(tokenizer, tokens, embedding.num_embeddings)
-    old = _old_tokenizer(tokenizer, old_tokenizer, tokens, rows)
+    old = old_tokenizer_of(tokenizer, old_tokenizer, tokens, rows)
     _check_not_pinned(embedding, head, tokens, rows)
     new_rows = set(rows)
     plan: list[InitializedToken] = []
@@ -206,7 +200,11 @@ def init_new_tokens(
             text = descriptions.get(token, token)
             plan.append(
                 InitializedToken(
-                    token, row, how, text, _pieces(old, token, text, how, new_rows, embedding.num_embeddings)
+                    token,
+                    row,
+                    how,
+                    text,
+                    pieces_of(old, token, text, how, new_rows, embedding.num_embeddings),
                 )
             )
         else:
@@ -335,56 +333,6 @@ def _rows(tokenizer: Any, tokens: list[str], num_rows: int) -> list[int]:
     return rows
 
 
-def _old_tokenizer(tokenizer: Any, old_tokenizer: Any, tokens: list[str], rows: list[int]) -> _OldTokenizer:
-    if old_tokenizer is not None:
-        encode = getattr(old_tokenizer, "encode", None)
-        if not callable(encode) or not callable(getattr(old_tokenizer, "get_vocab", None)):
-            raise TypeError(
-                "old_tokenizer must be a transformers tokenizer or a tokenizers.Tokenizer, "
-                f"got {type(old_tokenizer).__name__}"
-            )
-        vocab = old_tokenizer.get_vocab()
-        known = [t for t in tokens if t in vocab]
-        if known:
-            raise ValueError(f"{known} are not new: old_tokenizer already knows them")
-        return _OldTokenizer(_encoder(old_tokenizer), frozenset(vocab.values()), _unk_id(old_tokenizer))
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise TypeError(
-            f"{type(tokenizer).__name__} has no tokenizers backend (a slow tokenizer): "
-            "pass old_tokenizer, the tokenizer as it was before add_tokens"
-        )
-    base = backend.get_vocab(with_added_tokens=False)
-    in_base = [t for t in tokens if t in base]
-    if in_base:
-        raise ValueError(f"{in_base} are not new: they are in the tokenizer's base vocabulary")
-    state = json.loads(backend.to_str())
-    new_rows = set(rows)
-    state["added_tokens"] = [t for t in state.get("added_tokens", []) if t["id"] not in new_rows]
-    old = type(backend).from_str(json.dumps(state))
-    old.no_truncation()
-    old.no_padding()
-    return _OldTokenizer(
-        _encoder(old), frozenset(old.get_vocab(with_added_tokens=True).values()), _unk_id(tokenizer)
-    )
-
-
-def _encoder(tok: Any) -> Callable[[str], list[int]]:
-    def encode(text: str) -> list[int]:
-        out = tok.encode(text, add_special_tokens=False)
-        return list(getattr(out, "ids", out))
-
-    return encode
-
-
-def _unk_id(tok: Any) -> int | None:
-    unk = getattr(tok, "unk_token_id", None)  # a transformers tokenizer
-    if unk is None and callable(getattr(tok, "token_to_id", None)):  # a tokenizers.Tokenizer
-        name = getattr(getattr(tok, "model", None), "unk_token", None)
-        unk = tok.token_to_id(name) if name else None
-    return unk
-
-
 def _check_not_pinned(
     embedding: nn.Embedding, head: nn.Linear | None, tokens: list[str], rows: list[int]
 ) -> None:
@@ -399,27 +347,6 @@ def _check_not_pinned(
                 f"the rows of {hit} (token, row) are pinned in the {what}: they are old rows, not "
                 "new ones (constrain_new_tokens(model, old_vocab_size) frees the new rows)"
             )
-
-
-def _pieces(
-    old: _OldTokenizer, token: str, text: str, how: str, new_rows: set[int], num_rows: int
-) -> tuple[int, ...]:
-    what = f"the description of {token!r}" if how.startswith("description") else f"the text of {token!r}"
-    if not text:
-        raise ValueError(f"{what} is empty: it splits into no old token")
-    ids = [i for i in old.encode(text) if i != old.unk]
-    if not ids:
-        raise ValueError(
-            f"{what} ({text!r}) splits into no old token under the old tokenizer (nothing, or only "
-            "the unknown token)"
-        )
-    bad = sorted({i for i in ids if i in new_rows or i >= num_rows})
-    if bad:
-        raise ValueError(
-            f"{what} ({text!r}) splits into ids {bad}, which are new rows or beyond the model's rows: "
-            "is old_tokenizer the tokenizer as it was before add_tokens?"
-        )
-    return tuple(ids)
 
 
 def _values(
