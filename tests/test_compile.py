@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import LAYOUTS, D, N, V, reference
+from helpers import LAYOUTS, D, N, Rows, V, reference
 from helpers.hf import tiny_llama_config
 from torch import nn
 
@@ -267,3 +267,38 @@ def test_a_weight_made_outside_and_passed_into_a_compiled_function():
     assert _pinned(emb).shape == (N, D) and pin_of(emb).free_parameter.grad is not None
     detached = emb.weight.detach()
     assert torch.equal(torch.compile(f, backend="aot_eager")(detached, x), f(detached, x))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("sgbf", [False, True], ids=["plain", "scale_grad_by_freq"])
+def test_compiled_lookup_gradient_is_the_plain_embeddings_free_rows(layout, sgbf):
+    """The compiled backward of a lookup (which sends pinned ids' zero gradient to spread-out free
+    rows, or to a sink row with ``scale_grad_by_freq``) against a plain ``nn.Embedding`` holding
+    the same weight: the free rows' gradient to rounding, repeated ids and the padding row
+    included, and an infinite gradient at pinned ids stays out of the free rows."""
+    torch.manual_seed(0)
+    rows = Rows.of(layout)
+    emb = constrain(
+        nn.Embedding(V, D, padding_idx=rows.free[1], scale_grad_by_freq=sgbf),
+        reference(),
+        indices=rows.indices,
+    )
+    plain = nn.Embedding(
+        V, D, padding_idx=rows.free[1], scale_grad_by_freq=sgbf, _weight=emb.weight.detach().clone()
+    )
+    ids = torch.tensor(
+        [
+            [rows.pinned[0], rows.free[0], rows.free[0], rows.pinned[1]],
+            [rows.free[1], rows.free[2], rows.pinned[0], V - 1],
+        ]
+    )
+    scale = torch.where(torch.isin(ids, torch.tensor(rows.pinned)), float("inf"), 1.0).unsqueeze(-1)
+
+    def loss(module, ids):
+        return (module(ids) * scale).sum()
+
+    loss(plain, ids).backward()
+    torch.compile(loss, backend="aot_eager", fullgraph=True)(emb, ids).backward()
+    free = pin_of(emb).free_parameter.grad
+    assert torch.isinf(plain.weight.grad[rows.pinned[0]]).all()  # (the plain table's pinned row)
+    torch.testing.assert_close(free, plain.weight.grad[pin_of(emb).free_rows()], rtol=1e-6, atol=1e-6)

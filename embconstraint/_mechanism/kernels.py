@@ -72,12 +72,15 @@ def merge(free: Tensor, table: Tensor, free_rows: Tensor | None = None) -> Tenso
     return apply_function(Merge, free, table, free_rows)
 
 
+def _free_ids(lidx: Tensor, num_pinned: int, lpad: int) -> Tensor:
+    """Whether each table row ``lidx`` is a free row that trains (not pinned, not padding)."""
+    keep = lidx >= num_pinned
+    return keep & (lidx != lpad) if lpad >= 0 else keep
+
+
 def _free_index(lidx: Tensor, num_pinned: int, num_free: int, lpad: int) -> Tensor:
     """Map table rows to free-row positions; pinned and padding rows go to the sink ``num_free``."""
-    keep = lidx >= num_pinned
-    if lpad >= 0:
-        keep = keep & (lidx != lpad)
-    return torch.where(keep, lidx - num_pinned, num_free)
+    return torch.where(_free_ids(lidx, num_pinned, lpad), lidx - num_pinned, num_free)
 
 
 class _Lookup(torch.autograd.Function):
@@ -135,12 +138,27 @@ class _SplitLookup(torch.autograd.Function):
             k == 0
         ):  # no free rows (a tensor-parallel rank holding pinned rows only): no gradient, not an empty one,
             return None, None, None, None, None, None  # which fully_shard's reduce-scatter refuses
+        if torch.compiler.is_compiling() and not (sparse or sgbf):
+            return _spread_backward(grad, lidx, n, k, lpad), None, None, None, None, None
         ridx = _free_index(lidx, n, k, lpad)
         if sparse:
             g = torch.ops.aten.embedding_sparse_backward(grad, ridx, k, k, sgbf)
         else:
             g = _EMBEDDING_DENSE_BACKWARD(grad, ridx, k + 1, k, sgbf)[:k]
         return g, None, None, None, None, None
+
+
+def _spread_backward(grad: Tensor, lidx: Tensor, num_pinned: int, num_free: int, lpad: int) -> Tensor:
+    """The free rows' dense gradient in compiled code. The eager kernel skips the ids of pinned
+    (and padding) rows sent to one sink row; the compiler's scatter-add does not skip them, and
+    with most ids pinned every one of them would add into that one row, serialising the atomic
+    adds. Here their gradient is zeroed and they add it into free rows spread like the ids
+    themselves (``lidx mod num_free``): the same sums (plus zeros), no contended row.
+    (``scale_grad_by_freq`` counts the ids per row, so it keeps the sink.)"""
+    keep = _free_ids(lidx, num_pinned, lpad)
+    ridx = torch.where(keep, lidx - num_pinned, lidx.remainder(num_free))
+    zeroed = torch.where(keep.unsqueeze(-1), grad, 0.0)  # (not a product: a pinned id's inf or nan stays out)
+    return _EMBEDDING_DENSE_BACKWARD(zeroed, ridx, num_free, -1, False)
 
 
 def _split_bag(free, pinned, per_sample_weights, lidx, offsets, lpad, sgbf, mode, sparse, last):
