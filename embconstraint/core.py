@@ -351,14 +351,7 @@ def _to_release(module: nn.Module) -> tuple[list[nn.Module], list[tuple[nn.Modul
         embedding = tie_of(m, name).embedding
         if is_constrained(embedding) and not any(embedding is p for p in pinned):
             pinned.append(embedding)  # (not if torch's remove_parametrizations released it: the tie is plain)
-    tied += [
-        tie
-        for m in pinned
-        for n in m.parametrizations.keys()
-        if (pin := pin_of(m, n)) is not None
-        for tie in pin.ties()
-        if tie not in tied
-    ]
+    tied += [tie for m in pinned for n in _pinned_names(m) for tie in pin_of(m, n).ties() if tie not in tied]
     return pinned, tied
 
 
@@ -366,17 +359,14 @@ def _refuse_sharded(pinned: list[nn.Module]) -> None:
     """Refuse (``RuntimeError``) to release in place a module whose rows are sharded (tensor parallelism,
     ``fully_shard``): it holds only part of them."""
     for m in pinned:
-        if any(
-            pin_of(m, n) is not None and pin_of(m, n).shard is not None for n in m.parametrizations.keys()
-        ):
+        pins = [pin_of(m, n) for n in _pinned_names(m)]
+        if any(pin.shard is not None for pin in pins):
             raise RuntimeError(
                 "release: a constrained module under tensor parallelism holds this rank's rows only and cannot be "
                 "released in place; save merged_state_dict(model) (or get_model_state_dict) and load it into a "
                 "plain model"
             )
-        if any(
-            pin_of(m, n) is not None and pin_of(m, n).storage == "split" for n in m.parametrizations.keys()
-        ):
+        if any(pin.storage == "split" for pin in pins):
             raise RuntimeError(
                 "release: a constrained module in sharded training (fully_shard) cannot be released in "
                 "place; save merged_state_dict(model) (or a full state dict) and load it into a plain model"
