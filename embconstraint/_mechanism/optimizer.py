@@ -18,8 +18,11 @@ def widened(value: Tensor, free_rows: Tensor, num_rows: int) -> Tensor:
     rows = free_rows.to(value.device)
     if value.layout == torch.sparse_coo:  # an nn.Embedding(sparse=True) gradient
         value = value.coalesce()
-        return torch.sparse_coo_tensor(
-            rows[value.indices()[0]].unsqueeze(0), value.values(), (num_rows, *value.shape[1:])
+        return torch.sparse_coo_tensor(  # (valid by construction: distinct rows < num_rows)
+            rows[value.indices()[0]].unsqueeze(0),
+            value.values(),
+            (num_rows, *value.shape[1:]),
+            check_invariants=False,
         )
     wide = value.new_zeros((num_rows, *value.shape[1:]))
     wide.index_copy_(0, rows, value)
