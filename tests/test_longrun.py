@@ -23,9 +23,21 @@ def _batches(count: int = 64) -> torch.Tensor:
     return torch.randint(0, V, (count, 4, 8), generator=torch.Generator().manual_seed(0))
 
 
-def _live_tensors() -> int:
-    gc.collect()
-    return sum(1 for obj in gc.get_objects() if issubclass(type(obj), torch.Tensor))
+class _NewTensors:
+    """Counts the live tensors created since it was made (at the start of a test): tensors that
+    earlier tests left to the garbage collector (or to a library's cache) may be freed while the
+    test runs, which must not read as a change in the test's own."""
+
+    def __init__(self) -> None:
+        self._before = {id(t): weakref.ref(t) for t in self._live()}
+
+    @staticmethod
+    def _live() -> list[torch.Tensor]:
+        gc.collect()
+        return [obj for obj in gc.get_objects() if issubclass(type(obj), torch.Tensor)]
+
+    def __call__(self) -> int:
+        return sum(1 for t in self._live() if (old := self._before.get(id(t))) is None or old() is not t)
 
 
 def _rss_mib() -> float | None:
@@ -81,6 +93,7 @@ def test_ten_thousand_adamw_steps_keep_pinned_rows_bitwise():
     ids=["embedding-prefix", "bag-scattered", "sparse-scattered"],
 )
 def test_nothing_accumulates_across_steps(module_cls, kwargs, scattered):
+    _live_tensors = _NewTensors()
     torch.manual_seed(0)
     indices = torch.randperm(V)[:N] if scattered else None
     reference = torch.randn(N, D)
@@ -118,7 +131,7 @@ def test_nothing_accumulates_across_steps(module_cls, kwargs, scattered):
     tensors_end, rss_end = _live_tensors(), _rss_mib()
     handle.remove()
 
-    assert tensors == tensors_mid == tensors_end
+    assert tensors == tensors_mid == tensors_end, (tensors, tensors_mid, tensors_end)
     gc.collect()
     assert len(graphs) == 2200 and sum(ref() is not None for ref in graphs) == 0
     assert len(merged_weights) >= 2200 and sum(ref() is not None for ref in merged_weights) == 0
@@ -131,6 +144,7 @@ def test_nothing_accumulates_across_steps(module_cls, kwargs, scattered):
 
 @pytest.mark.slow
 def test_constrain_release_cycles_leave_nothing_behind():
+    _live_tensors = _NewTensors()
     torch.manual_seed(0)
     emb = nn.Embedding(V, D)
     hooks = (len(emb._state_dict_hooks), len(emb._load_state_dict_pre_hooks))
