@@ -332,3 +332,18 @@ def test_dpo_on_a_peft_model_computes_the_reference_with_the_rows_its_ref_adapte
     with torch.no_grad(), use_adapter(model, "ref"):  # what TRL runs for the reference
         assert torch.equal(logits(model, tok), logits(before, tok))
     assert torch.equal(tables(model)[0], trained[0]) and torch.equal(tables(model)[1], trained[1])
+
+
+def test_sft_chat_template_path_on_a_constrained_model_is_refused(backend, chat_source, tmp_path):
+    """SFTConfig(chat_template_path=<a tokenizer>) adds the tokens inside the trainer (PEFT's trainable tokens):
+    its resize of a constrained model is refused, the weights unchanged."""
+    model, tok, old_vocab, _ = grown(backend, chat_source, tied=False)
+    constrain_new_tokens(model, old_vocab)
+    start = tables(model)
+    other = fast_tokenizer(backend, pad_token="</s>")
+    other.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})
+    other.chat_template = TEMPLATE
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(RuntimeError, match="resize_token_embeddings"):
+        sft(model, tok, tmp_path, chat_template_path=str(tmp_path / "other"), save_strategy="no")
+    assert torch.equal(tables(model)[0], start[0]) and torch.equal(tables(model)[1], start[1])
