@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.hf import tiny_llama_config
+from helpers.hf import bpe_tokenizer_json, fast_tokenizer, tiny_llama_config
 from torch import nn
 
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 from helpers import run_python  # noqa: E402
-from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers  # noqa: E402
+from tokenizers import AddedToken  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -39,7 +39,6 @@ from embconstraint.hf import InitializedToken, constrain_new_tokens, init_new_to
 from embconstraint.hf.init import _values  # noqa: E402
 
 D = 8
-SYLLABLES = ["ka", "lo", "mi", "ra", "te", "su", "no", "bi", "ve", "do"]
 WORDS = ["kalomi", "raveno", "sudobi"]  # ordinary words: several pieces each
 CHAT = ["<|user|>", "<|assistant|>"]  # special tokens: their text means nothing
 DESCRIPTIONS = {"<|user|>": "ka lo", "<|assistant|>": "su te no"}
@@ -49,21 +48,11 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "new_tokens_init
 @pytest.fixture(scope="module")
 def base_json() -> str:
     """A BPE tokenizer trained on generated text (its backend, serialized)."""
-    rng = random.Random(0)
-    words = ["".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 3))) for _ in range(40)]
-    text = [" ".join(rng.choice(words) for _ in range(10)) for _ in range(300)]
-    backend = Tokenizer(models.BPE(unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.train_from_iterator(
-        text, trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
-    )
-    return backend.to_str()
+    return bpe_tokenizer_json()
 
 
 def tokenizer(base_json: str) -> PreTrainedTokenizerFast:
-    return PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(base_json), unk_token="<unk>", bos_token="<s>", eos_token="</s>"
-    )
+    return fast_tokenizer(base_json)
 
 
 def grown(

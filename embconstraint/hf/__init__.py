@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from .._mechanism import check_constrain_args, gathered, pin_of
 from ..core import Indices, Reference, check_constrain
-from .adapters import ROWS_FILE, is_peft_model, peft_wrapper_problem, record_base_rows
+from .adapters import ROWS_FILE, is_peft_model, peft_wrapper_problem, record_base_rows, record_trained_rows
 from .guards import guard_while_constrained
 from .init import InitializedToken, init_new_tokens
 
@@ -123,9 +123,11 @@ def _constrain_input_embeddings(
 
 
 def _after_constraining(model: nn.Module) -> None:
-    """The guards; on a ``PeftModel``, the hooks, and the new rows' values now (what
-    ``disable_adapter()`` puts in: a copy of the free rows)."""
+    """The guards; which new rows are trainable (what a ``PeftModel`` made around ``model`` later makes
+    trainable again: :func:`~embconstraint.hf.guards.adopt_peft_wrapper`); on a ``PeftModel``, the hooks,
+    and the new rows' values now (what ``disable_adapter()`` puts in: a copy of the free rows)."""
     guard_while_constrained(model)
+    record_trained_rows(model)
     if is_peft_model(model):
         record_base_rows(model)
 
@@ -235,7 +237,6 @@ def _constrain_new_tokens(model: nn.Module, old_vocab_size: int, indices: Indice
     if head is not None and not tied:
         plans.append(check_constrain(head, _reference(head.weight), indices=rows, root=model))
     modules = [plan.apply() for plan in plans]
-    _after_constraining(model)
     params = [
         pin.free_parameter
         for m in modules
@@ -244,6 +245,7 @@ def _constrain_new_tokens(model: nn.Module, old_vocab_size: int, indices: Indice
     ]
     for p in params:
         p.requires_grad_(True)
+    _after_constraining(model)
     return params
 
 

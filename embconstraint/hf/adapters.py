@@ -13,6 +13,11 @@ three of its methods take the rows along (each hook removes itself once nothing 
   when they were constrained (the base model's), as PEFT's own trainable tokens do; TRL computes
   the reference model of DPO, KTO or ORPO this way.
 
+Two more follow an adapter added later (TRL's ``DPOTrainer`` adds a ``"ref"`` copy of the adapter
+to compute its reference): ``add_adapter(name, ...)`` records the new rows as they are then, and
+``set_adapter(name)`` switches them in while that adapter is active (``set_adapter`` back to an
+adapter the model had when it was constrained switches the trained rows back in, bitwise).
+
 It also tells PEFT wrappers apart (by duck typing, without importing ``peft``): a LoRA (or other
 tuner) layer on the embedding or the head changes every row, pinned ones included.
 
@@ -57,6 +62,10 @@ __all__ = [
     "disable_adapter_with_rows",
     "restored_rows",
     "constrained_pins",
+    "record_trained_rows",
+    "retrain_rows",
+    "add_adapter_with_rows",
+    "set_adapter_with_rows",
 ]
 
 ROWS_FILE = "embconstraint_rows.safetensors"
@@ -65,6 +74,12 @@ ROWS_FILE = "embconstraint_rows.safetensors"
 _BASE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # model -> the rows file its load_adapter last loaded (what SaveRowsCallback checks after a resume)
 _RESTORED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# the pins whose free rows constrain_new_tokens made trainable (what retrain_rows switches back on)
+_TRAINED: weakref.WeakSet = weakref.WeakSet()
+# model -> {name of an adapter added after constraining: the free rows when it was added}
+_ADDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# model -> the trained free rows, set aside while an adapter added later is active
+_SET_ASIDE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def is_peft_model(model: Any) -> bool:
@@ -119,12 +134,26 @@ def constrained_pins(model: nn.Module) -> Iterator[PinnedRows]:
                 yield pin
 
 
-def record_base_rows(model: nn.Module) -> None:
+def record_base_rows(model: nn.Module, *, again: bool = False) -> None:
     """Remember the current free rows of every constrained weight of ``model`` as its base rows
-    (kept for the weights that already have some): what :func:`base_rows` puts in."""
+    (kept for the weights that already have some, unless ``again``): what :func:`base_rows` puts in."""
     for pin in constrained_pins(model):
-        if pin not in _BASE and pin.storage != "split":
+        if (again or pin not in _BASE) and pin.storage != "split":
             _BASE[pin] = pin.free_parameter.detach().clone()
+
+
+def record_trained_rows(model: nn.Module) -> None:
+    """Remember which constrained weights of ``model`` have trainable free rows now."""
+    _TRAINED.update(pin for pin in constrained_pins(model) if pin.free_parameter.requires_grad)
+
+
+def retrain_rows(model: nn.Module) -> list[nn.Parameter]:
+    """Make the free rows :func:`record_trained_rows` saw trainable trainable again (after
+    ``get_peft_model``, which freezes every parameter but the adapter's); returns them."""
+    params = [pin.free_parameter for pin in constrained_pins(model) if pin in _TRAINED]
+    for p in params:
+        p.requires_grad_(True)
+    return params
 
 
 @contextmanager
@@ -161,6 +190,56 @@ def base_rows(model: nn.Module) -> Iterator[None]:
         with torch.no_grad():
             for target, own in reversed(swapped):
                 target.copy_(own)
+
+
+def _free_rows(model: nn.Module) -> list[Tensor]:
+    """The free rows of every constrained weight of ``model``, as written by :func:`_write_rows`."""
+    pins = list(constrained_pins(model))
+    if any(pin.storage == "split" for pin in pins):
+        raise RuntimeError(
+            "the new rows cannot follow another adapter here: a sharded (fully_shard) constrained weight; "
+            "compute the reference with a separate model"
+        )
+    return [pin.free_parameter for pin in pins]
+
+
+def _write_rows(model: nn.Module, values: list[Tensor]) -> None:
+    """Write ``values`` into the free rows (through ``.data`` under ``no_grad``, as :func:`base_rows`)."""
+    versioned = torch.is_grad_enabled()
+    with torch.no_grad():
+        for free, value in zip(_free_rows(model), values, strict=True):
+            (free if versioned else free.data).copy_(value)
+
+
+def add_adapter_with_rows(model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> Any:
+    """``PeftModel.add_adapter``, and the new rows as they are now recorded as that adapter's."""
+    result = type(model).add_adapter(model, adapter_name, *args, **kwargs)
+    aside = _SET_ASIDE.get(model)
+    rows = aside if aside is not None else [free.detach() for free in _free_rows(model)]
+    _ADDED.setdefault(model, {})[adapter_name] = [r.clone() for r in rows]
+    return result
+
+
+def set_adapter_with_rows(model: nn.Module, adapter_name: Any, *args: Any, **kwargs: Any) -> Any:
+    """``PeftModel.set_adapter``, and the rows of the adapter made active: the rows recorded when it
+    was added for an adapter added later, the trained rows for the others."""
+    added = _ADDED.get(model, {})
+    names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+    later = [n for n in names if n in added]
+    if later and len(names) > 1:
+        raise ValueError(
+            f"cannot activate {names} together: the new rows of a constrained PeftModel follow one adapter, "
+            f"and {later} were added after it was constrained (each with the rows it was added with)"
+        )
+    result = type(model).set_adapter(model, adapter_name, *args, **kwargs)
+    aside = _SET_ASIDE.get(model)
+    if later:
+        if aside is None:
+            _SET_ASIDE[model] = [free.detach().clone() for free in _free_rows(model)]
+        _write_rows(model, added[later[0]])
+    elif aside is not None:
+        _write_rows(model, _SET_ASIDE.pop(model))
+    return result
 
 
 def restored_rows(model: nn.Module) -> str | None:

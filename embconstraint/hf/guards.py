@@ -26,13 +26,18 @@ from torch import nn
 from .._mechanism import pin_of, tie_of
 from ..core import is_constrained, merged_state_dict
 from .adapters import (
+    add_adapter_with_rows,
     base_model_of,
     disable_adapter_with_rows,
+    is_peft_model,
     load_adapter_with_rows,
+    record_base_rows,
+    retrain_rows,
     save_pretrained_with_rows,
+    set_adapter_with_rows,
 )
 
-__all__ = ["guard_while_constrained", "guard_peft_model", "is_guarded"]
+__all__ = ["guard_while_constrained", "guard_peft_model", "adopt_peft_wrapper", "is_guarded"]
 
 
 def guard_while_constrained(model: nn.Module) -> None:
@@ -55,11 +60,32 @@ def guard_while_constrained(model: nn.Module) -> None:
 
 
 def guard_peft_model(model: nn.Module, *, rows_off: bool = True) -> None:
-    """The ``PeftModel`` hooks of :mod:`embconstraint.hf.adapters` (``rows_off``: ``disable_adapter`` too)."""
+    """The ``PeftModel`` hooks of :mod:`embconstraint.hf.adapters` (``rows_off``: ``disable_adapter``,
+    ``add_adapter`` and ``set_adapter`` too)."""
     _guard(model, "save_pretrained", save_pretrained_with_rows)
     _guard(model, "load_adapter", load_adapter_with_rows)
     if rows_off:
         _guard(model, "disable_adapter", disable_adapter_with_rows)
+        _guard(model, "add_adapter", add_adapter_with_rows)
+        _guard(model, "set_adapter", set_adapter_with_rows)
+
+
+def adopt_peft_wrapper(model: nn.Module) -> bool:
+    """A ``PeftModel`` made around a model already constrained through :mod:`embconstraint.hf` (TRL's
+    ``SFTTrainer(model, peft_config=...)`` calls ``get_peft_model`` on the model it is given): PEFT froze
+    every parameter but the adapter's, the new rows included, and its methods know nothing of them.
+    Make the new rows that ``constrain_new_tokens`` made trainable trainable again, record them as they
+    are now as the base model's (what ``disable_adapter()`` puts in) and install the ``PeftModel`` hooks,
+    as if ``model`` had been constrained after ``get_peft_model``. Returns whether it did: ``False`` for
+    another model, one constrained otherwise or one already hooked."""
+    if not is_peft_model(model) or is_guarded(model, "disable_adapter") or not _constrained(model):
+        return False
+    if not is_guarded(base_model_of(model), "resize_token_embeddings"):
+        return False  # constrained with embconstraint.constrain: the rows have no base values to switch to
+    retrain_rows(model)
+    record_base_rows(model, again=True)
+    guard_peft_model(model)
+    return True
 
 
 def _constrained(model: nn.Module) -> bool:

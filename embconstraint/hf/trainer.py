@@ -22,7 +22,7 @@ from .._mechanism import gathered_params, zero_managed
 from ..core import is_constrained
 from ..files import load_rows, loaded_rows, save_rows
 from .adapters import ROWS_FILE, constrained_pins, is_peft_model, restored_rows
-from .guards import guard_peft_model, is_guarded
+from .guards import adopt_peft_wrapper, guard_peft_model, is_guarded
 
 __all__ = ["SaveRowsCallback", "ROWS_FILE"]
 
@@ -41,7 +41,10 @@ class SaveRowsCallback(TrainerCallback):
     - ``on_save``: write the free rows of every constrained weight into each checkpoint folder
       (main process only; on a ``PeftModel`` constrained through :mod:`embconstraint.hf` its
       ``save_pretrained`` has already written them).
-    - When the Trainer is built (``on_init_end``) and when training starts, a constrained
+    - When the Trainer is built (``on_init_end``): a ``PeftModel`` the trainer made around a model
+      constrained through :mod:`embconstraint.hf` (TRL's ``peft_config=``) gets its new rows trainable
+      again and the ``PeftModel`` hooks (:func:`~embconstraint.hf.guards.adopt_peft_wrapper`).
+    - When the Trainer is built and when training starts, a constrained
       ``PeftModel``'s ``load_adapter`` is made to load a checkpoint folder's rows file with the
       adapter: ``train(resume_from_checkpoint=...)`` then restores the rows of that checkpoint,
       with no manual :func:`~embconstraint.load_rows` (which still works). A resume of a
@@ -66,6 +69,8 @@ class SaveRowsCallback(TrainerCallback):
     def on_init_end(
         self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any
     ) -> None:
+        if model is not None:
+            adopt_peft_wrapper(model)  # before the Trainer builds its optimizer (in train())
         _hook(model)
 
     def on_train_begin(

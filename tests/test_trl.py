@@ -1,0 +1,349 @@
+"""TRL's trainers on a model whose new tokens' rows are trained and old rows pinned: ``SFTTrainer``
+(tied and untied head, with and without ``peft_config``), its saving and resuming, and ``DPOTrainer``'s
+reference model (an explicit copy, the adapter disabled, TRL's ``"ref"`` adapter).
+
+Tiny Llamas built from a config and a BPE tokenizer trained in code: nothing is downloaded. The chat
+tokens are added the TRL way (``trl.clone_chat_template`` from a tokenizer folder written here). Every
+check is against an independent reference: a copy of the model taken before the tokens were added or
+before training.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from helpers.hf import SYLLABLES, bpe_tokenizer_json, fast_tokenizer, tiny_llama_config
+
+trl = pytest.importorskip("trl")
+peft = pytest.importorskip("peft")
+datasets = pytest.importorskip("datasets")
+from transformers import AutoTokenizer, LlamaForCausalLM  # noqa: E402
+from trl.experimental.utils import create_reference_model  # noqa: E402
+from trl.trainer.utils import use_adapter  # noqa: E402
+
+from embconstraint import load_rows  # noqa: E402
+from embconstraint.hf import ROWS_FILE, SaveRowsCallback, constrain_new_tokens, init_new_tokens  # noqa: E402
+
+D = 16
+CHAT = ["<|im_start|>", "<|im_end|>"]
+TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
+)
+LORA = dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+QUIET = dict(report_to="none", use_cpu=True, disable_tqdm=True, logging_steps=100, seed=0)
+
+
+@pytest.fixture(scope="module")
+def backend() -> str:
+    return bpe_tokenizer_json()
+
+
+@pytest.fixture(scope="module")
+def chat_source(backend, tmp_path_factory) -> str:
+    """A tokenizer folder with a chat template and its two chat tokens (what clone_chat_template reads)."""
+    source = fast_tokenizer(backend)
+    source.add_special_tokens({"additional_special_tokens": CHAT})
+    source.chat_template, source.eos_token = TEMPLATE, "<|im_end|>"
+    folder = tmp_path_factory.mktemp("chat_source")
+    source.save_pretrained(folder)
+    return str(folder)
+
+
+def grown(backend: str, chat_source: str, *, tied: bool):
+    """(model, tokenizer, old vocabulary size, plain): a Llama "pretrained" on the old vocabulary and a copy
+    of it (``plain``), then the chat tokens added by ``clone_chat_template`` (resized to a multiple of 8) and
+    initialised from descriptions. Not constrained yet."""
+    tok = fast_tokenizer(backend, pad_token="</s>")
+    old_vocab = len(tok)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        tiny_llama_config(old_vocab, D, tied=tied, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    )
+    plain = copy.deepcopy(model)
+    model, tok, added = trl.clone_chat_template(model, tok, chat_source, resize_to_multiple_of=8)
+    assert sorted(added)[0] == old_vocab and model.get_input_embeddings().num_embeddings % 8 == 0
+    init_new_tokens(model, tok, CHAT, descriptions={"<|im_start|>": "ka", "<|im_end|>": "lo mi"})
+    return model, tok, old_vocab, plain
+
+
+def conversations(n: int = 16, seed: int = 0):
+    rng = random.Random(seed)
+    words = ["".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 3))) for _ in range(30)]
+
+    def say(k: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(k))
+
+    rows = [
+        {"messages": [{"role": "user", "content": say(4)}, {"role": "assistant", "content": say(4)}]}
+        for _ in range(n)
+    ]
+    return datasets.Dataset.from_list(rows)
+
+
+def tables(model) -> tuple[torch.Tensor, torch.Tensor]:
+    return (
+        model.get_input_embeddings().weight.detach().clone(),
+        model.get_output_embeddings().weight.detach().clone(),
+    )
+
+
+def assert_old_rows_pinned(model, plain, old_vocab: int) -> None:
+    emb, head = tables(model)
+    assert torch.equal(emb[:old_vocab], plain.get_input_embeddings().weight)
+    assert torch.equal(head[:old_vocab], plain.get_output_embeddings().weight)
+
+
+def sft(model, tok, out: Path, *, steps: int = 3, peft_config=None, callbacks=None, **overrides):
+    args = trl.SFTConfig(
+        output_dir=str(out),
+        max_steps=steps,
+        save_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=5e-2,
+        **{**QUIET, **overrides},
+    )  # TRL's defaults otherwise: gradient checkpointing, bf16 autocast on CPU, its fused LM head
+    return trl.SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=conversations(),
+        processing_class=tok,
+        peft_config=peft_config,
+        callbacks=callbacks,
+    )
+
+
+def trainable(model) -> list[str]:
+    return sorted(n for n, p in model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_sft_trains_the_new_rows_only_and_saves_the_plain_merged_model(backend, chat_source, tied, tmp_path):
+    model, tok, old_vocab, plain = grown(backend, chat_source, tied=tied)
+    model.requires_grad_(False)
+    constrain_new_tokens(model, old_vocab)
+    start = tables(model)
+    trainer = sft(model, tok, tmp_path / "run")
+    expected = {"model.embed_tokens.parametrizations.weight.original"}
+    assert set(trainable(trainer.model)) == expected | (
+        set() if tied else {"lm_head.parametrizations.weight.original"}
+    )
+    trainer.train()
+    assert_old_rows_pinned(model, plain, old_vocab)
+    emb, head = tables(model)
+    assert not torch.equal(emb[old_vocab:], start[0][old_vocab:])
+    assert tied or not torch.equal(head[old_vocab:], start[1][old_vocab:])
+
+    out = tmp_path / "final"
+    trainer.save_model(str(out))  # the plain merged model, with the tokenizer
+    again = LlamaForCausalLM.from_pretrained(out)
+    assert list(again.state_dict()) == list(plain.state_dict())  # plain keys
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in again.state_dict().items())
+    assert torch.equal(again.get_input_embeddings().weight, emb) and torch.equal(again.lm_head.weight, head)
+    assert (again.lm_head.weight is again.get_input_embeddings().weight) == tied
+    tok_again = AutoTokenizer.from_pretrained(out)
+    assert [tok_again.convert_tokens_to_ids(t) for t in CHAT] == [tok.convert_tokens_to_ids(t) for t in CHAT]
+    assert tok_again.chat_template == TEMPLATE
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_sft_with_peft_config_trains_the_rows_with_the_adapter(backend, chat_source, tied, tmp_path):
+    """SFTTrainer(peft_config=...) calls get_peft_model on the constrained model, which freezes the new rows;
+    SaveRowsCallback makes them trainable again and gives the PeftModel its hooks."""
+    model, tok, old_vocab, plain = grown(backend, chat_source, tied=tied)
+    constrain_new_tokens(model, old_vocab)
+    start = tables(model)
+    trainer = sft(
+        model,
+        tok,
+        tmp_path / "run",
+        peft_config=peft.LoraConfig(**LORA),
+        callbacks=[SaveRowsCallback()],
+        bf16=False,
+    )  # (bf16 autocast stays on the trained model's forward: the logits below are compared in float32)
+    peft_model = trainer.model
+    names = trainable(peft_model)
+    assert "base_model.model.model.embed_tokens.parametrizations.weight.original" in names
+    assert ("base_model.model.lm_head.parametrizations.weight.original" in names) != tied
+    assert sum("lora_" in n for n in names) == 4 and len(names) == 4 + (1 if tied else 2)
+    trainer.train()
+    assert_old_rows_pinned(model, plain, old_vocab)
+    assert not torch.equal(tables(model)[0][old_vocab:], start[0][old_vocab:])
+    assert (tmp_path / "run" / "checkpoint-3" / ROWS_FILE).is_file()
+
+    with peft_model.disable_adapter():  # the base model: the new rows as they were when TRL wrapped it
+        assert torch.equal(tables(model)[0], start[0])
+    ids = tok("ka lo <|im_start|> mi <|im_end|>", return_tensors="pt").input_ids
+    peft_model.eval()
+    with torch.no_grad():
+        logits = peft_model(input_ids=ids).logits
+
+    out = tmp_path / "adapter"
+    trainer.save_model(str(out))  # the adapter, and the rows file next to it
+    assert (out / ROWS_FILE).is_file() and (out / "adapter_model.safetensors").is_file()
+    base, _, _, _ = grown(backend, chat_source, tied=tied)  # a fresh copy of the grown model
+    load_rows(base, out / ROWS_FILE)
+    reloaded = peft.PeftModel.from_pretrained(base, out).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, logits)
+    merged = reloaded.merge_and_unload()
+    assert_old_rows_pinned(merged, plain, old_vocab)
+    assert torch.equal(tables(merged)[0], tables(model)[0])
+
+
+def test_sft_with_peft_config_without_the_callback_leaves_the_rows_frozen(backend, chat_source, tmp_path):
+    """The documented limit: without SaveRowsCallback, PEFT's freezing stands (the rows stay exact, untrained)."""
+    model, tok, old_vocab, plain = grown(backend, chat_source, tied=False)
+    constrain_new_tokens(model, old_vocab)
+    start = tables(model)
+    trainer = sft(model, tok, tmp_path, peft_config=peft.LoraConfig(**LORA), save_strategy="no")
+    assert all("lora_" in n for n in trainable(trainer.model))
+    trainer.train()
+    assert torch.equal(tables(model)[0], start[0]) and torch.equal(tables(model)[1], start[1])
+
+
+@pytest.mark.parametrize(
+    "lora", [pytest.param(False, marks=pytest.mark.slow), True], ids=["full", "lora"]
+)  # (the whole model's resume is the Trainer's own path, tested in test_trainer_checkpoints.py)
+def test_sft_resume_from_checkpoint_is_bit_exact(backend, chat_source, lora, tmp_path):
+    def run(out: Path, resume: bool):
+        model, tok, old_vocab, _ = grown(backend, chat_source, tied=False)
+        if not lora:
+            model.requires_grad_(False)
+        constrain_new_tokens(model, old_vocab)
+        trainer = sft(
+            model,
+            tok,
+            out,
+            steps=6,
+            peft_config=peft.LoraConfig(**LORA) if lora else None,
+            callbacks=[SaveRowsCallback()],
+            bf16=False,
+        )
+        trainer.train(resume_from_checkpoint=str(out / "checkpoint-3") if resume else None)
+        lora_weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
+        return tables(model), lora_weights
+
+    (emb, head), adapter = run(tmp_path / "a", resume=False)
+    (tmp_path / "b").mkdir()
+    shutil.copytree(tmp_path / "a" / "checkpoint-3", tmp_path / "b" / "checkpoint-3")
+    (emb_b, head_b), adapter_b = run(tmp_path / "b", resume=True)
+    assert torch.equal(emb, emb_b) and torch.equal(head, head_b)
+    assert adapter.keys() == adapter_b.keys() and all(torch.equal(adapter[k], adapter_b[k]) for k in adapter)
+    assert bool(adapter) == lora
+
+
+def preferences(n: int = 8):
+    rng = random.Random(1)
+    words = ["".join(rng.choice(SYLLABLES) for _ in range(2)) for _ in range(20)]
+    rows = [
+        {
+            "prompt": " ".join(rng.choice(words) for _ in range(3)),
+            "chosen": " <|im_start|> " + rng.choice(words),
+            "rejected": " <|im_end|> " + rng.choice(words),
+        }
+        for _ in range(n)
+    ]
+    return datasets.Dataset.from_list(rows)
+
+
+def dpo(model, tok, out: Path, *, ref_model=None, peft_config=None):
+    args = trl.DPOConfig(
+        output_dir=str(out),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=5e-2,
+        save_strategy="no",
+        bf16=False,  # (autocast stays on the trained model: the logits are compared in float32)
+        **QUIET,
+    )
+    return trl.DPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=args,
+        train_dataset=preferences(),
+        processing_class=tok,
+        peft_config=peft_config,
+        callbacks=[SaveRowsCallback()],
+    )
+
+
+def logits(model, tok) -> torch.Tensor:
+    ids = tok("ka lo <|im_start|> mi <|im_end|>", return_tensors="pt").input_ids
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def test_dpo_with_a_copy_of_the_constrained_model_as_reference(backend, chat_source, tmp_path):
+    model, tok, old_vocab, plain = grown(backend, chat_source, tied=False)
+    model.requires_grad_(False)
+    constrain_new_tokens(model, old_vocab)
+    ref = create_reference_model(model)  # a deepcopy, frozen
+    start = tables(model)
+    assert torch.equal(tables(ref)[0], start[0]) and not trainable(ref)
+    trainer = dpo(model, tok, tmp_path, ref_model=ref)
+    trainer.train()
+    assert_old_rows_pinned(model, plain, old_vocab)
+    assert_old_rows_pinned(ref, plain, old_vocab)
+    assert not torch.equal(tables(model)[0][old_vocab:], start[0][old_vocab:])
+    assert torch.equal(tables(ref)[0], start[0]) and torch.equal(tables(ref)[1], start[1])  # frozen
+
+
+def test_dpo_with_peft_config_computes_the_reference_with_the_base_rows(backend, chat_source, tmp_path):
+    model, tok, old_vocab, plain = grown(backend, chat_source, tied=True)
+    constrain_new_tokens(model, old_vocab)
+    before = copy.deepcopy(model).eval()
+    trainer = dpo(model, tok, tmp_path, peft_config=peft.LoraConfig(**LORA))
+    trainer.train()
+    peft_model = trainer.model.eval()
+    trained = tables(model)
+    assert not torch.equal(trained[0][old_vocab:], tables(before)[0][old_vocab:])
+    assert_old_rows_pinned(model, plain, old_vocab)
+    with peft_model.disable_adapter():  # what TRL runs for the reference
+        assert torch.equal(logits(peft_model, tok), logits(before, tok))
+    assert torch.equal(tables(model)[0], trained[0])
+
+
+def test_dpo_on_a_peft_model_computes_the_reference_with_the_rows_its_ref_adapter_was_added_with(
+    backend, chat_source, tmp_path
+):
+    """Given a constrained PeftModel and no reference, TRL adds a "ref" copy of the adapter and switches to it
+    (set_adapter): the reference is the model as it was when DPO started, rows included."""
+    model, tok, old_vocab, plain = grown(backend, chat_source, tied=False)
+    model = peft.get_peft_model(model, peft.LoraConfig(**LORA))
+    constrain_new_tokens(model, old_vocab)
+    with torch.no_grad():  # an adapter trained before (B is zero after get_peft_model)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+    before = copy.deepcopy(model).eval()
+    trainer = dpo(model, tok, tmp_path)
+    assert set(model.peft_config) == {"default", "ref"}
+    trainer.train()
+    model.eval()
+    trained = tables(model)
+    assert not torch.equal(trained[0][old_vocab:], tables(before)[0][old_vocab:])
+    assert_old_rows_pinned(model, plain, old_vocab)
+    with torch.no_grad(), use_adapter(model, "ref"):  # what TRL runs for the reference
+        assert torch.equal(logits(model, tok), logits(before, tok))
+    assert torch.equal(tables(model)[0], trained[0]) and torch.equal(tables(model)[1], trained[1])
+
+
+def test_sft_chat_template_path_on_a_constrained_model_is_refused(backend, chat_source, tmp_path):
+    """SFTConfig(chat_template_path=<a tokenizer>) adds the tokens inside the trainer (PEFT's trainable tokens):
+    its resize of a constrained model is refused, the weights unchanged."""
+    model, tok, old_vocab, _ = grown(backend, chat_source, tied=False)
+    constrain_new_tokens(model, old_vocab)
+    start = tables(model)
+    other = fast_tokenizer(backend, pad_token="</s>")
+    other.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})
+    other.chat_template = TEMPLATE
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(RuntimeError, match="resize_token_embeddings"):
+        sft(model, tok, tmp_path, chat_template_path=str(tmp_path / "other"), save_strategy="no")
+    assert torch.equal(tables(model)[0], start[0]) and torch.equal(tables(model)[1], start[1])
