@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -196,15 +197,47 @@ def test_sft_with_peft_config_trains_the_rows_with_the_adapter(backend, chat_sou
     assert torch.equal(tables(merged)[0], tables(model)[0])
 
 
-def test_sft_with_peft_config_without_the_callback_leaves_the_rows_frozen(backend, chat_source, tmp_path):
-    """The documented limit: without SaveRowsCallback, PEFT's freezing stands (the rows stay exact, untrained)."""
+def test_sft_with_peft_config_without_the_callback_warns_that_the_rows_are_frozen(
+    backend, chat_source, tmp_path
+):
+    """The documented limit: without SaveRowsCallback, PEFT's freezing stands (the rows stay exact,
+    untrained), and the first training forward says so, once, naming the way out."""
+    from embconstraint.hf.guards import FROZEN_NEW_ROWS
+
     model, tok, old_vocab, plain = grown(backend, chat_source, tied=False)
     constrain_new_tokens(model, old_vocab)
     start = tables(model)
     trainer = sft(model, tok, tmp_path, peft_config=peft.LoraConfig(**LORA), save_strategy="no")
     assert all("lora_" in n for n in trainable(trainer.model))
-    trainer.train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert [str(w.message) for w in caught if "new rows" in str(w.message)] == [FROZEN_NEW_ROWS]
     assert torch.equal(tables(model)[0], start[0]) and torch.equal(tables(model)[1], start[1])
+
+
+def test_no_frozen_rows_warning_where_the_rows_train_or_nothing_trains(backend, chat_source):
+    """Not given when the new rows train, in eval mode, or under no_grad (a reference model's
+    forward); given for a model constrained and frozen by hand, once."""
+    from embconstraint.hf.guards import FROZEN_NEW_ROWS
+
+    model, tok, old_vocab, _ = grown(backend, chat_source, tied=True)
+    (free,) = constrain_new_tokens(model, old_vocab)
+    ids = torch.tensor([[1, 2, old_vocab]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.train()
+        model(ids)  # the rows train
+        free.requires_grad_(False)
+        with torch.no_grad():
+            model(ids)
+        model.eval()
+        model(ids)
+    model.train()
+    with pytest.warns(UserWarning) as record:
+        model(ids)
+        model(ids)
+    assert [str(w.message) for w in record if "new rows" in str(w.message)] == [FROZEN_NEW_ROWS]
 
 
 @pytest.mark.parametrize(

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from .._mechanism import check_constrain_args, gathered, pin_of
 from ..core import Indices, Reference, check_constrain
 from .adapters import ROWS_FILE, is_peft_model, peft_wrapper_problem, record_base_rows, record_trained_rows
-from .guards import guard_while_constrained
+from .guards import guard_while_constrained, warn_when_new_rows_freeze
 from .init import InitializedToken, init_new_tokens
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; transformers is an optional extra
@@ -128,6 +128,7 @@ def _after_constraining(model: nn.Module) -> None:
     and the new rows' values now (what ``disable_adapter()`` puts in: a copy of the free rows)."""
     guard_while_constrained(model)
     record_trained_rows(model)
+    warn_when_new_rows_freeze(model)
     if is_peft_model(model):
         record_base_rows(model)
 

@@ -63,6 +63,7 @@ __all__ = [
     "restored_rows",
     "constrained_pins",
     "record_trained_rows",
+    "frozen_new_rows",
     "retrain_rows",
     "add_adapter_with_rows",
     "set_adapter_with_rows",
@@ -145,6 +146,12 @@ def record_base_rows(model: nn.Module, *, again: bool = False) -> None:
 def record_trained_rows(model: nn.Module) -> None:
     """Remember which constrained weights of ``model`` have trainable free rows now."""
     _TRAINED.update(pin for pin in constrained_pins(model) if pin.free_parameter.requires_grad)
+
+
+def frozen_new_rows(module: nn.Module) -> bool:
+    """Whether the free rows that :func:`record_trained_rows` saw trainable in ``module`` are frozen now."""
+    pin = pin_of(module)
+    return pin is not None and pin in _TRAINED and not pin.free_parameter.requires_grad
 
 
 def retrain_rows(model: nn.Module) -> list[nn.Parameter]:

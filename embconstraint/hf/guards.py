@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import inspect
 import re
+import warnings
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 from .._mechanism import pin_of, tie_of
@@ -29,6 +32,7 @@ from .adapters import (
     add_adapter_with_rows,
     base_model_of,
     disable_adapter_with_rows,
+    frozen_new_rows,
     is_peft_model,
     load_adapter_with_rows,
     record_base_rows,
@@ -37,7 +41,13 @@ from .adapters import (
     set_adapter_with_rows,
 )
 
-__all__ = ["guard_while_constrained", "guard_peft_model", "adopt_peft_wrapper", "is_guarded"]
+__all__ = [
+    "guard_while_constrained",
+    "guard_peft_model",
+    "adopt_peft_wrapper",
+    "warn_when_new_rows_freeze",
+    "is_guarded",
+]
 
 
 def guard_while_constrained(model: nn.Module) -> None:
@@ -68,6 +78,33 @@ def guard_peft_model(model: nn.Module, *, rows_off: bool = True) -> None:
         _guard(model, "disable_adapter", disable_adapter_with_rows)
         _guard(model, "add_adapter", add_adapter_with_rows)
         _guard(model, "set_adapter", set_adapter_with_rows)
+
+
+FROZEN_NEW_ROWS = (
+    "embconstraint: the model is training but the new rows of its input embedding do not (their Parameter "
+    "has requires_grad=False). A PeftModel made around the constrained model (get_peft_model, or TRL's "
+    "peft_config=) freezes every parameter but the adapter's: pass embconstraint.hf.SaveRowsCallback() to "
+    "the trainer, which makes them trainable again, or call get_peft_model before constrain_new_tokens. "
+    "(Frozen on purpose? Then ignore this warning; it is given once.)"
+)
+_WARNED: weakref.WeakSet = weakref.WeakSet()
+
+
+def warn_when_new_rows_freeze(model: nn.Module) -> None:
+    """Once, a warning when ``model`` trains (training mode, gradients on) while the new rows of its
+    input embedding that ``constrain_new_tokens`` made trainable are frozen: a forward pre-hook on the
+    input embedding (a no-op inside ``torch.compile``)."""
+    embedding = base_model_of(model).get_input_embeddings()
+    if _check_new_rows_train not in embedding._forward_pre_hooks.values():
+        embedding.register_forward_pre_hook(_check_new_rows_train)
+
+
+def _check_new_rows_train(module: nn.Module, args: Any) -> None:
+    if not module.training or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return
+    if module not in _WARNED and frozen_new_rows(module):
+        _WARNED.add(module)
+        warnings.warn(FROZEN_NEW_ROWS, UserWarning, stacklevel=2)
 
 
 def adopt_peft_wrapper(model: nn.Module) -> bool:
