@@ -220,10 +220,12 @@ def _write_rows(model: nn.Module, values: list[Tensor]) -> None:
 
 def add_adapter_with_rows(model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> Any:
     """``PeftModel.add_adapter``, and the new rows as they are now recorded as that adapter's."""
-    result = type(model).add_adapter(model, adapter_name, *args, **kwargs)
     aside = _SET_ASIDE.get(model)
-    rows = aside if aside is not None else [free.detach() for free in _free_rows(model)]
-    _ADDED.setdefault(model, {})[adapter_name] = [r.clone() for r in rows]
+    rows = [
+        r.clone() for r in (aside if aside is not None else [free.detach() for free in _free_rows(model)])
+    ]
+    result = type(model).add_adapter(model, adapter_name, *args, **kwargs)  # (after _free_rows' refusal)
+    _ADDED.setdefault(model, {})[adapter_name] = rows
     return result
 
 
