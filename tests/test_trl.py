@@ -501,3 +501,65 @@ def test_online_trainer_with_peft_config_computes_the_reference_with_the_base_ro
         assert torch.equal(logits(peft_model, tok), logits(before, tok))
     assert torch.equal(tables(model)[0], trained)
     assert_generates_as_the_merged_model(peft_model.merge_and_unload(), tok)
+
+
+def test_grpo_on_a_peft_model_computes_the_reference_with_its_ref_adapter_and_the_rows_it_started_with(
+    backend, chat_source, tmp_path
+):
+    """Given a constrained PeftModel and beta > 0, GRPO adds a "ref" copy of the adapter and switches to it
+    for the reference: those forwards see the new rows as they were when GRPO started."""
+    model, tok, old_vocab, plain = grown(backend, chat_source, tied=False)
+    model = peft.get_peft_model(model, peft.LoraConfig(**LORA))
+    constrain_new_tokens(model, old_vocab)
+    before = copy.deepcopy(model).eval()
+    start = tables(model)[0][old_vocab:]
+    trainer = online(trl.GRPOTrainer, model, tok, tmp_path, beta=0.1)
+    assert set(model.peft_config) == {"default", "ref"}
+    seen = rows_seen(model, old_vocab, lambda: model.active_adapter)
+    trainer.train()
+    assert_old_rows_pinned(model, plain, old_vocab)
+    assert model.active_adapter == "default" and not torch.equal(tables(model)[0][old_vocab:], start)
+    references = [rows for adapter, rows in seen if adapter == "ref"]
+    assert len(references) == 2 and all(torch.equal(rows, start) for rows in references)
+    model.eval()
+    with torch.no_grad(), use_adapter(model, "ref"):
+        assert torch.equal(logits(model, tok), logits(before, tok))
+
+
+def test_online_trainer_with_beta_and_no_peft_builds_its_reference_from_the_model_folder(
+    backend, chat_source, tmp_path
+):
+    """Without PEFT, GRPO and RLOO take no ref_model: with beta > 0 they load the reference from
+    model.config._name_or_path. Saved (the plain merged weights) and loaded back before constraining,
+    the grown model is its own reference: the rows as at the start, bitwise."""
+    model, tok, old_vocab, plain = grown(backend, chat_source, tied=False)
+    model.save_pretrained(tmp_path / "grown")
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "grown")
+    model.requires_grad_(False)
+    constrain_new_tokens(model, old_vocab)
+    before = copy.deepcopy(model).eval()
+    trainer = online(trl.RLOOTrainer, model, tok, tmp_path / "run", beta=0.1)
+    trainer.train()
+    assert_old_rows_pinned(model, plain, old_vocab)
+    assert not torch.equal(tables(model)[0], tables(before)[0])
+    assert torch.equal(logits(trainer.ref_model, tok), logits(before, tok))
+
+
+def test_online_trainer_with_a_reference_without_the_new_tokens_fails_before_any_step(
+    backend, chat_source, tmp_path
+):
+    """The limit: a model whose _name_or_path is the pretrained model before the new tokens (from_pretrained,
+    then clone_chat_template) gets that model as its reference. Its first forward over the new tokens fails
+    (an IndexError from the embedding) before any step; the weights are unchanged."""
+    model, tok, old_vocab, plain = grown(backend, chat_source, tied=False)
+    plain.save_pretrained(tmp_path / "pretrained")
+    model.config._name_or_path = str(tmp_path / "pretrained")  # as from_pretrained sets it
+    model.requires_grad_(False)
+    constrain_new_tokens(model, old_vocab)
+    start = tables(model)
+    trainer = online(trl.GRPOTrainer, model, tok, tmp_path / "run", beta=0.1)
+    assert trainer.ref_model.get_input_embeddings().num_embeddings == old_vocab
+    with pytest.raises(IndexError):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    assert torch.equal(tables(model)[0], start[0]) and torch.equal(tables(model)[1], start[1])
