@@ -563,3 +563,82 @@ def test_online_trainer_with_a_reference_without_the_new_tokens_fails_before_any
         trainer.train()
     assert trainer.state.global_step == 0
     assert torch.equal(tables(model)[0], start[0]) and torch.equal(tables(model)[1], start[1])
+
+
+# KTO: unpaired completions labelled desirable or not, against a reference.
+
+
+def labelled(n: int = 8):
+    pairs = preferences(n)
+    rows = [
+        row
+        for p in pairs
+        for row in (
+            {"prompt": p["prompt"], "completion": p["chosen"], "label": True},
+            {"prompt": p["prompt"], "completion": p["rejected"], "label": False},
+        )
+    ]
+    return datasets.Dataset.from_list(rows)
+
+
+def kto(model, tok, out: Path, *, ref_model=None, peft_config=None, **overrides):
+    args = trl.KTOConfig(
+        output_dir=str(out),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=5e-2,
+        save_strategy="no",
+        bf16=False,  # (autocast stays on the trained model: the logits are compared in float32)
+        **{**QUIET, **overrides},
+    )
+    return trl.KTOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=args,
+        train_dataset=labelled(),
+        processing_class=tok,
+        peft_config=peft_config,
+        callbacks=[SaveRowsCallback()],
+    )
+
+
+@pytest.mark.parametrize("reference", ["copy", "precomputed"])
+def test_kto_trains_the_new_rows_with_a_copy_or_precomputed_reference(
+    backend, chat_source, reference, tmp_path
+):
+    """ref_model= a frozen copy of the constrained model (it does not change), or no reference model and
+    precompute_ref_log_probs=True (the reference log-probs computed by the model before any step)."""
+    model, tok, old_vocab, plain = grown(backend, chat_source, tied=False)
+    model.requires_grad_(False)
+    constrain_new_tokens(model, old_vocab)
+    start = tables(model)
+    ref = create_reference_model(model) if reference == "copy" else None
+    trainer = kto(model, tok, tmp_path, ref_model=ref, precompute_ref_log_probs=reference == "precomputed")
+    assert (trainer.ref_model is None) == (reference == "precomputed")
+    trainer.train()
+    assert_old_rows_pinned(model, plain, old_vocab)
+    emb, head = tables(model)
+    assert not torch.equal(emb[old_vocab:], start[0][old_vocab:]) and not torch.equal(
+        head[old_vocab:], start[1][old_vocab:]
+    )
+    if ref is not None:
+        assert_old_rows_pinned(ref, plain, old_vocab)
+        assert torch.equal(tables(ref)[0], start[0]) and torch.equal(tables(ref)[1], start[1])
+
+
+def test_kto_with_peft_config_computes_the_reference_with_the_base_rows(backend, chat_source, tmp_path):
+    model, tok, old_vocab, plain = grown(backend, chat_source, tied=True)
+    constrain_new_tokens(model, old_vocab)
+    before = copy.deepcopy(model).eval()
+    start = tables(model)[0][old_vocab:]
+    trainer = kto(model, tok, tmp_path, peft_config=peft.LoraConfig(**LORA))
+    peft_model = trainer.model
+    seen = rows_seen(peft_model, old_vocab, lambda: lora_disabled(peft_model))
+    trainer.train()
+    assert_old_rows_pinned(model, plain, old_vocab)
+    assert not torch.equal(tables(model)[0][old_vocab:], start)
+    references = [rows for disabled, rows in seen if disabled]
+    assert references and all(torch.equal(rows, start) for rows in references)
+    peft_model.eval()
+    with peft_model.disable_adapter():
+        assert torch.equal(logits(peft_model, tok), logits(before, tok))
