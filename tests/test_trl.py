@@ -1,6 +1,8 @@
 """TRL's trainers on a model whose new tokens' rows are trained and old rows pinned: ``SFTTrainer``
-(tied and untied head, with and without ``peft_config``), its saving and resuming, and ``DPOTrainer``'s
-reference model (an explicit copy, the adapter disabled, TRL's ``"ref"`` adapter).
+(tied and untied head, with and without ``peft_config``), its saving and resuming; the reference model of
+``DPOTrainer`` and ``KTOTrainer`` (an explicit copy, precomputed log-probabilities, the adapter disabled,
+TRL's ``"ref"`` adapter); ``GRPOTrainer`` and ``RLOOTrainer``, which generate with the constrained model
+(no reference, the adapter disabled or the ``"ref"`` adapter, a reference loaded from the model's folder).
 
 Tiny Llamas built from a config and a BPE tokenizer trained in code: nothing is downloaded. The chat
 tokens are added the TRL way (``trl.clone_chat_template`` from a tokenizer folder written here). Every

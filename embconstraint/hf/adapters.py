@@ -11,7 +11,7 @@ three of its methods take the rows along (each hook removes itself once nothing 
   the adapter is loaded (the ``Trainer`` resumes and restores its best model this way);
 - ``disable_adapter()`` also switches the new rows off: inside it they hold the values they had
   when they were constrained (the base model's), as PEFT's own trainable tokens do; TRL computes
-  the reference model of DPO, KTO or ORPO this way.
+  the reference model of DPO, KTO, GRPO, RLOO or ORPO this way.
 
 Two more follow an adapter added later (TRL's ``DPOTrainer`` adds a ``"ref"`` copy of the adapter
 to compute its reference): ``add_adapter(name, ...)`` records the new rows as they are then, and
