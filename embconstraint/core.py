@@ -24,6 +24,7 @@ from ._mechanism import (
     check_optimizer,
     full,
     gathered,
+    hf_styled_forward,
     install_accessors,
     install_hooks,
     install_tp_hooks,
@@ -122,8 +123,8 @@ def constrain(
     module either already manages is refused); a module built under ``deepspeed.zero.Init`` is
     gathered for the time it takes (every rank calls it). After tensor parallelism that shards the
     rows (torch's ``RowwiseParallel`` on an embedding, ``ColwiseParallel`` on a head: the weight a
-    ``DTensor`` sharded on dim 0), each rank constrains its own rows (see
-    :mod:`embconstraint.parallel`).
+    ``DTensor`` sharded on dim 0; or transformers' ``from_pretrained(..., tp_plan="auto")``), each rank
+    constrains its own rows (see :mod:`embconstraint.parallel`); a ``DTensor`` reference is all-gathered.
 
     >>> import torch
     >>> old = torch.nn.Embedding(3, 4)
@@ -247,7 +248,11 @@ def check_constrain(
     _check_not_shared(embedding, tied)
     layout = Layout.from_indices(idx, ref.shape[0], embedding.weight.shape[0])
     bias = _bias_reference(embedding, reference, idx, ref.shape[0])
-    return ConstrainPlan(embedding, ref, layout, bias, on_mismatch, tied, shard=row_shard(embedding.weight))
+    shard = row_shard(embedding.weight)
+    if shard is not None:  # a forward transformers' tensor parallelism wrapped: one it recognises, or refused
+        for module in (embedding, *(m for m, _, _ in tied)):
+            hf_styled_forward(module)
+    return ConstrainPlan(embedding, ref, layout, bias, on_mismatch, tied, shard=shard)
 
 
 def _tied_under(root: nn.Module, embedding: nn.Module) -> list[tuple[nn.Module, str, str]]:

@@ -1,10 +1,13 @@
 """What DeepSpeed ZeRO and the transformers Trainer under ZeRO-3 need from embconstraint, in one
 process (the engines themselves run in tests/test_deepspeed.py and tests/test_trainer_deepspeed.py):
 state dicts whose free rows are named by Parameter (``merged_state_dict(module, state_dict)``,
-``save_rows(..., state_dict=...)``, a constrained model's ``save_pretrained(state_dict=...)``), and a
-Parameter DeepSpeed manages taking the split storage."""
+``save_rows(..., state_dict=...)``, a constrained model's ``save_pretrained(state_dict=...)``), a
+Parameter DeepSpeed manages taking the split storage; and the forward wrapper of transformers' tensor
+parallelism recognised (its runs: tests/test_tensor_parallel.py)."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -110,3 +113,44 @@ def test_a_parameter_deepspeed_manages_takes_the_split_storage(attribute):
     managed(ids).sum().backward()
     aliased(ids).sum().backward()
     assert torch.equal(free.grad, pin_of(aliased).free_parameter.grad)
+
+
+def test_transformers_tp_forward_wrapper_is_recognised_or_refused():
+    from embconstraint._mechanism import hf_styled_forward
+
+    class Style:
+        def transform_inputs_pre_forward(self, module, args, kwargs, mesh):
+            return args, kwargs
+
+        def context_around_forward(self, module, mesh):
+            return contextlib.nullcontext()
+
+        def transform_output_post_forward(self, module, output, mesh):
+            return output
+
+        def install_forward(self, module, mesh):  # transformers' TensorParallelLayer.install_forward
+            original_forward = module.forward
+
+            def tp_forward(*args, **kwargs):
+                args, kwargs = self.transform_inputs_pre_forward(module, args, kwargs, mesh)
+                with self.context_around_forward(module, mesh):
+                    output = original_forward(*args, **kwargs)
+                return self.transform_output_post_forward(module, output, mesh)
+
+            module.forward = tp_forward
+            module._is_hooked = True
+
+    plain = nn.Embedding(4, 2)
+    assert hf_styled_forward(plain) is None
+    style, mesh = Style(), object()
+    styled = nn.Embedding(4, 2)
+    style.install_forward(styled, mesh)
+    found = hf_styled_forward(styled)
+    assert found is not None and found[0] is style and found[2] is mesh
+    assert found[1].__func__ is nn.Embedding.forward and found[1].__self__ is styled  # the module's own
+    other = nn.Embedding(4, 2)
+    other.forward = lambda ids: ids  # another wrapper: left to the hooks
+    assert hf_styled_forward(other) is None
+    other._is_hooked = True  # ... unless transformers marked the module as its own
+    with pytest.raises(ValueError, match="parallelize_module"):
+        hf_styled_forward(other)

@@ -9,6 +9,12 @@ reference, its rows of every merged weight within 1e-5 of one process on the glo
 of size (V, D) built; the activations communicated are the plain model's (the pinned rows never are),
 and fully_shard gathers and reduces the free rows only. State dicts are the plain model's
 (``get_model_state_dict`` full and sharded, DCP, ``merged_state_dict``).
+
+tests/scripts/hf_tensor_parallel.py (~8 s, 2 processes under ``torch.distributed.run``) runs
+transformers' own tensor parallelism: a tiny Llama grown by ``resize_token_embeddings``, loaded with
+``from_pretrained(..., tp_plan="auto")`` (the vocabulary of ``embed_tokens`` and ``lm_head`` sharded,
+each module's forward replaced by its style's wrapper), ``constrain_new_tokens``, SGD steps; untied
+and tied, against the plain model trained in one process; ``merged_state_dict`` and ``save_pretrained``.
 """
 
 from __future__ import annotations
@@ -136,3 +142,62 @@ def test_2d_fsdp_and_tensor_parallel(two_d):
         }
         for plain, con in zip(r["plain"], r["fsdp_tp"], strict=True):
             assert con["functional"] == plain["functional"]
+
+
+@pytest.fixture(scope="module")
+def hf_tp(tmp_path_factory):
+    pytest.importorskip("transformers")
+    return rank_records(
+        "hf_tensor_parallel",
+        tmp_path_factory.mktemp("hf_tp"),
+        timeout=240,
+        launcher=["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    )
+
+
+@pytest.mark.parametrize("run", ["untied", "tied"])
+def test_transformers_tp_plan_auto(hf_tp, run):
+    """``from_pretrained(tp_plan="auto")`` then ``constrain_new_tokens``: each rank trains its new rows
+    (a plain Parameter, rank 0 none: it holds only old rows), pinned rows bitwise, every weight within
+    1e-5 of one process, in training and in eval (transformers' local inference path for the head)."""
+    n_steps, old, new = (hf_tp[0]["sizes"][k] for k in ("STEPS", "OLD", "NEW"))
+    heads = 1 if run == "tied" else 2
+    for rank, r in enumerate(hf_tp):
+        # transformers shards both on the vocabulary and wraps their forwards
+        assert r[f"{run}_loaded"] == {
+            m: ("DTensor", "(Shard(dim=0),)", True) for m in ("embed_tokens", "lm_head")
+        }
+        free = [0, new - old][rank]  # rows 0..50 on rank 0 (all old), 51..100 on rank 1
+        assert r[f"{run}_params"] == [("Parameter", (free, r["sizes"]["DIM"]))] * heads
+        _exact_hf(r[f"{run}_steps"], n_steps)
+        assert r[f"{run}_eval"] <= 1e-5
+
+
+def _exact_hf(steps, n):
+    assert len(steps) == n
+    assert [s["pinned_exact"] for s in steps] == [True] * n
+    assert all(s["maxdiff"] <= 1e-5 and s["maxdiff_other"] <= 1e-5 for s in steps), steps
+
+
+@pytest.mark.parametrize("run", ["untied", "tied"])
+def test_transformers_tp_plan_auto_saves_the_plain_model(hf_tp, run):
+    for r in hf_tp:
+        # merged_state_dict: plain whole tensors, the unconstrained model's keys, the one process's values
+        merged = r[f"{run}_merged"]
+        assert merged["keys"] and merged["types"] == ["Tensor"] and merged["pinned"], merged
+        assert merged["maxdiff"] <= 1e-5
+        # save_pretrained (transformers gathers the shards) writes what from_pretrained loads into a plain model
+        assert r[f"{run}_saved"] == {
+            "file_keys": True,
+            "constrained": False,
+            "equal": True,
+            "tied": run == "tied",
+        }
+
+
+def test_transformers_tp_unknown_forward_wrapper_refused(hf_tp):
+    for r in hf_tp:
+        msg = r["refused"]
+        assert (
+            msg.startswith("ValueError") and "parallelize_module" in msg and msg.endswith("unchanged=True")
+        ), msg

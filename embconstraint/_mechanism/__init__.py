@@ -47,7 +47,15 @@ from .optimizer import check_optimizer, widened, widening_plan
 from .parametrization import PinnedRows, TiedTo, parametrization_list, pin_of, tie_of
 from .queries import pinned_deviation, pinned_values, tied_modules
 from .sharded import full, is_sharded, zero_managed, zero_partitioned
-from .tensor_parallel import RowShard, install_tp_hooks, local_layout, local_part, row_shard, rows_on
+from .tensor_parallel import (
+    RowShard,
+    hf_styled_forward,
+    install_tp_hooks,
+    local_layout,
+    local_part,
+    row_shard,
+    rows_on,
+)
 from .ties import shared
 from .zero import gathered, gathered_params
 
@@ -83,6 +91,7 @@ __all__ = [
     "local_layout",
     "local_part",
     "install_tp_hooks",
+    "hf_styled_forward",
     "check_optimizer",
     "widening_plan",
     "widened",

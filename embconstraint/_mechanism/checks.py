@@ -19,7 +19,7 @@ from torch.nn.utils import parametrize
 
 from .._common import casts_exactly, check_rows, index_tensor
 from .parametrization import pin_of, tie_of
-from .sharded import fsdp_managed, is_sharded, zero_partitioned
+from .sharded import fsdp_managed, full, is_sharded, zero_partitioned
 from .tensor_parallel import TP_REFUSED, row_shard
 from .weight import plain
 
@@ -45,7 +45,8 @@ def check_on_mismatch(on_mismatch: Any) -> None:
 
 def as_reference(reference: Any) -> Tensor:
     """The ``(n, D)`` floating-point tensor of an embedding, output head (``nn.Linear``: its
-    weight rows) or tensor ``reference`` (detached)."""
+    weight rows) or tensor ``reference`` (detached; a DTensor is all-gathered, a collective: under
+    tensor parallelism every rank constrains)."""
     if isinstance(reference, (nn.Embedding, nn.EmbeddingBag, nn.Linear)):
         reference = reference.weight
     if not isinstance(reference, Tensor):
@@ -57,7 +58,7 @@ def as_reference(reference: Any) -> Tensor:
         raise ValueError(f"reference must be a dense (strided) tensor, got layout {reference.layout}")
     if reference.is_meta:
         raise ValueError("reference is on the meta device (no values); pass a materialised tensor")
-    reference = plain(reference.detach())
+    reference = plain(full(reference.detach()))  # a DTensor (a sharded weight's rows): all-gathered
     if reference.dim() != 2:
         raise ValueError(f"reference must have shape (n, D), got shape {tuple(reference.shape)}")
     if not reference.is_floating_point():

@@ -17,6 +17,9 @@ turn the DTensors around it into local tensors and back, as DTensor's own shardi
   can stay parallel, or the style all-gathers it).
 
 The hooks run inside the style's own hooks: after its input function, before its output function.
+transformers' tensor parallelism (``from_pretrained(..., tp_plan="auto")``) shards the same way but
+replaces the module's ``forward`` by its style's wrapper instead of registering hooks: the module then
+gets a forward that runs the same functions inside that wrapper's (:func:`hf_styled_forward`).
 :class:`RowShard` is what :class:`~.parametrization.PinnedRows` keeps (``shard``) for the state dicts:
 the merged weight is saved as the DTensor the style would hold, ``(V, D)`` sharded on rows.
 """
@@ -42,6 +45,7 @@ __all__ = [
     "rows_on",
     "local_layout",
     "install_tp_hooks",
+    "hf_styled_forward",
     "as_global",
     "local_part",
     "TP_REFUSED",
@@ -122,11 +126,61 @@ def _local(t: Any, grad_partial: bool = False) -> Any:
     return t.to_local(grad_placements=(Partial(),) if grad_partial else None)
 
 
+# the methods of a transformers tensor-parallel style that its forward wrapper calls
+_HF_STYLE = ("transform_inputs_pre_forward", "context_around_forward", "transform_output_post_forward")
+
+
+def hf_styled_forward(module: nn.Module) -> tuple[Any, Any, Any] | None:
+    """What transformers' tensor parallelism (``from_pretrained(..., tp_plan="auto")``) wrapped the
+    module's forward in: it replaces ``module.forward`` by its style's ``tp_forward``, which turns the
+    input into DTensors, runs the module's own forward and turns the output back (all-reducing a
+    ``Partial`` lookup, all-gathering the logits). Returns ``(style, own forward, mesh)``; None for a
+    module whose forward is not so replaced; ``ValueError`` for one transformers hooked (``_is_hooked``)
+    whose wrapper is not of that shape (checked before anything changes)."""
+    forward = module.__dict__.get("forward")
+    if forward is None:
+        return None
+    code, cells = getattr(forward, "__code__", None), getattr(forward, "__closure__", None) or ()
+    found = dict(zip(code.co_freevars, (c.cell_contents for c in cells), strict=False)) if code else {}
+    style, own, mesh = (found.get(k) for k in ("self", "original_forward", "mesh"))
+    if callable(own) and mesh is not None and all(callable(getattr(style, n, None)) for n in _HF_STYLE):
+        return style, own, mesh
+    if getattr(module, "_is_hooked", False):
+        raise ValueError(
+            f"{type(module).__name__}.forward was replaced by a tensor-parallel wrapper embconstraint does not "
+            "recognise (transformers' from_pretrained(tp_plan=...) of another version?); shard the model with "
+            "torch's parallelize_module (RowwiseParallel on the embedding, ColwiseParallel on the head), then "
+            "constrain"
+        )
+    return None
+
+
 def install_tp_hooks(module: nn.Module, shard_of: Any) -> list:
     """The hooks of a module that computes on its shard's rows (see the module docstring):
     vocabulary-parallel lookup for an ``nn.Embedding``, column-parallel logits for an ``nn.Linear``.
     ``shard_of()`` returns the :class:`RowShard` when the module runs (a tied head reads its
-    embedding's). Call after the style registered its own hooks; returns the handles."""
+    embedding's). Call after the style registered its own hooks; returns the handles. A module whose
+    forward transformers' tensor parallelism wrapped (:func:`hf_styled_forward`) gets a forward of
+    its own instead, the same functions inside the style's (no handles)."""
+    before, after = _tp_functions(module, shard_of)
+    styled = hf_styled_forward(module)
+    if styled is None:
+        return [module.register_forward_pre_hook(before), module.register_forward_hook(after, prepend=True)]
+    style, own, mesh = styled
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        args, kwargs = style.transform_inputs_pre_forward(module, args, kwargs, mesh)
+        args = before(module, args)
+        with style.context_around_forward(module, mesh):
+            out = own(*args, **kwargs)
+        return style.transform_output_post_forward(module, after(module, args, out), mesh)
+
+    module.forward = forward
+    return []
+
+
+def _tp_functions(module: nn.Module, shard_of: Any) -> tuple[Any, Any]:
+    """The functions before and after the module's forward (see :func:`install_tp_hooks`)."""
     if isinstance(module, nn.Embedding):
         masks: list[Tensor] = []
 
@@ -161,4 +215,4 @@ def install_tp_hooks(module: nn.Module, shard_of: Any) -> list:
             )
     else:
         raise TypeError(f"{TP_REFUSED}; got {type(module).__name__}")
-    return [module.register_forward_pre_hook(before), module.register_forward_hook(after, prepend=True)]
+    return before, after

@@ -184,7 +184,9 @@ def constrain_new_tokens(
     Works on a ``peft.PeftModel`` (e.g. LoRA, which freezes the base model) as on the base
     model. :func:`embconstraint.release` (on ``model``) undoes it. Under DeepSpeed ZeRO-3 (a model
     loaded or resized under ``deepspeed.zero.Init``) every rank calls it: the embeddings are gathered
-    for the time it takes.
+    for the time it takes. On a model transformers loaded with tensor parallelism
+    (``from_pretrained(..., tp_plan="auto")``: the vocabulary sharded) every rank calls it too, and
+    constrains its own rows.
 
     Args:
         model: a ``transformers`` model (or ``PeftModel``) whose embeddings were resized.
