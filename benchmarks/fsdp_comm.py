@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from benchmarks.harness import CollectiveCounter, free_port, load_average
+from benchmarks.harness import CollectiveCounter, add_table_arguments, free_port, load_average
 
 
 class Net(nn.Module):
@@ -80,20 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.fsdp_comm", description=__doc__.split("\n\n")[0]
     )
-    for name, default, text in (
-        ("V", 32768, "rows"),
-        ("D", 256, "embedding dimension"),
-        ("N_PINNED", 32000, "pinned rows (the first ones)"),
-        ("STEPS", 20, "measured steps per run"),
-    ):
-        parser.add_argument(
-            name.lower(),
-            metavar=name,
-            type=int,
-            nargs="?",
-            default=default,
-            help=f"{text} (default {default})",
-        )
+    add_table_arguments(parser, steps=20)
     args = parser.parse_args(argv)
     mp.spawn(run, args=(free_port(), args.v, args.d, args.n_pinned, args.steps), nprocs=2, join=True)
     return 0

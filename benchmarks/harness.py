@@ -90,6 +90,25 @@ def comma_list(parse: Callable[[str], T]) -> Callable[[str], list[T]]:
 
 
 # -- worker processes --------------------------------------------------------------------------------
+def add_table_arguments(parser: argparse.ArgumentParser, steps: int) -> None:
+    """The optional positionals ``V D N_PINNED STEPS`` of the communication benchmarks: a table of
+    ``V`` rows of ``D``, its first ``N_PINNED`` pinned, ``STEPS`` measured steps per run."""
+    for name, default, text in (
+        ("V", 32768, "rows"),
+        ("D", 256, "embedding dimension"),
+        ("N_PINNED", 32000, "pinned rows (the first ones)"),
+        ("STEPS", steps, "measured steps per run"),
+    ):
+        parser.add_argument(
+            name.lower(),
+            metavar=name,
+            type=int,
+            nargs="?",
+            default=default,
+            help=f"{text} (default {default})",
+        )
+
+
 def worker_context(preload: Sequence[str]) -> mp.context.BaseContext:
     """A forkserver that imports ``preload`` (module names) once; every worker forks from it, so
     no worker pays for the imports (seconds each for torch, transformers, peft). ``spawn`` where

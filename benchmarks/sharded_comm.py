@@ -35,6 +35,7 @@ from torch import nn
 from benchmarks.harness import (
     CollectiveCounter,
     FunctionalCollectiveCounter,
+    add_table_arguments,
     comma_list,
     free_port,
     load_average,
@@ -191,20 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         default=list(ENGINES),
         help=f"comma-separated, among {', '.join(ENGINES)} (default: all)",
     )
-    for name, default, text in (
-        ("V", 32768, "rows"),
-        ("D", 256, "embedding dimension"),
-        ("N_PINNED", 32000, "pinned rows (the first ones)"),
-        ("STEPS", 10, "measured steps per run"),
-    ):
-        parser.add_argument(
-            name.lower(),
-            metavar=name,
-            type=int,
-            nargs="?",
-            default=default,
-            help=f"{text} (default {default})",
-        )
+    add_table_arguments(parser, steps=10)
     args = parser.parse_args(argv)
     unknown = [e for e in args.engines if e not in ENGINES]
     if unknown:
