@@ -288,25 +288,32 @@ def preferences(n: int = 8):
     return datasets.Dataset.from_list(rows)
 
 
-def dpo(model, tok, out: Path, *, ref_model=None, peft_config=None):
-    args = trl.DPOConfig(
+def _offline(
+    trainer, config, dataset, model, tok, out: Path, *, ref_model=None, peft_config=None, **overrides
+):
+    """A two-step preference trainer (``trl.DPOTrainer``, ``trl.KTOTrainer``) with its reference."""
+    args = config(
         output_dir=str(out),
         max_steps=2,
         per_device_train_batch_size=4,
         learning_rate=5e-2,
         save_strategy="no",
         bf16=False,  # (autocast stays on the trained model: the logits are compared in float32)
-        **QUIET,
+        **{**QUIET, **overrides},
     )
-    return trl.DPOTrainer(
+    return trainer(
         model=model,
         ref_model=ref_model,
         args=args,
-        train_dataset=preferences(),
+        train_dataset=dataset,
         processing_class=tok,
         peft_config=peft_config,
         callbacks=[SaveRowsCallback()],
     )
+
+
+def dpo(model, tok, out: Path, **kwargs):
+    return _offline(trl.DPOTrainer, trl.DPOConfig, preferences(), model, tok, out, **kwargs)
 
 
 def logits(model, tok) -> torch.Tensor:
@@ -583,25 +590,8 @@ def labelled(n: int = 8):
     return datasets.Dataset.from_list(rows)
 
 
-def kto(model, tok, out: Path, *, ref_model=None, peft_config=None, **overrides):
-    args = trl.KTOConfig(
-        output_dir=str(out),
-        max_steps=2,
-        per_device_train_batch_size=4,
-        learning_rate=5e-2,
-        save_strategy="no",
-        bf16=False,  # (autocast stays on the trained model: the logits are compared in float32)
-        **{**QUIET, **overrides},
-    )
-    return trl.KTOTrainer(
-        model=model,
-        ref_model=ref_model,
-        args=args,
-        train_dataset=labelled(),
-        processing_class=tok,
-        peft_config=peft_config,
-        callbacks=[SaveRowsCallback()],
-    )
+def kto(model, tok, out: Path, **kwargs):
+    return _offline(trl.KTOTrainer, trl.KTOConfig, labelled(), model, tok, out, **kwargs)
 
 
 @pytest.mark.parametrize("reference", ["copy", "precomputed"])
